@@ -1,0 +1,20 @@
+"""Process environment for every entry point: no telemetry, no hub, a project-local Prefect home.
+
+Imported by ``flows/__init__.py`` before anything imports prefect. Values already set by the user win,
+except the two telemetry switches, which are always off.
+"""
+
+import os
+
+
+def quiet_environment(prefect_home: str | None = None) -> None:
+    """Turn Prefect's telemetry and analytics off and give it a project-local home."""
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # the only switch that stops the server heartbeat
+    os.environ["DO_NOT_TRACK"] = "1"  # client analytics
+    os.environ.setdefault("PREFECT_HOME", prefect_home or os.path.join(os.getcwd(), ".prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
+quiet_environment()

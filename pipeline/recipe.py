@@ -1,0 +1,254 @@
+"""Recipes: YAML files that say what to build (sources, stage settings, training runs), validated by pydantic.
+
+A bad recipe fails with one line that names the file, the field and what is wrong: :class:`RecipeError`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ------------------------------------------------------------------------------------------------- sources
+
+
+class DemoSiteSource(_Strict):
+    """The built-in demo web site, served on a free loopback port for the duration of the run."""
+
+    kind: Literal["demo_site"]
+    seed: int = 0
+    images: int = Field(3000, gt=0)  # content images on the site
+    max_pages: int = Field(10_000, gt=0)
+
+
+class SiteSource(_Strict):
+    """Crawl web pages from seed URLs within the allowed domains."""
+
+    kind: Literal["site"]
+    urls: list[str] = Field(min_length=1)
+    allowed_domains: list[str] | None = None  # default: the seeds' hosts
+    max_pages: int = Field(10_000, gt=0)
+    max_depth: int = Field(10, ge=0)
+
+
+class UrlListSource(_Strict):
+    """Image URLs (and captions) in parquet, csv, tsv, jsonl or txt, possibly gzipped; img2dataset lists work."""
+
+    kind: Literal["url_list"]
+    path: str
+    input_format: str | None = None  # inferred from the extension when omitted
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    extra_cols: list[str] = []
+
+
+class WarcSource(_Strict):
+    """WARC or WAT archives as Common Crawl publishes them (local paths or fsspec URLs)."""
+
+    kind: Literal["warc"]
+    paths: list[str] = Field(min_length=1)
+
+
+class HFDatasetSource(_Strict):
+    """A Hugging Face dataset of URLs and captions (hub id or local folder), read in streaming mode."""
+
+    kind: Literal["hf_dataset"]
+    name: str
+    split: str = "train"
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+
+
+Source = Annotated[
+    DemoSiteSource | SiteSource | UrlListSource | WarcSource | HFDatasetSource, Field(discriminator="kind")
+]
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+
+class ScrapeSection(_Strict):
+    """Download and image settings of the scrape stage."""
+
+    image_size: int = Field(256, gt=0)  # px
+    resize_mode: Literal["keep_ratio", "center_crop", "pad", "no"] = "keep_ratio"
+    upscale: bool = False
+    encode_format: Literal["jpg", "webp", "png"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    min_image_size: int = Field(0, ge=0)  # px, smaller original side is dropped
+    max_aspect_ratio: float = Field(0.0, ge=0)  # 0 = no limit
+    shard_size: int = Field(10_000, gt=0)  # input records per shard
+    processes: int = Field(2, gt=0)
+    concurrency: int = Field(64, gt=0)  # open requests per process
+    per_host_concurrency: int = Field(16, gt=0)
+    per_host_rate: float = Field(0.0, ge=0)  # requests/s per host, 0 = unlimited
+    timeout: float = Field(30.0, gt=0)  # seconds per request
+    max_body_bytes: int = Field(20_000_000, gt=0)
+    allow_private_network: bool = False
+    respect_robots: bool = True
+    respect_opt_out: bool = True
+
+
+class ClipModelRef(_Strict):
+    """An open_clip model: architecture name plus a pretrained tag, checkpoint path or a run of this recipe."""
+
+    model: str  # e.g. "ViT-B-32", or a JSON config name of this project
+    pretrained: str | None = None  # e.g. "laion2b_s34b_b79k", a checkpoint path, or "train:clip"
+
+
+class DedupSection(_Strict):
+    exact: bool = True  # by image sha256
+    phash_distance: int | None = Field(4, ge=0, le=64)  # Hamming distance in bits; None disables
+    embedding_threshold: float | None = Field(0.95, gt=0, le=1)  # cosine; None disables
+
+
+class CurateSection(_Strict):
+    """CLIP scoring, filters, dedup and tags."""
+
+    clip: ClipModelRef
+    min_score: float | None = None  # cosine similarity, absolute threshold
+    keep_fraction: float | None = Field(None, gt=0, le=1)  # global top fraction by score
+    min_image_size: int = Field(0, ge=0)  # px
+    max_aspect_ratio: float = Field(0.0, ge=0)
+    min_caption_words: int = Field(1, ge=0)
+    max_caption_chars: int = Field(1000, gt=0)
+    dedup: DedupSection = DedupSection()
+    tags: list[str] = []  # zero-shot labels
+    report: bool = True
+    batch_size: int = Field(256, gt=0)
+
+    @model_validator(mode="after")
+    def _one_threshold(self):
+        if self.min_score is not None and self.keep_fraction is not None:
+            raise ValueError("give min_score or keep_fraction, not both")
+        return self
+
+
+class EncodeSection(_Strict):
+    """VAE latents and text embeddings."""
+
+    vae: str  # diffusers id, local folder, or "train:vae"
+    text_encoder: ClipModelRef
+    resolution: int = Field(256, gt=0)  # px
+    latent_mode: Literal["mean", "mean_logvar"] = "mean"
+    store_text_embeddings: bool = True
+    flip: bool = False  # also store a horizontally flipped latent
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # on GPU; CPU always float32
+    batch_size: int = Field(64, gt=0)
+
+
+class TrainRun(_Strict):
+    """One training run; launched with torchrun when nproc_per_node * nnodes > 1."""
+
+    kind: Literal["clip", "vae", "ldm"]
+    config: str  # model config name (training/models/configs) or open_clip architecture
+    data: Literal["scraped", "curated", "latents"] | None = None  # default per kind
+    steps: int = Field(gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    nproc_per_node: int = Field(1, gt=0)
+    nnodes: int = Field(1, gt=0)
+    rdzv_endpoint: str | None = None  # host:port for multi-node
+
+
+class GenerateSection(_Strict):
+    """The evaluation grid made at the end of a run."""
+
+    prompts: list[str] = Field(min_length=1)
+    negative: str | None = None
+    steps: int = Field(20, gt=0)
+    guidance: float = Field(7.5, ge=0)
+    seed: int = 0
+    n: int = Field(4, gt=0)
+
+
+class Runtime(_Strict):
+    """Where the tasks run."""
+
+    task_runner: Literal["local", "process", "dask"] = "local"
+    dask_address: str | None = None  # tcp://host:port of an existing Dask scheduler
+    max_workers: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _dask_needs_address(self):
+        if self.task_runner == "dask" and not self.dask_address:
+            raise ValueError("task_runner 'dask' needs dask_address")
+        return self
+
+
+class Recipe(_Strict):
+    """A whole build: sources, stage settings and training runs."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output: str  # base directory or fsspec URL for every dataset and run of this recipe
+    storage_options: dict = {}  # passed to fsspec (endpoint_url, ...); credentials come from the environment
+    runtime: Runtime = Runtime()
+    sources: list[Source] = Field(min_length=1)
+    scrape: ScrapeSection = ScrapeSection()
+    curate: CurateSection | None = None
+    encode: EncodeSection | None = None
+    train: list[TrainRun] = []
+    generate: GenerateSection | None = None
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _error_line(path: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in _SOURCE_KINDS))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{_loc(loc)}: {msg}")
+    return f"{path}: " + "; ".join(parts)
+
+
+_SOURCE_KINDS = {"demo_site", "site", "url_list", "warc", "hf_dataset"}
+
+
+def parse_recipe(data: object, path: str = "<recipe>") -> Recipe:
+    """Validate an already-parsed recipe mapping."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_error_line(path, e)) from None
+
+
+def load_recipe(path: str) -> Recipe:
+    """Read and validate a recipe file; raises :class:`RecipeError` with one line on any problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read recipe: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}{where}: YAML syntax error: {problem}") from None
+    return parse_recipe(data, path)

@@ -1,0 +1,415 @@
+"""WebDataset shards with the altforge contract: tar + parquet + _stats.json, published atomically.
+
+A shard ``NNNNNN`` is *done* when ``NNNNNN.tar``, ``NNNNNN.parquet`` and ``NNNNNN_stats.json`` all exist. The
+writer builds all three under temporary names and publishes them in that order, the stats file last, so a
+process killed at any moment leaves either a finished shard or nothing a reader would take for one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.stats import StageStats
+
+SHARD_RE = re.compile(r"^(\d{6})\.tar$")
+TMP_PREFIX = ".tmp-"
+
+# One parquet row per attempted input record; stages add their own columns (clip_score, ...).
+BASE_COLUMNS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("page_url", pa.string()),
+        ("caption", pa.string()),
+        ("status", pa.string()),  # "success" or the snake_case reason it was dropped
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+def shard_name(index: int) -> str:
+    """Zero-padded six-digit shard name, so brace notation ``{000000..000127}`` works."""
+    if not 0 <= index < 1_000_000:
+        raise ValueError(f"shard index out of range: {index}")
+    return f"{index:06d}"
+
+
+def shard_files(dataset_url: str, index: int) -> dict[str, str]:
+    """URLs of the three files of shard ``index``."""
+    name = shard_name(index)
+    return {
+        "tar": storage.join(dataset_url, f"{name}.tar"),
+        "parquet": storage.join(dataset_url, f"{name}.parquet"),
+        "stats": storage.join(dataset_url, f"{name}_stats.json"),
+    }
+
+
+def encode_field(ext: str, value) -> bytes:
+    """Serialise one sample field for the tar: bytes as is, str as UTF-8, dict/list as JSON, arrays as .npy."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, np.ndarray):
+        if not ext.endswith("npy"):
+            raise ValueError(f"array field '{ext}' must use a .npy extension")
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return buf.getvalue()
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=_json_default).encode("utf-8")
+    if isinstance(value, int | float):
+        return str(value).encode("utf-8")
+    raise TypeError(f"cannot store field '{ext}' of type {type(value).__name__}")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def decode_field(ext: str, data: bytes):
+    """Inverse of :func:`encode_field` for the common extensions; image bytes stay bytes."""
+    if ext.endswith("json"):
+        return json.loads(data)
+    if ext in ("txt", "text", "caption") or ext.endswith(".txt"):
+        return data.decode("utf-8")
+    if ext.endswith("npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    return data
+
+
+class ShardWriter:
+    """Write one shard; call :meth:`publish` with the shard's stats to make it visible, or :meth:`abort`.
+
+    Used as a context manager, an exception inside the block aborts the shard (temporary files removed).
+    """
+
+    def __init__(self, dataset_url: str, index: int, storage_options: dict | None = None):
+        self.dataset_url = dataset_url
+        self.index = index
+        self.name = shard_name(index)
+        self.storage_options = storage_options or {}
+        self.files = shard_files(dataset_url, index)
+        self._local = storage.is_local(dataset_url)
+        if self._local:
+            root = dataset_url.removeprefix("file://")
+            os.makedirs(root, exist_ok=True)
+            self._tmp_dir = root  # same filesystem: os.replace is atomic
+        else:
+            self._tmp_dir = tempfile.mkdtemp(prefix="altforge-shard-")
+        tag = f"{TMP_PREFIX}{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._tmp = {k: os.path.join(self._tmp_dir, f"{tag}.{k}") for k in ("tar", "parquet", "stats")}
+        self._tar = tarfile.open(self._tmp["tar"], "w", format=tarfile.USTAR_FORMAT)
+        self._rows: list[dict] = []
+        self._keys: set[str] = set()
+        self.n_samples = 0
+        self.n_bytes = 0
+        self._closed = False
+
+    def write(self, sample: dict) -> None:
+        """Add one sample: ``{"__key__": key, "jpg": bytes, "txt": str, "json": dict, ...}``."""
+        key = sample["__key__"]
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"invalid sample key {key!r}: keys must be non-empty and contain no '.' or '/'")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in shard {self.name}")
+        self._keys.add(key)
+        for ext in sorted(k for k in sample if not k.startswith("__")):
+            data = encode_field(ext, sample[ext])
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0  # reproducible shards: the same input gives the same bytes
+            info.mode = 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+            self.n_bytes += len(data)
+        self.n_samples += 1
+
+    def add_row(self, row: dict) -> None:
+        """Add one parquet row (every attempted input record gets exactly one, failures included)."""
+        self._rows.append(row)
+
+    def publish(self, stats: StageStats, extra: dict | None = None) -> dict:
+        """Finish the three files and move them to their final names; returns the shard's stats record."""
+        if self._closed:
+            raise RuntimeError(f"shard {self.name} already closed")
+        self._tar.close()
+        write_parquet(self._rows, self._tmp["parquet"])
+        record = {
+            "shard": self.name,
+            "samples": self.n_samples,
+            "rows": len(self._rows),
+            "bytes": os.path.getsize(self._tmp["tar"]),
+            "sha256": _sha256_file(self._tmp["tar"]),
+            **stats.to_dict(),
+            **(extra or {}),
+        }
+        with open(self._tmp["stats"], "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        for kind in ("tar", "parquet", "stats"):  # stats last: it is the "done" marker
+            self._move(self._tmp[kind], self.files[kind])
+        self._closed = True
+        self._cleanup()
+        return record
+
+    def abort(self) -> None:
+        """Drop everything written so far; nothing becomes visible."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._tar.close()
+        except Exception:  # a broken tar is discarded anyway
+            pass
+        for path in self._tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        self._cleanup()
+
+    def _move(self, tmp_path: str, final_url: str) -> None:
+        if self._local:
+            os.replace(tmp_path, final_url.removeprefix("file://"))
+        else:  # an object-store PUT of a complete local file is atomic: readers see all of it or nothing
+            fs, path = storage.get_fs(final_url, self.storage_options)
+            fs.put_file(tmp_path, path)
+            os.remove(tmp_path)
+
+    def _cleanup(self) -> None:
+        if not self._local and os.path.isdir(self._tmp_dir):
+            for f in os.listdir(self._tmp_dir):
+                os.remove(os.path.join(self._tmp_dir, f))
+            os.rmdir(self._tmp_dir)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.abort()
+            raise RuntimeError(f"shard {self.name} left without publish(): discarded")
+
+
+def write_parquet(rows: list[dict], path: str) -> None:
+    """Write rows with the base columns first (typed) and any stage columns after them."""
+    extra: list[str] = []
+    for row in rows:
+        for k in row:
+            if k not in BASE_COLUMNS.names and k not in extra:
+                extra.append(k)
+    columns = {}
+    for field in BASE_COLUMNS:
+        columns[field.name] = pa.array([r.get(field.name) for r in rows], type=field.type)
+    for k in extra:
+        values = [r.get(k) for r in rows]
+        if any(isinstance(v, dict | list) for v in values):
+            values = [None if v is None else json.dumps(v, sort_keys=True) for v in values]
+        columns[k] = pa.array(values)
+    pq.write_table(pa.table(columns), path, compression="zstd")
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShardSink:
+    """Write samples into consecutive size-bounded shards (for resharding stages); each is published atomically."""
+
+    def __init__(
+        self,
+        dataset_url: str,
+        start_index: int = 0,
+        max_samples: int = 10_000,  # samples per shard
+        max_bytes: int = 1 << 30,  # bytes of tar payload per shard
+        storage_options: dict | None = None,
+    ):
+        self.dataset_url = dataset_url
+        self.next_index = start_index
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.storage_options = storage_options
+        self.published: list[dict] = []
+        self._writer: ShardWriter | None = None
+        self._stats = StageStats()
+
+    def write(self, sample: dict, row: dict | None = None) -> None:
+        """Add a kept sample (and its parquet row); rolls to a new shard when the current one is full."""
+        w = self._current()
+        w.write(sample)
+        if row is not None:
+            w.add_row(row)
+        self._stats.kept += 1
+        self._stats.seen += 1
+        if w.n_samples >= self.max_samples or w.n_bytes >= self.max_bytes:
+            self._flush()
+
+    def _current(self) -> ShardWriter:
+        if self._writer is None:
+            self._writer = ShardWriter(self.dataset_url, self.next_index, self.storage_options)
+            self.next_index += 1
+            self._stats = StageStats()
+        return self._writer
+
+    def _flush(self) -> None:
+        if self._writer is not None:
+            self.published.append(self._writer.publish(self._stats))
+            self._writer = None
+
+    def close(self) -> list[dict]:
+        """Publish the last partial shard; returns the stats records of every shard written."""
+        self._flush()
+        return self.published
+
+    def abort(self) -> None:
+        """Discard the shard in progress (already published shards stay)."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+
+def done_shards(dataset_url: str, storage_options: dict | None = None) -> list[str]:
+    """Names (``"000003"``) of the shards whose tar, parquet and stats all exist, sorted."""
+    names = set(storage.listdir(dataset_url, storage_options))
+    done = []
+    for n in names:
+        m = SHARD_RE.match(n)
+        if m and f"{m.group(1)}.parquet" in names and f"{m.group(1)}_stats.json" in names:
+            done.append(m.group(1))
+    return sorted(done)
+
+
+def is_done(dataset_url: str, index: int, storage_options: dict | None = None) -> bool:
+    """Whether shard ``index`` is complete (a rerun skips it)."""
+    files = shard_files(dataset_url, index)
+    return all(storage.exists(files[k], storage_options) for k in ("stats", "tar", "parquet"))
+
+
+def read_shard_stats(dataset_url: str, name: str, storage_options: dict | None = None) -> dict:
+    """The ``_stats.json`` record of a done shard."""
+    return json.loads(storage.read_bytes(storage.join(dataset_url, f"{name}_stats.json"), storage_options))
+
+
+def clean_temporaries(dataset_url: str, storage_options: dict | None = None) -> int:
+    """Remove temporary files a killed writer left behind; returns how many were removed."""
+    n = 0
+    for name in storage.listdir(dataset_url, storage_options):
+        if name.startswith(TMP_PREFIX):
+            storage.remove(storage.join(dataset_url, name), storage_options)
+            n += 1
+    return n
+
+
+def write_sizes(dataset_url: str, storage_options: dict | None = None) -> dict[str, int]:
+    """Write ``sizes.json`` (``{"000000.tar": n_samples}``, the open_clip convention) from the done shards."""
+    sizes = {
+        f"{n}.tar": read_shard_stats(dataset_url, n, storage_options)["samples"]
+        for n in done_shards(dataset_url, storage_options)
+    }
+    storage.write_bytes(storage.join(dataset_url, "sizes.json"), json.dumps(sizes, indent=1).encode(), storage_options)
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def expand_urls(spec: str | Iterable[str]) -> list[str]:
+    """Expand brace notation (``data/{000000..000009}.tar``) and ``::``-separated lists into shard URLs."""
+    import braceexpand
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for s in specs:
+        for part in s.split("::"):
+            out.extend(braceexpand.braceexpand(part))
+    return out
+
+
+def shard_urls(source: str, storage_options: dict | None = None) -> list[str]:
+    """Tar URLs of a dataset: a directory (its manifest, else its done shards), a manifest.json, or a pattern."""
+    if "{" in source or "::" in source or source.endswith(".tar"):
+        return expand_urls(source)
+    manifest_url = source if source.endswith(".json") else storage.join(source, "manifest.json")
+    base = source.rsplit("/", 1)[0] if source.endswith(".json") else source
+    if storage.exists(manifest_url, storage_options):
+        manifest = json.loads(storage.read_bytes(manifest_url, storage_options))
+        return [storage.join(base, s["name"]) for s in manifest["shards"]]
+    if source.endswith(".json"):
+        raise FileNotFoundError(f"manifest not found: {manifest_url}")
+    return [storage.join(base, f"{n}.tar") for n in done_shards(base, storage_options)]
+
+
+def iter_samples(
+    url: str,
+    storage_options: dict | None = None,
+    decode: bool = True,
+    errors: Counter | None = None,
+) -> Iterator[dict]:
+    """Yield the samples of one tar shard as ``{"__key__", "__url__", ext: value}`` dicts, streamed.
+
+    A corrupt or truncated shard stops with the samples read so far; the problem is counted in ``errors``
+    (``corrupt_shard``) when given, otherwise raised.
+    """
+    import fsspec
+
+    current: dict | None = None
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    continue
+                key, ext = base.split(".", 1)
+                data = tar.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = decode_field(ext, data) if decode else data
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if errors is None:
+            raise
+        errors["corrupt_shard"] += 1
+        current = None  # the last sample may be incomplete: drop it, counted above
+        _ = e
+    if current is not None:
+        yield current
+
+
+def read_parquet(dataset_url: str, storage_options: dict | None = None):
+    """All parquet rows of a dataset's done shards as one pandas DataFrame."""
+    import fsspec
+    import pandas as pd
+
+    frames = []
+    for n in done_shards(dataset_url, storage_options):
+        with fsspec.open(storage.join(dataset_url, f"{n}.parquet"), "rb", **(storage_options or {})) as f:
+            frames.append(pq.read_table(f).to_pandas())
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BASE_COLUMNS.names)

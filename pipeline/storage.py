@@ -1,0 +1,73 @@
+"""fsspec helpers: one way to open, list, move and remove files on local paths, file://, s3://, gs:// ..."""
+
+from __future__ import annotations
+
+import posixpath
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def get_fs(url: str, storage_options: dict | None = None):
+    """Return ``(filesystem, path)`` for a local path or fsspec URL."""
+    return url_to_fs(url, **(storage_options or {}))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL/path components with ``/`` (works for local paths and URLs alike)."""
+    return posixpath.join(base.rstrip("/"), *parts) if "://" in base else posixpath.join(base, *parts)
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs."""
+    return "://" not in url or url.startswith("file://")
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    """Whether the file or directory exists."""
+    fs, path = get_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """Read a whole (small) file."""
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        return f.read()
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write a whole (small) file (not atomic; use :func:`publish` for that)."""
+    fs, path = get_fs(url, storage_options)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def publish(tmp_url: str, final_url: str, storage_options: dict | None = None) -> None:
+    """Move a finished temporary file to its final name (a rename locally, copy+delete on object stores)."""
+    fs, tmp = get_fs(tmp_url, storage_options)
+    _, final = get_fs(final_url, storage_options)
+    fs.mv(tmp, final)
+
+
+def remove(url: str, storage_options: dict | None = None) -> None:
+    """Delete a file if it exists."""
+    fs, path = get_fs(url, storage_options)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def listdir(url: str, storage_options: dict | None = None) -> list[str]:
+    """Base names of the entries of a directory (empty if it does not exist)."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        entries = fs.ls(path, detail=False, refresh=True) if _supports_refresh(fs) else fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+def _supports_refresh(fs) -> bool:
+    return getattr(fs, "protocol", None) not in ("file", "local", ("file", "local"))

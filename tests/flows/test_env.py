@@ -1,0 +1,40 @@
+"""Every entry point turns Prefect's telemetry off before prefect is imported, and keeps Prefect's home local."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_importing_flows_turns_telemetry_off(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DO_NOT_TRACK"))}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "true"  # even an explicit "on" is overridden
+    code = (
+        "import flows, os, prefect.settings as s;"
+        "cur = s.get_current_settings();"
+        "print(cur.server.analytics_enabled, os.environ['DO_NOT_TRACK'], os.environ['PREFECT_HOME'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True
+    )
+    analytics, dnt, home = out.stdout.split()
+    assert analytics == "False" and dnt == "1"
+    assert home == os.path.join(str(tmp_path), ".prefect")
+
+
+def test_shell_entry_points_set_the_switches():
+    for path in ("Makefile", ".ci/run"):
+        text = open(os.path.join(ROOT, path)).read()
+        assert "PREFECT_SERVER_ANALYTICS_ENABLED" in text and "false" in text, path
+        assert "DO_NOT_TRACK" in text, path
+    conftest = open(os.path.join(ROOT, "tests", "conftest.py")).read()
+    assert conftest.index("PREFECT_SERVER_ANALYTICS_ENABLED") < conftest.index("import pytest")
+
+
+def test_import_contracts_hold():
+    out = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "lint-imports")], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 kept, 0 broken" in out.stdout

@@ -1,0 +1,88 @@
+"""Recipes: the shipped ones validate; bad ones fail with one line naming the file and the field."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.recipe import RecipeError, load_recipe, parse_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MANIFESTS = os.path.join(ROOT, "manifests")
+
+MINIMAL = "name: t\noutput: out\nsources:\n  - kind: url_list\n    path: urls.parquet\n"
+
+
+def test_shipped_recipes_validate():
+    demo = load_recipe(os.path.join(MANIFESTS, "demo.yaml"))
+    assert demo.sources[0].kind == "demo_site" and demo.scrape.allow_private_network
+    assert [t.kind for t in demo.train] == ["clip", "vae", "ldm"]
+    web = load_recipe(os.path.join(MANIFESTS, "web-scale.example.yaml"))
+    assert web.output.startswith("s3://")
+    assert {s.kind for s in web.sources} == {"url_list", "warc"}
+    assert web.curate.clip.model == "ViT-B-32" and web.curate.clip.pretrained == "laion2b_s34b_b79k"
+    assert web.encode.vae == "stabilityai/sd-vae-ft-mse"
+    assert web.runtime.task_runner == "dask" and web.runtime.dask_address.startswith("tcp://")
+    assert not web.scrape.allow_private_network
+
+
+def test_defaults_and_round_trip():
+    r = parse_recipe({"name": "t", "output": "o", "sources": [{"kind": "site", "urls": ["https://example.com/"]}]})
+    assert r.scrape.image_size == 256 and r.scrape.resize_mode == "keep_ratio" and not r.scrape.allow_private_network
+    assert parse_recipe(r.model_dump()) == r
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (MINIMAL + "scrape:\n  image_size: big\n", "scrape.image_size: Input should be a valid integer"),
+        (MINIMAL + "scrape:\n  imagesize: 64\n", "scrape.imagesize: unknown field"),
+        (MINIMAL + "scrape:\n  resize_mode: stretch\n", "scrape.resize_mode: Input should be"),
+        (MINIMAL.replace("url_list", "ftp_dump"), "sources[0]: Input tag 'ftp_dump' found using 'kind'"),
+        ("name: t\noutput: out\nsources: []\n", "sources: List should have at least 1 item"),
+        ("name: t\nsources:\n  - {kind: warc, paths: [a.warc]}\n", "output: Field required"),
+        (
+            MINIMAL + "curate:\n  clip: {model: ViT-B-32}\n  min_score: 0.3\n  keep_fraction: 0.3\n",
+            "curate: give min_score or keep_fraction, not both",
+        ),
+        (MINIMAL + "runtime: {task_runner: dask}\n", "runtime: task_runner 'dask' needs dask_address"),
+        (MINIMAL + "train:\n  - {kind: ldm, config: tiny}\n", "train[0].steps: Field required"),
+        ("name: t\n  output: [\n", "YAML syntax error"),
+        ("- just\n- a list\n", "a recipe must be a YAML mapping"),
+    ],
+)
+def test_bad_recipes_fail_with_one_line(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(path))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(str(path))
+    assert expected in msg
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+
+
+def test_cli_reports_bad_recipe_in_one_line_without_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(MINIMAL + "scrape:\n  processes: -3\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert f"{path}: scrape.processes: Input should be greater than 0" in lines[0]
+    ok = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "validate", os.path.join(MANIFESTS, "demo.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert ok.returncode == 0 and "ok" in ok.stdout

@@ -1,0 +1,266 @@
+"""The shard contract: atomic publish, round trip, readers, s3 on loopback, and loading with other tools."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import shards
+from pipeline.manifest import build_manifest, read_manifest, write_manifest
+from pipeline.stats import StageStats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def jpeg(color, size=(16, 12)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_sample(i: int) -> dict:
+    return {
+        "__key__": f"k{i:05d}",
+        "jpg": jpeg((i * 7 % 256, 10, 200)),
+        "txt": f"a red circle number {i} — ünïcode",
+        "json": {"url": f"http://127.0.0.1/img/{i}.jpg", "clip_score": 0.25 + i / 1000},
+    }
+
+
+def write_shard(root, index, n, stats=None, dropped=0):
+    with shards.ShardWriter(str(root), index) as w:
+        for i in range(n):
+            s = make_sample(index * 1000 + i)
+            w.write(s)
+            w.add_row({"key": s["__key__"], "url": s["json"]["url"], "caption": s["txt"], "status": "success"})
+        for j in range(dropped):
+            w.add_row({"key": f"d{index}{j}", "url": "http://127.0.0.1/x", "status": "http_404", "error": "404"})
+        st = stats or StageStats(seen=n + dropped, kept=n)
+        if dropped and not stats:
+            st.drop("http_404", dropped)
+        return w.publish(st)
+
+
+def test_round_trip(tmp_path):
+    rec = write_shard(tmp_path, 0, 5, dropped=2)
+    assert rec["samples"] == 5 and rec["rows"] == 7
+    assert shards.done_shards(str(tmp_path)) == ["000000"]
+    samples = list(shards.iter_samples(str(tmp_path / "000000.tar")))
+    assert [s["__key__"] for s in samples] == [f"k{i:05d}" for i in range(5)]
+    orig = make_sample(3)
+    got = samples[3]
+    assert got["txt"] == orig["txt"]
+    assert got["json"] == orig["json"]
+    assert got["jpg"] == orig["jpg"]
+    df = shards.read_parquet(str(tmp_path))
+    assert len(df) == 7
+    assert list(df.columns[:11]) == shards.BASE_COLUMNS.names
+    assert Counter(df["status"]) == {"success": 5, "http_404": 2}
+    stats = json.loads((tmp_path / "000000_stats.json").read_text())
+    assert stats["dropped"] == {"http_404": 2} and stats["kept"] == 5
+
+
+def test_shards_are_reproducible(tmp_path):
+    a = write_shard(tmp_path / "a", 0, 4)
+    b = write_shard(tmp_path / "b", 0, 4)
+    assert a["sha256"] == b["sha256"]
+    assert (tmp_path / "a" / "000000.tar").read_bytes() == (tmp_path / "b" / "000000.tar").read_bytes()
+
+
+def test_arrays_and_bad_keys(tmp_path):
+    lat = np.arange(24, dtype=np.float16).reshape(4, 3, 2)
+    with shards.ShardWriter(str(tmp_path), 0) as w:
+        w.write({"__key__": "a1", "latent.npy": lat, "txt": "x"})
+        with pytest.raises(ValueError, match="invalid sample key"):
+            w.write({"__key__": "a.b", "txt": "x"})
+        with pytest.raises(ValueError, match="duplicate sample key"):
+            w.write({"__key__": "a1", "txt": "x"})
+        w.publish(StageStats(seen=1, kept=1))
+    (s,) = shards.iter_samples(str(tmp_path / "000000.tar"))
+    assert s["latent.npy"].dtype == np.float16 and np.array_equal(s["latent.npy"], lat)
+
+
+def test_exception_aborts_and_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"), shards.ShardWriter(str(tmp_path), 0) as w:
+        w.write(make_sample(0))
+        raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(RuntimeError, match="without publish"), shards.ShardWriter(str(tmp_path), 1) as w:
+        w.write(make_sample(1))
+    assert os.listdir(tmp_path) == []
+
+
+def test_shard_sink_rolls_over_by_count_and_bytes(tmp_path):
+    sink = shards.ShardSink(str(tmp_path), start_index=3, max_samples=4)
+    for i in range(10):
+        sink.write(make_sample(i), {"key": f"k{i:05d}", "status": "success"})
+    recs = sink.close()
+    assert [r["shard"] for r in recs] == ["000003", "000004", "000005"]
+    assert [r["samples"] for r in recs] == [4, 4, 2]
+    sink = shards.ShardSink(str(tmp_path / "b"), max_samples=1000, max_bytes=1500)
+    for i in range(6):
+        sink.write(make_sample(i))
+    recs = sink.close()
+    assert len(recs) > 1 and sum(r["samples"] for r in recs) == 6
+
+
+def test_sizes_manifest_and_readers(tmp_path):
+    for i in range(3):
+        write_shard(tmp_path, i, 2 + i, dropped=1)
+    sizes = shards.write_sizes(str(tmp_path))
+    assert sizes == {"000000.tar": 2, "000001.tar": 3, "000002.tar": 4}
+    m = build_manifest(str(tmp_path), stage="scrape", config={"image_size": 64}, parent=None)
+    write_manifest(str(tmp_path), m)
+    m2 = read_manifest(str(tmp_path))
+    assert m2["samples"] == 9 and m2["stats"]["seen"] == 12 and m2["stats"]["dropped"] == {"http_404": 3}
+    assert [s["name"] for s in m2["shards"]] == ["000000.tar", "000001.tar", "000002.tar"]
+    assert m2["code_version"] and m2["created_at"] and m2["config"] == {"image_size": 64}
+    assert json.loads((tmp_path / "sizes.json").read_text()) == sizes
+    by_manifest = shards.shard_urls(str(tmp_path))
+    by_pattern = shards.shard_urls(str(tmp_path / "{000000..000002}.tar"))
+    assert by_manifest == by_pattern
+    assert shards.shard_urls(str(tmp_path / "manifest.json")) == by_manifest
+    n = sum(1 for u in by_pattern for _ in shards.iter_samples(u))
+    assert n == 9
+
+
+def test_corrupt_shard_is_counted(tmp_path):
+    write_shard(tmp_path, 0, 6)
+    data = (tmp_path / "000000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    errors = Counter()
+    got = list(shards.iter_samples(str(tmp_path / "cut.tar"), errors=errors))
+    assert errors["corrupt_shard"] == 1
+    assert 0 < len(got) < 6
+    with pytest.raises((tarfile.TarError, OSError, EOFError)):
+        list(shards.iter_samples(str(tmp_path / "cut.tar")))
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from pipeline import shards
+    from pipeline.stats import StageStats
+    from tests.pipeline.test_shards import make_sample
+    root, index, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    if shards.is_done(root, index):
+        print("skip", flush=True); sys.exit(0)
+    with shards.ShardWriter(root, index) as w:
+        for i in range(40):
+            w.write(make_sample(index * 1000 + i)); w.add_row({{"key": f"k{{i}}", "status": "success"}})
+            if i == 0:
+                print("started", flush=True)
+            time.sleep(delay)
+        w.publish(StageStats(seen=40, kept=40))
+    print("done", flush=True)
+    """
+)
+
+
+def test_kill_mid_shard_leaves_no_visible_shard_and_rerun_redoes_it(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(KILL_SCRIPT.format(root=ROOT))
+    data = tmp_path / "data"
+    write_shard(data, 0, 3)  # an earlier finished shard must survive untouched
+    before = (data / "000000.tar").read_bytes()
+
+    proc = subprocess.Popen([sys.executable, str(script), str(data), "1", "0.05"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert shards.done_shards(str(data)) == ["000000"]
+    visible = sorted(f for f in os.listdir(data) if not f.startswith(shards.TMP_PREFIX))
+    assert "000001.tar" not in visible and "000001_stats.json" not in visible
+    assert (data / "000000.tar").read_bytes() == before
+
+    out = subprocess.run(
+        [sys.executable, str(script), str(data), "1", "0"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "done"
+    assert shards.done_shards(str(data)) == ["000000", "000001"]
+    assert len(list(shards.iter_samples(str(data / "000001.tar")))) == 40
+    assert shards.clean_temporaries(str(data)) >= 1  # the killed writer's leftovers
+    assert not [f for f in os.listdir(data) if f.startswith(shards.TMP_PREFIX)]
+    out = subprocess.run(
+        [sys.executable, str(script), str(data), "1", "0"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "skip"  # a rerun skips the finished shard
+
+
+def test_kill_at_random_moments_never_shows_a_partial_shard(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(KILL_SCRIPT.format(root=ROOT))
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        proc = subprocess.Popen([sys.executable, str(script), str(data), str(trial), "0.002"], stdout=subprocess.PIPE)
+        proc.stdout.readline()
+        time.sleep(float(rng.uniform(0, 0.12)))
+        proc.kill()
+        proc.wait()
+        for name in shards.done_shards(str(data)):  # whatever is visible as done is complete
+            assert len(list(shards.iter_samples(str(data / f"{name}.tar")))) == 40
+
+
+def test_webdataset_loads_shards_unchanged(tmp_path):
+    import webdataset as wds
+
+    for i in range(2):
+        write_shard(tmp_path, i, 3)
+    ds = (
+        wds.WebDataset(str(tmp_path / "{000000..000001}.tar"), shardshuffle=False)
+        .decode("pil")
+        .to_tuple("jpg", "txt", "json")
+    )
+    items = list(ds)
+    assert len(items) == 6
+    img, txt, meta = items[4]
+    assert img.size == (16, 12) and txt.startswith("a red circle") and "clip_score" in meta
+
+
+def test_datasets_loads_shards_unchanged(tmp_path):
+    from datasets import load_dataset
+
+    for i in range(2):
+        write_shard(tmp_path, i, 3)
+    files = [str(tmp_path / f"{i:06d}.tar") for i in range(2)]
+    ds = load_dataset("webdataset", data_files={"train": files}, split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 6
+    row = ds[0]
+    assert row["jpg"].size == (16, 12)
+    assert row["txt"] == make_sample(0)["txt"]
+    assert row["json"]["url"].endswith("/0.jpg")
+
+
+def test_s3_on_loopback(s3_bucket):
+    prefix, opts = s3_bucket
+    url = f"{prefix}/ds"
+    with shards.ShardWriter(url, 0, storage_options=opts) as w:
+        for i in range(4):
+            w.write(make_sample(i))
+            w.add_row({"key": f"k{i:05d}", "status": "success"})
+        w.publish(StageStats(seen=4, kept=4))
+    with pytest.raises(RuntimeError), shards.ShardWriter(url, 1, storage_options=opts) as w:
+        w.write(make_sample(9))
+        raise RuntimeError("killed")
+    assert shards.done_shards(url, opts) == ["000000"]
+    assert shards.is_done(url, 0, opts) and not shards.is_done(url, 1, opts)
+    write_manifest(url, build_manifest(url, "scrape", {}, storage_options=opts), opts)
+    urls = shards.shard_urls(url, opts)
+    assert urls == [f"{url}/000000.tar"]
+    got = list(shards.iter_samples(urls[0], storage_options=opts))
+    assert [s["__key__"] for s in got] == [f"k{i:05d}" for i in range(4)]
+    assert len(shards.read_parquet(url, opts)) == 4
+    assert read_manifest(url, opts)["samples"] == 4
