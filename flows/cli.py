@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -67,6 +68,137 @@ def validate(recipe: Annotated[str, typer.Argument(help="recipe YAML file")]) ->
     kinds = ", ".join(s.kind for s in r.sources)
     stages = ["scrape"] + [s for s in ("curate", "encode") if getattr(r, s)] + [f"train {t.kind}" for t in r.train]
     typer.echo(f"{recipe}: ok — recipe '{r.name}', sources: {kinds}; stages: {', '.join(stages)}; output: {r.output}")
+
+
+def _run_with_progress(title: str, fn, *args, **kwargs):
+    """Run a flow with a live progress display fed by the stage workers; one-line error on failure."""
+    from flows import workers
+    from flows.progress import ProgressDisplay
+
+    with ProgressDisplay(title) as display:
+        workers.set_progress_queue(display.queue)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # the flow's own message is the one line a user needs
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            fail(f"{title} failed: {first}", code=1)
+        finally:
+            workers.set_progress_queue(None)
+
+
+def _print_manifest_summary(manifest: dict, dst: str) -> None:
+    st = manifest["stats"]
+    typer.echo(f"wrote {st['kept']} images in {len(manifest['shards'])} shards to {dst}  ({st['seen']} records tried)")
+    if manifest.get("extraction"):
+        typer.echo("  dropped before download: " + ", ".join(f"{k} {v}" for k, v in manifest["extraction"].items()))
+    if st["dropped"]:
+        typer.echo("  dropped: " + ", ".join(f"{k} {v}" for k, v in st["dropped"].items()))
+
+
+@app.command()
+def scrape(
+    out: Annotated[str, typer.Option("--out", help="output dataset directory or fsspec URL (s3://...)")],
+    site: Annotated[list[str] | None, typer.Option("--site", help="crawl from this seed URL (repeatable)")] = None,
+    warc: Annotated[list[str] | None, typer.Option("--warc", help="WARC/WAT file or URL (repeatable)")] = None,
+    url_list: Annotated[str | None, typer.Option("--url-list", help="parquet/csv/tsv/jsonl/txt list")] = None,
+    url_col: Annotated[str, typer.Option(help="URL column of the list")] = "url",
+    caption_col: Annotated[str, typer.Option(help="caption column of the list ('' = none)")] = "caption",
+    input_format: Annotated[str | None, typer.Option(help="list format (default: from the extension)")] = None,
+    image_size: Annotated[int, typer.Option(help="px")] = 256,
+    resize: Annotated[str, typer.Option(help="keep_ratio | center_crop | pad | no")] = "keep_ratio",
+    encode_format: Annotated[str, typer.Option(help="jpg | webp | png")] = "jpg",
+    encode_quality: Annotated[int, typer.Option(help="JPEG/WebP quality")] = 95,
+    min_image_size: Annotated[int, typer.Option(help="px; smaller originals are dropped")] = 0,
+    max_aspect_ratio: Annotated[float, typer.Option(help="0 = no limit")] = 0.0,
+    processes: Annotated[int, typer.Option(help="worker processes")] = 2,
+    concurrency: Annotated[int, typer.Option(help="open requests per process")] = 64,
+    per_host_rate: Annotated[float, typer.Option(help="requests/s per host, 0 = unlimited")] = 0.0,
+    shard_size: Annotated[int, typer.Option(help="input records per shard")] = 10_000,
+    max_pages: Annotated[int, typer.Option(help="crawl: page limit")] = 10_000,
+    max_depth: Annotated[int, typer.Option(help="crawl: link depth limit")] = 10,
+    timeout: Annotated[float, typer.Option(help="seconds per request")] = 30.0,
+    allow_private_network: Annotated[
+        bool, typer.Option(help="allow loopback/private addresses (refused by default)")
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="re-attempt only the transient failures of an earlier run into new shards")
+    ] = False,
+) -> None:
+    """Scrape image/alt-text pairs from web pages, WARC/WAT archives or URL lists into WebDataset shards."""
+    from pydantic import ValidationError
+
+    from pipeline.recipe import ScrapeConfig
+
+    given = [bool(site), bool(warc), bool(url_list)]
+    if sum(given) > 1:
+        fail("give one of --site, --warc or --url-list")
+    if sum(given) == 0 and not retry_failed:
+        fail("give an input: --site URL, --warc FILE or --url-list FILE")
+    if url_list and "://" not in url_list and not os.path.exists(url_list):
+        fail(f"URL list not found: {url_list}")
+    for w in warc or []:
+        if "://" not in w and not os.path.exists(w):
+            fail(f"WARC file not found: {w}")
+    try:
+        cfg = ScrapeConfig(
+            image_size=image_size,
+            resize_mode=resize,
+            encode_format=encode_format,
+            encode_quality=encode_quality,
+            min_image_size=min_image_size,
+            max_aspect_ratio=max_aspect_ratio,
+            processes=processes,
+            concurrency=concurrency,
+            per_host_rate=per_host_rate,
+            shard_size=shard_size,
+            timeout=timeout,
+            allow_private_network=allow_private_network,
+        )
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
+    if site:
+        sources = [{"kind": "site", "urls": list(site), "max_pages": max_pages, "max_depth": max_depth}]
+    elif warc:
+        sources = [{"kind": "warc", "paths": list(warc)}]
+    elif url_list:
+        sources = [
+            {
+                "kind": "url_list",
+                "path": url_list,
+                "url_col": url_col,
+                "caption_col": caption_col or None,
+                "input_format": input_format,
+            }
+        ]
+    else:
+        sources = []
+    from flows.scrape import run_scrape
+
+    manifest = _run_with_progress("scrape", run_scrape, out, sources, cfg, retry_failed=retry_failed)
+    _print_manifest_summary(manifest, out)
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="where the demo's datasets, models and reports go")] = "demo-output",
+) -> None:
+    """Run the whole demo recipe on the built-in demo web site (served on a free loopback port meanwhile)."""
+    from flows.run import DEMO_RECIPE, run_recipe
+    from pipeline.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(DEMO_RECIPE)
+    except RecipeError as e:
+        fail(str(e))
+    result = _run_with_progress("demo", run_recipe, recipe, out)
+    typer.echo(f"\ndemo finished: outputs in {os.path.abspath(out)}")
+    if result.ground_truth:
+        typer.echo(f"  demo site ground truth: {result.ground_truth}")
+    for stage, url in result.datasets.items():
+        typer.echo(f"  {stage:<8} dataset: {url}")
+    for stage, m in result.metrics.items():
+        typer.echo(f"  {stage:<8} metrics: " + ", ".join(f"{k}={v}" for k, v in m.items()))
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 
 class RecipeError(ValueError):
@@ -74,29 +74,79 @@ Source = Annotated[
 ]
 
 
+_SOURCE_ADAPTER = TypeAdapter(Source)
+
+
+def parse_source(data: dict):
+    """Validate one source mapping (``{"kind": "site", "urls": [...]}``) into its model."""
+    return _SOURCE_ADAPTER.validate_python(data)
+
+
 # ------------------------------------------------------------------------------------------------- stages
 
 
-class ScrapeSection(_Strict):
-    """Download and image settings of the scrape stage."""
+class ScrapeConfig(_Strict):
+    """Settings of the scrape stage: download politeness and safety, image processing, sharding."""
 
-    image_size: int = Field(256, gt=0)  # px
+    image_size: int = Field(256, gt=0)  # px, see pipeline.images for what each resize mode does with it
     resize_mode: Literal["keep_ratio", "center_crop", "pad", "no"] = "keep_ratio"
-    upscale: bool = False
+    upscale: bool = False  # enlarge images smaller than image_size
     encode_format: Literal["jpg", "webp", "png"] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100)
-    min_image_size: int = Field(0, ge=0)  # px, smaller original side is dropped
-    max_aspect_ratio: float = Field(0.0, ge=0)  # 0 = no limit
-    shard_size: int = Field(10_000, gt=0)  # input records per shard
-    processes: int = Field(2, gt=0)
+    min_image_size: int = Field(0, ge=0)  # px, originals whose smaller side is below this are dropped
+    max_aspect_ratio: float = Field(0.0, ge=0)  # max(w, h) / min(w, h); 0 = no limit
+    max_pixels: int = Field(40_000_000, gt=0)  # declared width*height above this is a decompression bomb
+    shard_size: int = Field(10_000, gt=0, lt=1_000_000)  # input records per shard
+    processes: int = Field(2, gt=0)  # worker processes (decode, resize, encode)
     concurrency: int = Field(64, gt=0)  # open requests per process
-    per_host_concurrency: int = Field(16, gt=0)
+    per_host_concurrency: int = Field(16, gt=0)  # open requests per host
     per_host_rate: float = Field(0.0, ge=0)  # requests/s per host, 0 = unlimited
-    timeout: float = Field(30.0, gt=0)  # seconds per request
-    max_body_bytes: int = Field(20_000_000, gt=0)
-    allow_private_network: bool = False
+    connect_timeout: float = Field(5.0, gt=0)  # seconds
+    read_timeout: float = Field(10.0, gt=0)  # seconds without a byte
+    timeout: float = Field(30.0, gt=0)  # seconds per request, whole body included
+    retries: int = Field(2, ge=0)  # extra attempts for transient failures
+    max_redirects: int = Field(5, ge=0)
+    max_body_bytes: int = Field(20_000_000, gt=0)  # bytes
+    user_agent: str | None = None  # default: altforge/<version> with a description
+    allow_private_network: bool = False  # loopback/private addresses; only for local sites like the demo
     respect_robots: bool = True
-    respect_opt_out: bool = True
+    respect_opt_out: bool = True  # X-Robots-Tag noai / noimageai
+
+    def image_config(self):
+        """The pipeline.images.ImageConfig these settings describe."""
+        from pipeline.images import ImageConfig
+
+        return ImageConfig(
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            upscale=self.upscale,
+            min_image_size=self.min_image_size,
+            max_aspect_ratio=self.max_aspect_ratio,
+            encode_format=self.encode_format,
+            encode_quality=self.encode_quality,
+            max_pixels=self.max_pixels,
+        )
+
+    def fetch_config(self):
+        """The pipeline.fetch.FetchConfig these settings describe."""
+        from pipeline.fetch import FetchConfig
+
+        extra = {"user_agent": self.user_agent} if self.user_agent else {}
+        return FetchConfig(
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            total_timeout=self.timeout,
+            max_body_bytes=self.max_body_bytes,
+            max_redirects=self.max_redirects,
+            retries=self.retries,
+            concurrency=self.concurrency,
+            per_host_concurrency=self.per_host_concurrency,
+            per_host_rate=self.per_host_rate,
+            allow_private_network=self.allow_private_network,
+            respect_robots=self.respect_robots,
+            respect_opt_out=self.respect_opt_out,
+            **extra,
+        )
 
 
 class ClipModelRef(_Strict):
@@ -194,7 +244,7 @@ class Recipe(_Strict):
     storage_options: dict = {}  # passed to fsspec (endpoint_url, ...); credentials come from the environment
     runtime: Runtime = Runtime()
     sources: list[Source] = Field(min_length=1)
-    scrape: ScrapeSection = ScrapeSection()
+    scrape: ScrapeConfig = ScrapeConfig()
     curate: CurateSection | None = None
     encode: EncodeSection | None = None
     train: list[TrainRun] = []

@@ -103,6 +103,8 @@ class ShardWriter:
     """Write one shard; call :meth:`publish` with the shard's stats to make it visible, or :meth:`abort`.
 
     Used as a context manager, an exception inside the block aborts the shard (temporary files removed).
+    Samples may be written in any order (e.g. as downloads complete): the published tar and parquet are in key
+    order, so the same input gives byte-identical shards.
     """
 
     def __init__(self, dataset_url: str, index: int, storage_options: dict | None = None):
@@ -123,6 +125,8 @@ class ShardWriter:
         self._tar = tarfile.open(self._tmp["tar"], "w", format=tarfile.USTAR_FORMAT)
         self._rows: list[dict] = []
         self._keys: set[str] = set()
+        self._last_key = ""
+        self._in_order = True
         self.n_samples = 0
         self.n_bytes = 0
         self._closed = False
@@ -135,6 +139,9 @@ class ShardWriter:
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in shard {self.name}")
         self._keys.add(key)
+        if key < self._last_key:
+            self._in_order = False
+        self._last_key = max(self._last_key, key)
         for ext in sorted(k for k in sample if not k.startswith("__")):
             data = encode_field(ext, sample[ext])
             info = tarfile.TarInfo(f"{key}.{ext}")
@@ -154,6 +161,9 @@ class ShardWriter:
         if self._closed:
             raise RuntimeError(f"shard {self.name} already closed")
         self._tar.close()
+        if not self._in_order:
+            _sort_tar(self._tmp["tar"])
+        self._rows.sort(key=lambda r: str(r.get("key") or ""))
         write_parquet(self._rows, self._tmp["parquet"])
         record = {
             "shard": self.name,
@@ -209,6 +219,17 @@ class ShardWriter:
         elif not self._closed:
             self.abort()
             raise RuntimeError(f"shard {self.name} left without publish(): discarded")
+
+
+def _sort_tar(path: str) -> None:
+    """Rewrite a tar with its samples in key order (members of one sample stay together, extension order kept)."""
+    sorted_path = path + ".sorted"
+    with tarfile.open(path, "r") as src, tarfile.open(sorted_path, "w", format=tarfile.USTAR_FORMAT) as dst:
+        members = src.getmembers()  # headers only; bodies are streamed below
+        order = sorted(range(len(members)), key=lambda i: (members[i].name.split(".", 1)[0], i))
+        for i in order:
+            dst.addfile(members[i], src.extractfile(members[i]))
+    os.replace(sorted_path, path)
 
 
 def write_parquet(rows: list[dict], path: str) -> None:

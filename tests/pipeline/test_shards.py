@@ -77,6 +77,22 @@ def test_shards_are_reproducible(tmp_path):
     assert (tmp_path / "a" / "000000.tar").read_bytes() == (tmp_path / "b" / "000000.tar").read_bytes()
 
 
+def test_out_of_order_writes_publish_in_key_order(tmp_path):
+    order = [3, 0, 4, 1, 2]
+    for name, seq in (("shuffled", order), ("sorted", sorted(order))):
+        with shards.ShardWriter(str(tmp_path / name), 0) as w:
+            for i in seq:
+                w.write(make_sample(i))
+                w.add_row({"key": f"k{i:05d}", "status": "success"})
+            w.publish(StageStats(seen=5, kept=5))
+    a, b = (tmp_path / "shuffled" / "000000.tar").read_bytes(), (tmp_path / "sorted" / "000000.tar").read_bytes()
+    assert a == b
+    assert list(shards.read_parquet(str(tmp_path / "shuffled"))["key"]) == [f"k{i:05d}" for i in range(5)]
+    assert [s["__key__"] for s in shards.iter_samples(str(tmp_path / "shuffled" / "000000.tar"))] == sorted(
+        f"k{i:05d}" for i in order
+    )
+
+
 def test_arrays_and_bad_keys(tmp_path):
     lat = np.arange(24, dtype=np.float16).reshape(4, 3, 2)
     with shards.ShardWriter(str(tmp_path), 0) as w:

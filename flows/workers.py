@@ -1,0 +1,93 @@
+"""Worker processes for CPU-bound stages: one pool per run, heavy objects loaded once per worker.
+
+Prefect tasks (one per shard) run on a small thread pool and hand the CPU work to these processes. The worker
+processes never import prefect, so no worker starts a Prefect server of its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from flows import env  # noqa: F401
+
+_lock = threading.Lock()
+_pools: dict[tuple, ProcessPoolExecutor] = {}
+_progress_queue = None  # set by the CLI to show live progress
+
+# per-process state, filled by the initializer (or lazily when running inline)
+_worker_state: dict = {}
+
+
+def set_progress_queue(queue) -> None:
+    """Route stage progress deltas into ``queue`` (a multiprocessing queue read by the CLI's display)."""
+    global _progress_queue
+    _progress_queue = queue
+
+
+def progress_queue():
+    """The queue progress deltas go to, or None."""
+    return _progress_queue
+
+
+def _init_worker(state: dict) -> None:
+    _worker_state.clear()
+    _worker_state.update(state)
+    _worker_state["loaded"] = {}
+
+
+def worker_object(name: str, factory, *args):
+    """A per-process singleton (a fetcher, a model): built by ``factory(*args)`` on first use, then reused."""
+    loaded = _worker_state.setdefault("loaded", {})
+    if name not in loaded:
+        loaded[name] = factory(*args)
+    return loaded[name]
+
+
+def worker_progress():
+    """The progress callback of this process (puts deltas on the run's queue), or None."""
+    q = _worker_state.get("queue", _progress_queue)
+    return q.put if q is not None else None
+
+
+def get_pool(kind: str, processes: int) -> ProcessPoolExecutor:
+    """The process pool for ``kind`` with ``processes`` workers (spawned: safe beside Prefect's threads)."""
+    key = (kind, processes)
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None or getattr(pool, "_broken", False):
+            ctx = mp.get_context("spawn")
+            pool = ProcessPoolExecutor(
+                max_workers=processes, mp_context=ctx, initializer=_init_worker, initargs=({"queue": _progress_queue},)
+            )
+            _pools[key] = pool
+        return pool
+
+
+def run(kind: str, processes: int, fn, *args):
+    """Run ``fn(*args)`` in the ``kind`` pool (or inline when ``processes`` is 1) and return its result.
+
+    A worker killed mid-shard breaks the pool: the next call (Prefect's retry) gets a fresh one.
+    """
+    if processes <= 1:
+        return fn(*args)
+    pool = get_pool(kind, processes)
+    try:
+        return pool.submit(fn, *args).result()
+    except BrokenProcessPool:
+        with _lock:
+            if _pools.get((kind, processes)) is pool:
+                del _pools[(kind, processes)]
+        raise
+
+
+@atexit.register
+def shutdown_pools() -> None:
+    """Stop every worker pool."""
+    with _lock:
+        for pool in _pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        _pools.clear()
