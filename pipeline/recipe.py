@@ -112,6 +112,12 @@ class ScrapeConfig(_Strict):
     respect_robots: bool = True
     respect_opt_out: bool = True  # X-Robots-Tag noai / noimageai
 
+    @model_validator(mode="after")
+    def _aspect(self):
+        if 0 < self.max_aspect_ratio < 1:
+            raise ValueError("max_aspect_ratio must be 0 (no limit) or at least 1")
+        return self
+
     def image_config(self):
         """The pipeline.images.ImageConfig these settings describe."""
         from pipeline.images import ImageConfig
