@@ -1,0 +1,144 @@
+"""End-to-end refusals inside an isolated network namespace (``unshare -n``): nothing can leave this machine.
+
+The script below runs in a fresh namespace that has only a loopback device. It gives ``lo`` a documentation
+address (198.51.100.7, public to the guard) and the internal addresses an attacker would aim at (10.0.0.1,
+169.254.169.254), runs a BadServer on each, and fetches with ``allow_private_network=False``. Every internal
+server must see zero requests, which a control request made before proves it would have seen.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import asyncio, json, socket, subprocess, sys, urllib.request
+sys.path.insert(0, sys.argv[1])
+
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for cidr in ("198.51.100.7/32", "10.0.0.1/32", "169.254.169.254/32"):
+    subprocess.run(["ip", "addr", "add", cidr, "dev", "lo"], check=True)
+
+from aiohttp.abc import AbstractResolver
+from pipeline.fetch import FetchConfig, Fetcher
+from tests.pipeline.badserver import BadServer
+
+
+class TableResolver(AbstractResolver):
+    def __init__(self, table):
+        self.table = table
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        if host not in self.table:
+            raise OSError(-2, "Name or service not known")
+        return [{"hostname": host, "host": ip, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}
+                for ip in self.table[host]]
+
+    async def close(self):
+        pass
+
+
+public = BadServer("198.51.100.7").start()
+internal = {name: BadServer(host).start()
+            for name, host in (("loopback", "127.0.0.1"), ("private", "10.0.0.1"), ("metadata", "169.254.169.254"))}
+loop_url = internal["loopback"].url("/ok.png")
+private_url = internal["private"].url("/ok.png")
+meta_url = internal["metadata"].url("/latest/meta-data/")
+evil_url = f"http://evil.test:{internal['private'].port}/ok.png"
+
+# Control: each internal server is reachable from here, so a guard that let a request through would be seen.
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+control = {name: opener.open(srv.url("/ok.png"), timeout=5).status for name, srv in internal.items()}
+for srv in internal.values():
+    srv.reset_stats()
+
+resolver = TableResolver({
+    "good.test": ["198.51.100.7"],
+    "evil.test": ["10.0.0.1"],
+    "mixed.test": ["198.51.100.7", "10.0.0.1"],
+    "meta.test": ["169.254.169.254"],
+})
+cases = {
+    "public_image": public.url("/ok.png"),
+    "public_name": f"http://good.test:{public.port}/ok.png",
+    "direct_metadata": meta_url,
+    "direct_private": private_url,
+    "direct_loopback": loop_url,
+    "direct_decimal_private": f"http://167772161:{internal['private'].port}/ok.png",
+    "direct_ipv6_loopback": f"http://[::1]:{internal['loopback'].port}/ok.png",
+    "name_to_private": evil_url,
+    "name_to_mixed": f"http://mixed.test:{internal['private'].port}/ok.png",
+    "name_to_metadata": f"http://meta.test:{internal['metadata'].port}/latest/meta-data/",
+    "redirect_to_loopback": public.url("/redirect?to=" + loop_url),
+    "redirect_to_metadata": public.url("/redirect?to=" + meta_url),
+    "redirect_to_private": public.url("/redirect?to=" + private_url),
+    "redirect_to_name_to_private": public.url("/redirect?to=" + evil_url),
+    "redirect_to_localhost": public.url(f"/redirect?to=http://localhost:{internal['loopback'].port}/ok.png"),
+}
+
+
+async def main():
+    cfg = FetchConfig(allow_private_network=False, connect_timeout=1, read_timeout=1, total_timeout=3, backoff=0.01)
+    async with Fetcher(cfg, resolver=resolver) as f:
+        results = await asyncio.gather(*(f.fetch(u) for u in cases.values()))
+    return {name: {"status": r.status, "error": r.error, "body": len(r.body or b"")}
+            for name, r in zip(cases, results)}
+
+
+out = {
+    "results": asyncio.run(main()),
+    "control": control,
+    "internal_hits": {name: srv.hits() for name, srv in internal.items()},
+    "redirects_served": public.hits("/redirect"),
+    "public_ok_hits": public.hits("/ok.png"),
+}
+public.stop()
+for srv in internal.values():
+    srv.stop()
+print(json.dumps(out))
+"""
+
+
+def _netns_available() -> str | None:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs the unshare and ip commands"
+    try:
+        done = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare -n failed: {exc}"
+    if done.returncode != 0:
+        return f"unshare -n not permitted here (needs root or CAP_SYS_ADMIN): {done.stderr.decode().strip()}"
+    return None
+
+
+@pytest.mark.netns
+def test_guard_end_to_end_in_isolated_namespace(tmp_path):
+    why = _netns_available()
+    if why:
+        pytest.skip(why)
+    script = tmp_path / "netns_fetch.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, str(script), str(REPO)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    results = out["results"]
+
+    assert out["control"] == {"loopback": 200, "private": 200, "metadata": 200}
+    assert results["public_image"]["status"] == "success" and results["public_image"]["body"] > 0
+    assert results["public_name"]["status"] == "success"
+    assert out["public_ok_hits"] == 2
+
+    refused = {name: r["status"] for name, r in results.items() if not name.startswith("public")}
+    assert refused == dict.fromkeys(refused, "refused_address"), results
+    for name in ("name_to_private", "name_to_mixed", "name_to_metadata", "redirect_to_name_to_private"):
+        assert "resolves to non-public address" in results[name]["error"], results[name]
+
+    assert out["redirects_served"] == 5  # each redirect was answered by the public server ...
+    assert out["internal_hits"] == {"loopback": 0, "private": 0, "metadata": 0}  # ... and nothing followed it
