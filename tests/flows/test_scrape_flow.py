@@ -1,0 +1,150 @@
+"""The scrape command end to end on the demo site: real HTTP over loopback, real Prefect runs, kills and resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import shards
+from pipeline.demo_site import DemoSiteConfig, serve
+from pipeline.manifest import read_manifest
+from pipeline.plan import load_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def altforge(*args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def site():
+    with serve(DemoSiteConfig(seed=3, n_images=240), port=0) as srv:
+        yield srv
+
+
+def expected_pairs(site):
+    rows = site.ground_truth_rows()
+    want = {(r["sha256"], r["alt"]) for r in rows if r["kind"] == "content" and r["allowed"] and r["fetchable"]}
+    forbidden = {(r["sha256"], r["alt"]) for r in rows if r["sha256"] and not r["allowed"]} - want
+    return want, forbidden
+
+
+def test_scrape_demo_site_recall_and_refusals(site, tmp_path):
+    out = tmp_path / "scraped"
+    p = altforge(
+        "scrape",
+        "--site",
+        site.url,
+        "--allow-private-network",
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        "--shard-size",
+        "120",
+    )
+    stdout, stderr = p.communicate(timeout=240)
+    assert p.returncode == 0, stderr[-2000:]
+    assert "images/s" in stderr  # live progress
+    assert "wrote" in stdout
+    df = shards.read_parquet(str(out))
+    ok = df[df.status == "success"]
+    got = set(zip(ok.sha256, ok.caption, strict=True))
+    want, forbidden = expected_pairs(site)
+    assert len(want & got) / len(want) >= 0.99
+    assert not (forbidden & got)
+    assert df["key"].is_unique
+    failures = df[df.status != "success"]
+    assert failures["status"].str.fullmatch(r"[a-z0-9_]+").all() and failures["error"].notna().all()
+    m = read_manifest(str(out))
+    plan = load_plan(str(out))
+    assert m["stats"]["seen"] == plan["records"] == len(df)
+    assert m["stats"]["kept"] == len(ok) == sum(s["samples"] for s in m["shards"])
+    assert m["stats"]["seen"] == m["stats"]["kept"] + sum(m["stats"]["dropped"].values())
+    for reason in ("no_alt", "placeholder_alt", "page_opt_out"):  # dropped before download, counted
+        assert m["extraction"][reason] > 0
+    for reason in ("opt_out", "http_404", "dns_error"):  # noai header, missing files, .invalid hosts
+        assert m["stats"]["dropped"][reason] > 0
+    assert json.loads((out / "sizes.json").read_text()) == {s["name"]: s["samples"] for s in m["shards"]}
+
+
+def test_loopback_is_refused_without_the_flag(site, tmp_path):
+    p = altforge("scrape", "--site", site.url, "--out", str(tmp_path / "o"), "--image-size", "64")
+    stdout, stderr = p.communicate(timeout=240)
+    assert p.returncode == 0, stderr[-2000:]
+    m = read_manifest(str(tmp_path / "o"))
+    assert m["samples"] == 0
+    assert m["extraction"].get("page_refused_address", 0) >= 1
+
+
+def test_bad_input_fails_with_one_line(tmp_path):
+    for args, msg in [
+        (["scrape", "--out", str(tmp_path)], "give an input"),
+        (["scrape", "--url-list", str(tmp_path / "none.parquet"), "--out", str(tmp_path)], "URL list not found"),
+        (["scrape", "--site", "http://x.test/", "--warc", "a.warc", "--out", str(tmp_path)], "give one of"),
+        (["scrape", "--site", "http://x.test/", "--out", str(tmp_path), "--image-size", "0"], "--image-size"),
+    ]:
+        p = altforge(*args)
+        _, stderr = p.communicate(timeout=60)
+        assert p.returncode == 2
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], stderr
+
+
+def test_sigkill_mid_run_resumes_without_loss_or_duplicates(site, tmp_path):
+    out = tmp_path / "killed"
+    args = (
+        "scrape",
+        "--site",
+        site.url,
+        "--allow-private-network",
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        "--shard-size",
+        "30",
+        "--processes",
+        "1",
+        "--per-host-rate",
+        "120",
+    )
+    p = altforge(*args, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(shards.done_shards(str(out))) < 2:
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)  # the CLI and its workers, mid-shard
+    p.communicate()
+    done_before = shards.done_shards(str(out))
+    plan = load_plan(str(out))
+    assert 2 <= len(done_before) < len(plan["partitions"])
+    before = {n: (out / f"{n}.tar").read_bytes() for n in done_before}
+
+    p = altforge(*args)
+    _, stderr = p.communicate(timeout=240)
+    assert p.returncode == 0, stderr[-2000:]
+    assert load_plan(str(out)) == plan  # the same partitions: keys stay stable
+    assert shards.done_shards(str(out)) == [shards.shard_name(p["index"]) for p in plan["partitions"]]
+    for n, data in before.items():  # finished shards were skipped, not rewritten
+        assert (out / f"{n}.tar").read_bytes() == data
+    df = shards.read_parquet(str(out))
+    assert len(df) == plan["records"] and df["key"].is_unique
+    keys = [s["__key__"] for u in shards.shard_urls(str(out)) for s in shards.iter_samples(u)]
+    assert len(keys) == len(set(keys)) == (df.status == "success").sum()
+    assert not [f for f in os.listdir(out) if f.startswith(shards.TMP_PREFIX)]
+    want, forbidden = expected_pairs(site)
+    ok = df[df.status == "success"]
+    got = set(zip(ok.sha256, ok.caption, strict=True))
+    assert len(want & got) / len(want) >= 0.99 and not (forbidden & got)
