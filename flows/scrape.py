@@ -11,27 +11,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import (
-    env,  # noqa: F401  (before prefect)
-    workers,
-)
+from flows import workers  # importing the flows package turns telemetry off before prefect loads (flows/env.py)
+from flows.scrape_worker import scrape_partition
 from pipeline import plan as plans
 from pipeline import shards
 from pipeline.fetch_thread import BackgroundFetcher
 from pipeline.manifest import build_manifest, write_manifest
 from pipeline.recipe import ScrapeConfig, parse_source
-from pipeline.scrape import failed_records, scrape_shard
+from pipeline.scrape import failed_records
 from pipeline.stats import StageStats
-
-
-def scrape_partition(partition_url: str, dst_url: str, cfg_json: str, storage_options: dict | None) -> dict:
-    """Scrape one partition into one shard; runs in a worker process, which keeps its fetcher between shards."""
-    cfg = ScrapeConfig.model_validate_json(cfg_json)
-    fetch_cfg = cfg.fetch_config()
-    fetcher = workers.worker_object(f"fetcher:{fetch_cfg!r}", BackgroundFetcher, fetch_cfg)
-    records = plans.read_partition(partition_url, storage_options)
-    stats = scrape_shard(records, dst_url, cfg, fetcher, storage_options, progress=workers.worker_progress())
-    return stats.to_dict()
 
 
 @task(name="plan-scrape-inputs", cache_policy=NO_CACHE)

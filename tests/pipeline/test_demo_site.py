@@ -386,3 +386,50 @@ def test_headless_chromium_renders_a_gallery_page(server, rows, tmp_path):
     first = next(r for r in rows if r["page_url"] == url and r["kind"] in ("content", "no_alt") and r["fetchable"])
     colour = np.array(RGB[first["attributes"]["shapes"][0]["colour"]], dtype=np.float32)
     assert (np.linalg.norm(pic.astype(np.float32) - colour, axis=-1) < 30).sum() > 100
+
+
+def test_the_cli_serves_pages_that_curl_reads(tmp_path):
+    import os
+    import signal
+    import socket
+    import sys
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not found: apt-get install curl")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    gt = tmp_path / "gt.jsonl"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "demo-site",
+            "--port",
+            str(port),
+            "--images",
+            "60",
+            "--ground-truth",
+            str(gt),
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while "demo site:" not in (line := proc.stdout.readline()):
+            assert line, "demo-site exited early"
+        page = subprocess.run(
+            [curl, "-sf", f"http://127.0.0.1:{port}/gallery/1.html"], capture_output=True, timeout=30
+        )
+        assert page.returncode == 0 and b"<img" in page.stdout
+        rows = read_ground_truth(gt)
+        img = next(r for r in rows if r["kind"] == "content" and r["page_url"].endswith("/gallery/1.html"))
+        body = subprocess.run([curl, "-sf", img["url"]], capture_output=True, timeout=30).stdout
+        assert hashlib.sha256(body).hexdigest() == img["sha256"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
