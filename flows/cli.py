@@ -70,13 +70,15 @@ def validate(recipe: Annotated[str, typer.Argument(help="recipe YAML file")]) ->
     typer.echo(f"{recipe}: ok — recipe '{r.name}', sources: {kinds}; stages: {', '.join(stages)}; output: {r.output}")
 
 
-def _run_with_progress(title: str, fn, *args, **kwargs):
-    """Run a flow with a live progress display fed by the stage workers; one-line error on failure."""
+def _run_flow(title: str, fn, *args, progress: bool = True, **kwargs):
+    """Run a flow (with a live display fed by the stage workers when ``progress``); one-line error on failure."""
+    import contextlib
+
     from flows import workers
     from flows.progress import ProgressDisplay
 
-    with ProgressDisplay(title) as display:
-        workers.set_progress_queue(display.queue)
+    with ProgressDisplay(title) if progress else contextlib.nullcontext() as display:
+        workers.set_progress_queue(display.queue if display else None)
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # the flow's own message is the one line a user needs
@@ -175,8 +177,49 @@ def scrape(
         sources = []
     from flows.scrape import run_scrape
 
-    manifest = _run_with_progress("scrape", run_scrape, out, sources, cfg, retry_failed=retry_failed)
+    manifest = _run_flow("scrape", run_scrape, out, sources, cfg, retry_failed=retry_failed)
     _print_manifest_summary(manifest, out)
+
+
+@app.command()
+def curate(
+    in_dir: Annotated[str, typer.Argument(help="scraped dataset (directory or fsspec URL)")],
+    out: Annotated[str, typer.Option("--out", help="curated dataset directory or fsspec URL")],
+    clip: Annotated[str, typer.Option("--clip", help="open_clip name, a trainer run dir, or local-dir:DIR")],
+    pretrained: Annotated[str | None, typer.Option(help="pretrained tag or weights file for --clip")] = None,
+    min_score: Annotated[float | None, typer.Option(help="keep pairs with CLIP cosine >= X")] = None,
+    keep_fraction: Annotated[float | None, typer.Option(help="keep the top F of pairs by score (global)")] = None,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="write review/index.html")] = False,
+    previous: Annotated[str | None, typer.Option(help="earlier curated version, for the report's diff")] = None,
+    processes: Annotated[int, typer.Option(help="scoring worker processes")] = 1,
+) -> None:
+    """Score pairs with CLIP, filter, dedup and tag them, reshard the kept ones, and write a review report."""
+    if min_score is not None and keep_fraction is not None:
+        fail("give --min-score or --keep-fraction, not both")
+    if keep_fraction is not None and not 0 < keep_fraction <= 1:
+        fail("--keep-fraction must be in (0, 1]")
+    if "://" not in in_dir and not os.path.isdir(in_dir):
+        fail(f"dataset not found: {in_dir}")
+    from flows.curate import run_curate
+
+    typer.echo(f"curating {in_dir} with {clip} ...", err=True)
+    manifest = _run_flow(
+        "curate",
+        run_curate,
+        in_dir,
+        out,
+        clip,
+        pretrained=pretrained,
+        min_score=min_score,
+        keep_fraction=keep_fraction,
+        report=report,
+        previous=previous,
+        processes=processes,
+        progress=False,
+    )
+    _print_manifest_summary(manifest, out)
+    if report:
+        typer.echo(f"  review report: {os.path.join(out, 'review', 'index.html')}")
 
 
 @app.command()
@@ -191,7 +234,7 @@ def demo(
         recipe = load_recipe(DEMO_RECIPE)
     except RecipeError as e:
         fail(str(e))
-    result = _run_with_progress("demo", run_recipe, recipe, out)
+    result = _run_flow("demo", run_recipe, recipe, out)
     typer.echo(f"\ndemo finished: outputs in {os.path.abspath(out)}")
     if result.ground_truth:
         typer.echo(f"  demo site ground truth: {result.ground_truth}")

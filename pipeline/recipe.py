@@ -181,7 +181,14 @@ class CurateSection(_Strict):
     dedup: DedupSection = DedupSection()
     tags: list[str] = []  # zero-shot labels
     report: bool = True
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(256, gt=0)  # pairs per CLIP forward pass
+    placeholder_captions: bool = True  # drop boilerplate alt text ("image", "logo", "IMG_0001.jpg", ...)
+    languages: list[str] = []  # ISO 639-1 codes a caption must be in (needs the optional `langid`); [] = any
+    tag_top_k: int = Field(3, gt=0)  # zero-shot labels stored per sample
+    dedup_keep: Literal["highest_score", "first_key"] = "highest_score"  # which twin of a duplicate set stays
+    shard_size: int = Field(10_000, gt=0, lt=1_000_000)  # kept samples per output shard (shards are even)
+    workers: int | None = Field(None, ge=0)  # DataLoader decode workers; 0 = inline; None = 0 on CPU, 8 on GPU
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
 
     @model_validator(mode="after")
     def _one_threshold(self):

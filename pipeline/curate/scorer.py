@@ -1,0 +1,254 @@
+"""The CLIP scorer: an open_clip model loaded once per worker, and batched pair scoring of one shard.
+
+A model is named the ways open_clip users expect: an architecture plus a pretrained tag (``ViT-B-32`` +
+``laion2b_s34b_b79k``), an architecture plus a checkpoint file (``pretrained=/path/weights.safetensors``), or a
+directory with ``open_clip_config.json`` and weights (``local-dir:RUN`` or just ``RUN``, what our trainer exports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.shards import iter_samples
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
+
+
+@dataclass
+class ClipScorer:
+    """An open_clip model in eval mode with its transform, tokenizer and a record of where it came from."""
+
+    model: torch.nn.Module
+    transform: object  # PIL image -> (3, H, W) tensor (open_clip's eval transform)
+    tokenizer: object  # list[str] -> (n, context_length) token ids
+    device: torch.device
+    model_id: str  # what was asked for: architecture name or local-dir:PATH
+    pretrained: str | None  # pretrained tag or checkpoint path (None: random init)
+    checkpoint_sha256: str | None  # sha256 of the weights file, when there is one on disk
+    preprocess: dict  # open_clip preprocess config: size, mean, std, interpolation, resize_mode
+    _labels: dict = field(default_factory=dict)  # label tuple -> (n_labels, dim) embeddings
+
+    def provenance(self) -> dict:
+        """How a score was made: the columns stored beside every ``clip_score``."""
+        return {
+            "clip_model": self.model_id,
+            "clip_pretrained": self.pretrained,
+            "clip_checkpoint_sha256": self.checkpoint_sha256,
+            "clip_preprocess": preprocess_string(self.preprocess),
+        }
+
+    def autocast(self):
+        """bf16 (or fp16) autocast on GPU; nothing on CPU, where fp32 is both exact and fastest."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised float32 image and text embeddings of a batch (on the CPU)."""
+        images = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        tokens = self.tokenizer(texts).to(self.device, non_blocking=True)
+        with self.autocast():
+            img = self.model.encode_image(images)
+            txt = self.model.encode_text(tokens)
+        img = torch.nn.functional.normalize(img.float(), dim=-1)
+        txt = torch.nn.functional.normalize(txt.float(), dim=-1)
+        return img.cpu(), txt.cpu()
+
+    @torch.inference_mode()
+    def label_embeddings(self, labels: tuple[str, ...]) -> torch.Tensor:
+        """L2-normalised text embeddings of zero-shot labels (cached per label list)."""
+        if labels not in self._labels:
+            tokens = self.tokenizer(list(labels)).to(self.device)
+            with self.autocast():
+                emb = self.model.encode_text(tokens)
+            self._labels[labels] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu()
+        return self._labels[labels]
+
+    def logit_scale(self) -> float:
+        """The model's learned softmax temperature (exp of its logit scale), used for tag probabilities."""
+        scale = getattr(self.model, "logit_scale", None)
+        return float(scale.detach().exp()) if scale is not None else 100.0
+
+
+def preprocess_string(p: dict) -> str:
+    """A one-line description of the preprocessing, e.g. ``resize shortest 224 bicubic, center crop, mean ..``."""
+    mean = ",".join(f"{x:.4f}" for x in p.get("mean", ()))
+    std = ",".join(f"{x:.4f}" for x in p.get("std", ()))
+    size = p.get("size")
+    return (
+        f"resize {p.get('resize_mode', 'shortest')} {size} {p.get('interpolation', 'bicubic')}, center crop {size},"
+        f" mean {mean}, std {std}"
+    )
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _local_dir(model: str) -> str | None:
+    path = model.removeprefix("local-dir:")
+    if model.startswith("local-dir:") or os.path.isfile(os.path.join(path, "open_clip_config.json")):
+        return path
+    return None
+
+
+def load_scorer(model: str, pretrained: str | None = None, device: str = "auto") -> ClipScorer:
+    """Load an open_clip model for scoring: ``(name, tag)``, ``(name, checkpoint path)`` or a local dir.
+
+    Raises ``ValueError`` with one line when the model cannot be found (an unknown name, a missing file, a tag that
+    needs a download this machine cannot make).
+    """
+    import open_clip
+
+    dev = resolve_device(device)
+    local = _local_dir(model)
+    checkpoint = None
+    try:
+        if local is not None:
+            if not os.path.isfile(os.path.join(local, "open_clip_config.json")):
+                raise ValueError(f"{local}: not an open_clip model directory (no open_clip_config.json)")
+            name = "local-dir:" + os.path.abspath(local)
+            net, _, transform = open_clip.create_model_and_transforms(name, device=dev)
+            tokenizer = open_clip.get_tokenizer(name)
+            checkpoint = next(
+                (os.path.join(local, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(local, f))), None
+            )
+            model_id, pretrained = name, checkpoint
+        else:
+            if pretrained and not open_clip.get_pretrained_cfg(model, pretrained) and not os.path.isfile(pretrained):
+                raise ValueError(f"{model}: {pretrained!r} is neither a pretrained tag of this model nor a file")
+            net, _, transform = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=dev)
+            tokenizer = open_clip.get_tokenizer(model)
+            checkpoint = pretrained if pretrained and os.path.isfile(pretrained) else None
+            model_id = model
+    except (RuntimeError, FileNotFoundError) as e:
+        raise ValueError(
+            f"cannot load CLIP model {model!r} (pretrained={pretrained!r}): {str(e).splitlines()[0]}"
+        ) from e
+    net.eval()
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return ClipScorer(
+        model=net,
+        transform=transform,
+        tokenizer=tokenizer,
+        device=dev,
+        model_id=model_id,
+        pretrained=pretrained,
+        checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None,
+        preprocess=dict(open_clip.get_model_preprocess_cfg(net)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def first_image(sample: dict) -> bytes | None:
+    """The bytes of a sample's first image field, if any."""
+    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+
+
+class ShardPairs(torch.utils.data.IterableDataset):
+    """The pairs of one tar shard, decoded and transformed in DataLoader workers (sample i -> worker i % n)."""
+
+    def __init__(self, url: str, transform, storage_options: dict | None = None):
+        self.url, self.transform, self.storage_options = url, transform, storage_options
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        for i, sample in enumerate(iter_samples(self.url, self.storage_options, decode=False)):
+            if i % n != wid:
+                continue
+            yield i, *decode_pair(sample, self.transform)
+
+
+def decode_pair(sample: dict, transform) -> tuple[str, torch.Tensor | None, str, dict, str | None]:
+    """Raw sample -> (key, image tensor or None, caption, metadata, error)."""
+    import json
+
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else ""
+    data = first_image(sample)
+    if data is None:
+        return sample["__key__"], None, caption, meta, "no image field"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return sample["__key__"], transform(im.convert("RGB")), caption, meta, None
+    except Exception as e:  # any undecodable image is one dropped sample, never a failed shard
+        return sample["__key__"], None, caption, meta, f"{type(e).__name__}: {e}"[:200]
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+def pair_batches(url: str, scorer: ClipScorer, batch_size: int, workers: int, storage_options: dict | None = None):
+    """Yield lists of decoded pairs ``(index, key, image|None, caption, meta, error)`` from one shard."""
+    loader = torch.utils.data.DataLoader(
+        ShardPairs(url, scorer.transform, storage_options),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=scorer.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    yield from loader
+
+
+def score_pairs(url: str, scorer: ClipScorer, batch_size: int, workers: int, storage_options: dict | None = None):
+    """Score every pair of a shard: rows in shard order, float32 image/text embeddings aligned to them, scores.
+
+    A sample whose image does not decode gets zero embeddings, a NaN score and its error in ``error``.
+    """
+    items = []  # (index, row, img_vec | None, txt_vec | None)
+    for batch in pair_batches(url, scorer, batch_size, workers, storage_options):
+        ok = [b for b in batch if b[2] is not None]
+        img = txt = None
+        if ok:
+            img, txt = scorer.encode(torch.stack([b[2] for b in ok]), [b[3] for b in ok])
+        j = 0
+        for index, key, image, caption, meta, error in batch:
+            row = {"key": key, "caption": caption, "meta": meta, "error": error}
+            if image is None:
+                items.append((index, row, None, None))
+            else:
+                items.append((index, row, img[j].numpy(), txt[j].numpy()))
+                j += 1
+    items.sort(key=lambda t: t[0])
+    dim = next((t[2].shape[0] for t in items if t[2] is not None), None) or _embed_dim(scorer)
+    zero = np.zeros(dim, np.float32)
+    img_all = np.stack([zero if t[2] is None else t[2] for t in items]) if items else np.zeros((0, dim), np.float32)
+    txt_all = np.stack([zero if t[3] is None else t[3] for t in items]) if items else np.zeros((0, dim), np.float32)
+    valid = np.array([t[2] is not None for t in items], bool)
+    scores = np.where(valid, (img_all * txt_all).sum(1), np.nan).astype(np.float32)
+    return [t[1] for t in items], img_all, txt_all, scores
+
+
+def _embed_dim(scorer: ClipScorer) -> int:
+    return int(scorer.label_embeddings(("a",)).shape[1])

@@ -1,0 +1,129 @@
+"""Pass 1 of curation: score every pair of a shard once and store embeddings in clip-retrieval's layout.
+
+```
+<embeddings>/img_emb/img_emb_NNNNNN.npy     float16 (n, dim), L2-normalised image embeddings, shard order
+<embeddings>/text_emb/text_emb_NNNNNN.npy   float16 (n, dim), caption embeddings, same rows
+<embeddings>/metadata/metadata_NNNNNN.parquet  the same rows: key, caption, url, clip_score, tags, sizes, ...
+<embeddings>/model.json                     the model, its checkpoint hash and the preprocessing
+```
+
+The metadata parquet is written last and marks the shard as scored; a rerun skips it. Thresholds, dedup and
+resharding (pass 2) read only these files, so a new threshold needs no new inference.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.curate.scorer import ClipScorer, score_pairs
+from pipeline.curate.tags import top_tags
+from pipeline.stats import StageStats
+
+META_FIELDS = ("url", "page_url", "sha256", "phash", "width", "height", "original_width", "original_height")
+
+
+def shard_stem(src_url: str) -> str:
+    """``.../000012.tar`` -> ``000012``."""
+    return src_url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar")
+
+
+def score_files(emb_url: str, stem: str) -> dict[str, str]:
+    """URLs of the three pass-1 files of one source shard."""
+    return {
+        "img": storage.join(emb_url, "img_emb", f"img_emb_{stem}.npy"),
+        "text": storage.join(emb_url, "text_emb", f"text_emb_{stem}.npy"),
+        "meta": storage.join(emb_url, "metadata", f"metadata_{stem}.parquet"),
+    }
+
+
+def is_scored(emb_url: str, src_url: str, storage_options: dict | None = None) -> bool:
+    """Whether pass 1 finished for this source shard."""
+    return storage.exists(score_files(emb_url, shard_stem(src_url))["meta"], storage_options)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_workers(cfg, scorer: ClipScorer) -> int:
+    """DataLoader workers for decoding: as configured, else none on CPU (the model needs the cores) and 8 on GPU."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if scorer.device.type == "cuda" else 0
+
+
+def score_shard(
+    src_url: str, emb_url: str, cfg, scorer: ClipScorer, storage_options: dict | None = None
+) -> StageStats:
+    """Score every pair of the shard ``src_url`` (a CurateSection ``cfg``) and write its pass-1 files."""
+    stats = StageStats()
+    with stats.timer("score"):
+        rows, img, txt, scores = score_pairs(
+            src_url, scorer, cfg.batch_size, decode_workers(cfg, scorer), storage_options
+        )
+    labels = tuple(cfg.tags)
+    tags = (
+        top_tags(img, scorer.label_embeddings(labels), scorer.logit_scale(), labels, cfg.tag_top_k) if labels else None
+    )
+    stem = shard_stem(src_url)
+    table = {
+        "key": [r["key"] for r in rows],
+        "shard": [stem] * len(rows),
+        "caption": [r["caption"] for r in rows],
+        "clip_score": pa.array(scores, pa.float32()),
+        "error": [r["error"] for r in rows],
+    }
+    for f in META_FIELDS:
+        table[f] = [r["meta"].get(f) for r in rows]
+    table["tags"] = [json.dumps(t) for t in tags] if tags is not None else [None] * len(rows)
+    files = score_files(emb_url, stem)
+    storage.write_bytes(files["img"], _npy_bytes(img.astype(np.float16)), storage_options)
+    storage.write_bytes(files["text"], _npy_bytes(txt.astype(np.float16)), storage_options)
+    buf = io.BytesIO()
+    pq.write_table(pa.table(table), buf, compression="zstd")
+    storage.write_bytes(files["meta"], buf.getvalue(), storage_options)  # last: the "scored" marker
+    stats.seen = len(rows)
+    stats.kept = int(np.sum(~np.isnan(scores)))
+    stats.drop("decode_error", stats.seen - stats.kept)
+    return stats
+
+
+def prepare_embeddings(emb_url: str, scorer: ClipScorer, cfg, storage_options: dict | None = None) -> dict:
+    """Write ``model.json`` (model id, weights, sha256, preprocessing, labels); returns it.
+
+    Scores already stored by another model (or other zero-shot labels) are stale: their shards are marked
+    unscored so pass 1 computes them again.
+    """
+    record = {**scorer.provenance(), "preprocess_cfg": scorer.preprocess, "tags": list(cfg.tags)}
+    record["tag_top_k"] = cfg.tag_top_k
+    record = json.loads(json.dumps(record))  # tuples as lists, as read back
+    url = storage.join(emb_url, "model.json")
+    if storage.exists(url, storage_options) and json.loads(storage.read_bytes(url, storage_options)) != record:
+        meta_dir = storage.join(emb_url, "metadata")
+        for name in storage.listdir(meta_dir, storage_options):
+            storage.remove(storage.join(meta_dir, name), storage_options)
+    storage.write_bytes(url, json.dumps(record, indent=2).encode(), storage_options)
+    return record
+
+
+def read_scores(emb_url: str, stems: list[str], storage_options: dict | None = None):
+    """All pass-1 rows of ``stems`` (in that order) as one DataFrame, plus the stacked float32 image embeddings."""
+    import pandas as pd
+
+    frames, embs = [], []
+    for stem in stems:
+        files = score_files(emb_url, stem)
+        frames.append(pq.read_table(io.BytesIO(storage.read_bytes(files["meta"], storage_options))).to_pandas())
+        embs.append(np.load(io.BytesIO(storage.read_bytes(files["img"], storage_options))).astype(np.float32))
+    if not frames:
+        return pd.DataFrame(columns=["key", "shard", "caption", "clip_score"]), np.zeros((0, 1), np.float32)
+    return pd.concat(frames, ignore_index=True), np.concatenate(embs)

@@ -1,0 +1,156 @@
+"""The curation stage end to end, in the order a flow runs it: score, decide globally, reshard, manifest, report.
+
+``curate_dataset`` runs every step in this process (tests, benchmarks, notebooks); ``flows/curate.py`` maps the
+same shard functions over Prefect tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from pipeline import manifest as manifests
+from pipeline import shards, storage
+from pipeline.curate.reshard import curate_shard, plan_spans, read_decisions, write_decisions
+from pipeline.curate.scorer import ClipScorer
+from pipeline.curate.scores import is_scored, prepare_embeddings, read_scores, score_shard, shard_stem
+from pipeline.curate.select import Selection, select
+from pipeline.stats import StageStats
+
+EMBEDDINGS = "embeddings"
+
+
+def embeddings_url(dst_url: str) -> str:
+    """Where pass 1 writes embeddings and score tables (clip-retrieval layout)."""
+    return storage.join(dst_url, EMBEDDINGS)
+
+
+def source_shards(src: str, storage_options: dict | None = None) -> dict[str, str]:
+    """Stem -> tar URL of the input dataset (a directory, manifest.json or brace pattern), in order."""
+    urls = shards.shard_urls(src, storage_options)
+    if not urls:
+        raise ValueError(f"{src}: no shards to curate")
+    out = {shard_stem(u): u for u in urls}
+    if len(out) != len(urls):
+        raise ValueError(f"{src}: two input shards share a file name")
+    return out
+
+
+def parent_manifest_url(src: str, storage_options: dict | None = None) -> str | None:
+    """The input dataset's manifest URL, when it has one."""
+    url = src if src.endswith(".json") else storage.join(src, "manifest.json")
+    return url if storage.exists(url, storage_options) else None
+
+
+def decide_dataset(dst_url: str, stems: list[str], cfg, storage_options: dict | None = None, detect_language=None):
+    """Read every shard's scores, decide every sample, assign output shards; writes and returns the decisions."""
+    table, img_emb = read_scores(embeddings_url(dst_url), stems, storage_options)
+    sel = select(table, img_emb, cfg, detect_language)
+    table["status"] = sel.status
+    table["duplicate_of"] = sel.duplicate_of
+    table["detail"] = sel.detail
+    out_shard = np.zeros(len(table), np.int32)
+    spans = plan_spans(sel.kept, cfg.shard_size)
+    for j, (a, b) in enumerate(spans):
+        out_shard[a:b] = j
+    table["out_shard"] = out_shard
+    _drop_stale_output(dst_url, table, storage_options)
+    write_decisions(dst_url, table, storage_options)
+    return table, sel, len(spans)
+
+
+def _drop_stale_output(dst_url: str, table, storage_options: dict | None = None) -> None:
+    """Remove output shards written from other decisions (a rerun with another threshold or model)."""
+    cols = ["key", "status", "duplicate_of", "out_shard", "clip_score"]
+    digest = hashlib.sha256(table[cols].to_csv(index=False).encode()).hexdigest()
+    url = storage.join(dst_url, "decisions.sha256")
+    old = storage.read_bytes(url, storage_options).decode() if storage.exists(url, storage_options) else None
+    if old != digest:
+        for name in shards.done_shards(dst_url, storage_options):
+            for f in shards.shard_files(dst_url, int(name)).values():
+                storage.remove(f, storage_options)
+        storage.write_bytes(url, digest.encode(), storage_options)
+
+
+def selection_record(sel: Selection) -> dict:
+    """The part of the manifest that says how samples were chosen (order, cut, funnel with overlaps)."""
+    return {
+        "filter_order": sel.order,
+        "clip_threshold": sel.threshold,
+        "threshold_rule": sel.rule,
+        "funnel": sel.funnel,
+        "overlap": sel.overlap,
+        "duplicate_clusters": len(sel.clusters),
+    }
+
+
+def finish(
+    dst_url: str,
+    cfg,
+    sel: Selection,
+    model_record: dict,
+    parent: str | None,
+    recipe: dict | None = None,
+    storage_options: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Build and write the curated dataset's manifest; returns it."""
+    manifest = manifests.build_manifest(
+        dst_url,
+        "curate",
+        cfg.model_dump(),
+        recipe=recipe,
+        parent=parent,
+        storage_options=storage_options,
+        extra={
+            "clip": model_record,
+            "embeddings": embeddings_url(dst_url),
+            **selection_record(sel),
+            **(extra or {}),
+        },
+    )
+    StageStats.from_dict(manifest["stats"]).check()
+    manifests.write_manifest(dst_url, manifest, storage_options)
+    return manifest
+
+
+def curate_dataset(
+    src: str,
+    dst_url: str,
+    cfg,
+    scorer: ClipScorer,
+    storage_options: dict | None = None,
+    previous: str | None = None,
+    recipe: dict | None = None,
+    detect_language=None,
+) -> dict:
+    """Curate the dataset ``src`` into ``dst_url`` in this process (CurateSection ``cfg``); returns the manifest."""
+    srcs = source_shards(src, storage_options)
+    emb = embeddings_url(dst_url)
+    model_record = prepare_embeddings(emb, scorer, cfg, storage_options)
+    score_stats = StageStats()
+    for url in srcs.values():
+        if not is_scored(emb, url, storage_options):
+            score_stats += score_shard(url, emb, cfg, scorer, storage_options)
+    table, sel, n_out = decide_dataset(dst_url, list(srcs), cfg, storage_options, detect_language)
+    shards.clean_temporaries(dst_url, storage_options)
+    for j in range(n_out):
+        if not shards.is_done(dst_url, j, storage_options):
+            rows = read_decisions(dst_url, j, storage_options)
+            curate_shard(srcs, shards.shard_files(dst_url, j)["tar"], rows, scorer.provenance(), storage_options)
+    manifest = finish(
+        dst_url,
+        cfg,
+        sel,
+        model_record,
+        parent_manifest_url(src, storage_options),
+        recipe,
+        storage_options,
+        extra={"score_timings": dict(score_stats.timings)},
+    )
+    if cfg.report:
+        from pipeline.curate.report import write_report
+
+        write_report(dst_url, srcs, table, sel, manifest, storage_options, previous=previous)
+    return manifest

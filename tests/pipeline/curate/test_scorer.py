@@ -1,0 +1,123 @@
+"""The scorer: every way of naming a model loads, and stored scores equal open_clip computed directly."""
+
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.curate.scorer import load_scorer
+from pipeline.curate.scores import is_scored, read_scores, score_files, score_shard
+from pipeline.recipe import CurateSection
+from pipeline.shards import iter_samples
+from tests.pipeline.curate.helpers import TINY_CFG, jpeg, make_tiny_clip, write_dataset
+
+CAPTIONS = ["a red square", "a green square", "a blue square", "something else entirely"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_clip(str(tmp_path_factory.mktemp("clip")))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("src"))
+    cols = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    samples = [
+        {"key": f"000000{i:06d}", "jpg": jpeg(cols[i % 3], noise_seed=i), "caption": CAPTIONS[i % 4]}
+        for i in range(11)
+    ]
+    write_dataset(root, [samples])
+    return root
+
+
+def direct_scores(model_dir, shard_url):
+    """Cosine similarities computed with open_clip alone, the way its README does it."""
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + model_dir)
+    tokenizer = open_clip.get_tokenizer("local-dir:" + model_dir)
+    model.eval()
+    out = []
+    for s in iter_samples(shard_url, decode=False):
+        image = preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")).unsqueeze(0)
+        with torch.no_grad():
+            i = model.encode_image(image)
+            t = model.encode_text(tokenizer([s["txt"].decode()]))
+        i, t = i / i.norm(dim=-1, keepdim=True), t / t.norm(dim=-1, keepdim=True)
+        out.append((s["__key__"], float((i * t).sum()), i[0].numpy()))
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_scores_equal_open_clip_direct(model_dir, dataset, tmp_path, workers):
+    scorer = load_scorer(model_dir, device="cpu")
+    cfg = CurateSection(clip={"model": model_dir}, batch_size=4, workers=workers, tags=["red", "green", "blue"])
+    src = os.path.join(dataset, "000000.tar")
+    emb = str(tmp_path / "emb")
+    stats = score_shard(src, emb, cfg, scorer)
+    assert (stats.seen, stats.kept) == (11, 11)
+    assert is_scored(emb, src)
+    table, img = read_scores(emb, ["000000"])
+    want = direct_scores(model_dir, src)
+    assert list(table["key"]) == [k for k, _, _ in want]
+    np.testing.assert_allclose(table["clip_score"], [s for _, s, _ in want], atol=1e-5)
+    np.testing.assert_allclose(img, np.stack([e for _, _, e in want]), atol=2e-3)  # stored as float16
+    assert np.load(score_files(emb, "000000")["text"]).dtype == np.float16
+    tags = [json.loads(t) for t in table["tags"]]
+    assert all(len(t) == 3 and abs(sum(x["p"] for x in t) - 1) < 1e-3 for t in tags)
+
+
+def test_every_way_of_naming_a_model(model_dir, tmp_path):
+    weights = os.path.join(model_dir, "open_clip_model.safetensors")
+    sha = hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    a = load_scorer("local-dir:" + model_dir, device="cpu")
+    b = load_scorer(model_dir, device="cpu")
+    assert a.checkpoint_sha256 == b.checkpoint_sha256 == sha
+    # architecture name + checkpoint file, the way pretrained weights are named
+    cfg_path = tmp_path / "curate-test-tiny.json"
+    cfg_path.write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(cfg_path)
+    c = load_scorer("curate-test-tiny", pretrained=weights, device="cpu")
+    assert c.model_id == "curate-test-tiny" and c.checkpoint_sha256 == sha
+    x = torch.randn(2, 3, 32, 32)
+    for s in (b, c):
+        assert torch.allclose(s.encode(x, ["a", "b"])[0], a.encode(x, ["a", "b"])[0], atol=1e-5)
+    # a name without weights: random init, recorded as such
+    d = load_scorer("curate-test-tiny", device="cpu")
+    assert d.pretrained is None and d.checkpoint_sha256 is None
+    assert d.provenance()["clip_preprocess"].startswith("resize shortest")
+
+
+def test_pretrained_tag_path_fails_in_one_line_without_the_hub():
+    # ViT-B-32 + laion2b_s34b_b79k is a real tag: the loader takes open_clip's download path, which is offline here
+    with pytest.raises(ValueError) as e:
+        load_scorer("RN50", pretrained="no-such-tag", device="cpu")
+    assert "neither a pretrained tag" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="not an open_clip model directory"):
+        load_scorer("local-dir:/nonexistent/dir", device="cpu")
+
+
+def test_undecodable_image_is_a_row_with_an_error(model_dir, tmp_path):
+    root = str(tmp_path / "src")
+    write_dataset(root, [[{"key": "000000000000", "jpg": jpeg((1, 2, 3)), "caption": "ok"}]])
+    # corrupt the second sample by writing a shard by hand
+    from pipeline.shards import ShardWriter
+    from pipeline.stats import StageStats
+
+    with ShardWriter(root, 1) as w:
+        w.write({"__key__": "000001000000", "jpg": b"not a jpeg", "txt": "broken", "json": {}})
+        w.write({"__key__": "000001000001", "jpg": jpeg((9, 9, 9)), "txt": "fine", "json": {}})
+        w.publish(StageStats(seen=2, kept=2))
+    scorer = load_scorer(model_dir, device="cpu")
+    stats = score_shard(
+        os.path.join(root, "000001.tar"), str(tmp_path / "e"), CurateSection(clip={"model": "x"}, workers=0), scorer
+    )
+    assert stats.seen == 2 and stats.kept == 1 and stats.dropped["decode_error"] == 1
+    table, img = read_scores(str(tmp_path / "e"), ["000001"])
+    assert np.isnan(table["clip_score"][0]) and table["error"][0] and not np.any(img[0])
+    assert not np.isnan(table["clip_score"][1])

@@ -1,0 +1,157 @@
+"""Curation end to end in one process: global percentile, dedup with named twins, reasons, order, even reshards."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.curate.scorer import load_scorer
+from pipeline.curate.select import select
+from pipeline.curate.stage import curate_dataset
+from pipeline.recipe import CurateSection
+from pipeline.shards import iter_samples, read_parquet, shard_urls
+from pipeline.stats import StageStats
+from tests.pipeline.curate.helpers import jpeg, make_tiny_clip, write_dataset
+
+
+def table_of(scores_by_shard):
+    rows = []
+    for s, scores in enumerate(scores_by_shard):
+        for i, sc in enumerate(scores):
+            rows.append({"key": f"{s:06d}{i:06d}", "shard": f"{s:06d}", "caption": f"caption number {s} {i}",
+                         "clip_score": sc, "error": None, "sha256": f"{s}-{i}", "phash": None})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_keep_fraction_is_global_not_per_shard():
+    # shard 0 scores high, shard 1 low: a per-shard percentile would keep half of each
+    t = table_of([[0.9, 0.8, 0.85, 0.95], [0.1, 0.2, 0.15, 0.05]])
+    cfg = CurateSection(
+        clip={"model": "x"}, keep_fraction=0.5, dedup={"phash_distance": None, "embedding_threshold": None}
+    )
+    sel = select(t, np.zeros((8, 4), np.float32), cfg)
+    assert list(sel.kept) == [True] * 4 + [False] * 4
+    assert sel.threshold == pytest.approx(0.8) and sel.rule["pool"] == 8
+    assert list(sel.status[4:]) == ["low_clip_score"] * 4
+    fixed = select(t, np.zeros((8, 4), np.float32), cfg.model_copy(update={"keep_fraction": None, "min_score": 0.12}))
+    assert fixed.kept.sum() == 6 and fixed.rule == {"min_score": 0.12}
+
+
+def test_order_overlap_and_highest_score_twin():
+    t = table_of([[0.9, 0.5, 0.7, 0.2], [0.3, 0.6]])
+    t.loc[5, "sha256"] = t.loc[0, "sha256"]  # 000001000001 is a copy of 000000000000 (higher score: kept)
+    t.loc[2, "sha256"] = t.loc[3, "sha256"]  # 000000000002 (0.7) and 000000000003 (0.2): the 0.7 one is kept
+    t.loc[3, "caption"] = "logo"  # ... but 000000000003 is a placeholder first: it never reaches dedup
+    cfg = CurateSection(
+        clip={"model": "x"}, min_score=0.4, dedup={"phash_distance": None, "embedding_threshold": None}
+    )
+    sel = select(t, np.zeros((6, 4), np.float32), cfg)
+    assert sel.order == ["decode_error", "caption_too_short", "caption_too_long", "placeholder_caption",
+                         "exact_duplicate", "low_clip_score"]  # fmt: skip
+    assert dict(zip(t["key"], sel.status, strict=True)) == {
+        "000000000000": "success", "000000000001": "success", "000000000002": "success",
+        "000000000003": "placeholder_caption", "000001000000": "low_clip_score", "000001000001": "exact_duplicate",
+    }  # fmt: skip
+    assert sel.duplicate_of[5] == "000000000000"
+    funnel = {f["reason"]: f for f in sel.funnel}
+    # on its own exact dedup also drops 000000000003 (a copy of the 0.7 one); in order the placeholder got it first
+    assert funnel["exact_duplicate"]["alone"] == 2 and funnel["exact_duplicate"]["dropped"] == 1
+    assert sel.overlap["placeholder_caption"]["exact_duplicate"] == 1
+    assert funnel["low_clip_score"]["alone"] == 2 and funnel["low_clip_score"]["dropped"] == 1
+    assert sel.clusters == [{"kind": "exact_duplicate", "kept": "000000000000",
+                             "members": [{"key": "000001000001", "detail": "same sha256"}]}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cur")
+    model = make_tiny_clip(str(root / "model"))
+    cols = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30)]
+    names = ["red", "green", "blue", "yellow"]
+    shards = []
+    for s in range(3):
+        shards.append([
+            {"key": f"{s:06d}{i:06d}", "jpg": jpeg(cols[(s + i) % 4], noise_seed=100 * s + i),
+             "caption": f"a {names[(s + i) % 4]} tile number {i}"}
+            for i in range(14)
+        ])  # fmt: skip
+    shards[2][5]["jpg"] = shards[0][3]["jpg"]  # planted exact duplicate across shards
+    shards[1][2]["caption"] = "IMG_0042.jpg"  # boilerplate
+    shards[1][7]["jpg"] = b"broken"
+    src = write_dataset(str(root / "src"), shards)
+    cfg = CurateSection(clip={"model": model}, keep_fraction=0.7, shard_size=10, workers=0, batch_size=16,
+                        tags=["red", "green", "blue", "yellow"], report=False,
+                        dedup={"phash_distance": 0, "embedding_threshold": 0.9999})  # fmt: skip
+    dst = str(root / "out")
+    manifest = curate_dataset(src, dst, cfg, load_scorer(model, device="cpu"))
+    return src, dst, manifest
+
+
+def test_every_input_sample_is_one_row_kept_or_with_a_reason(curated):
+    src, dst, m = curated
+    rows = read_parquet(dst)
+    assert len(rows) == 42 and rows["key"].is_unique
+    kept = rows[rows["status"] == "success"]
+    assert m["stats"]["seen"] == 42 and m["stats"]["kept"] == len(kept) == m["samples"]
+    StageStats.from_dict(m["stats"]).check()
+    assert dict(rows.loc[rows["status"] != "success", "status"].value_counts()) == m["stats"]["dropped"]
+    by_key = rows.set_index("key")
+    assert by_key.loc["000001000002", "status"] == "placeholder_caption"
+    assert by_key.loc["000001000007", "status"] == "decode_error"
+    dup = by_key.loc["000002000005"] if by_key.loc["000002000005", "status"] == "exact_duplicate" else None
+    twin = by_key.loc["000000000003"]
+    if dup is None:  # the shard-0 copy scored lower (same image, other caption): it is the one dropped
+        dup, twin = by_key.loc["000000000003"], by_key.loc["000002000005"]
+    assert dup["status"] == "exact_duplicate" and dup["duplicate_of"] in ("000000000003", "000002000005")
+    assert twin["status"] != "exact_duplicate" and dup["clip_score"] <= twin["clip_score"]
+    assert m["filter_order"][-1] == "low_clip_score" and m["filter_order"].index("exact_duplicate") == 4
+
+
+def test_kept_fraction_and_threshold_are_global(curated):
+    _, dst, m = curated
+    dec = pd.read_parquet(os.path.join(dst, "decisions.parquet"))
+    pool = dec[dec["status"].isin(["success", "low_clip_score"])]["clip_score"].to_numpy()
+    assert m["threshold_rule"]["pool"] == len(pool)
+    assert m["clip_threshold"] == pytest.approx(np.sort(pool)[::-1][int(np.ceil(0.7 * len(pool))) - 1])
+    kept = dec[dec["status"] == "success"]
+    assert kept["clip_score"].min() >= m["clip_threshold"] and len(kept) == int(np.ceil(0.7 * len(pool)))
+
+
+def test_reshards_are_even_and_carry_scores(curated):
+    src, dst, m = curated
+    sizes = [s["samples"] for s in m["shards"]]
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 10 and sum(sizes) == m["samples"]
+    dec = pd.read_parquet(os.path.join(dst, "decisions.parquet")).set_index("key")
+    seen = []
+    for url in shard_urls(dst):
+        for s in iter_samples(url):
+            meta = s["json"]
+            seen.append(s["__key__"])
+            assert meta["clip_score"] == pytest.approx(dec.loc[s["__key__"], "clip_score"], abs=1e-6)
+            assert meta["clip_model"].startswith("local-dir:") and len(meta["clip_checkpoint_sha256"]) == 64
+            assert meta["clip_preprocess"].startswith("resize") and meta["tags"][0]["label"] in (
+                "red",
+                "green",
+                "blue",
+                "yellow",
+            )
+            assert s["txt"] and s["jpg"][:2] == b"\xff\xd8"
+    assert seen == sorted(seen) and len(seen) == m["samples"]
+    assert m["parent"] == os.path.join(src, "manifest.json") or m["parent"] is None
+    assert m["clip"]["clip_checkpoint_sha256"] and json.dumps(m["overlap"])
+
+
+def test_rerun_with_another_cut_rewrites_without_new_inference(curated, monkeypatch):
+    src, dst, m = curated
+    import pipeline.curate.stage as stage
+
+    monkeypatch.setattr(stage, "score_shard", lambda *a, **k: pytest.fail("scored again"))
+    from pipeline.curate.scorer import load_scorer as ls
+
+    model = m["clip"]["clip_model"].removeprefix("local-dir:")
+    cfg = CurateSection.model_validate({**m["config"], "keep_fraction": None, "min_score": -1.0})
+    m2 = curate_dataset(src, dst, cfg, ls(model, device="cpu"))
+    assert m2["stats"]["dropped"].get("low_clip_score", 0) == 0 and m2["samples"] > m["samples"]
+    assert len(read_parquet(dst)) == 42
