@@ -1,0 +1,43 @@
+"""``altforge train clip`` runs the trainer and leaves a model open_clip loads; bad input is one line."""
+
+import os
+import subprocess
+import sys
+
+from tests.flows.test_scrape_flow import ROOT
+from training.synthetic import write_demo_shards
+
+
+def test_train_clip_from_the_cli(tmp_path):
+    data = tmp_path / "data"
+    write_demo_shards(str(data), n=48, per_shard=24, size=32)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "flows.cli", "train", "clip", str(data), "--out", str(run), "--config", "micro"]
+    p = subprocess.run(
+        [*cmd, "--steps", "2", "--batch-size", "8", "--workers", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{run}")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert (run / "metrics.json").exists()
+
+
+def test_train_clip_bad_input_is_one_line(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "clip", str(tmp_path / "nope"), "--out", str(tmp_path / "r")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -1,0 +1,128 @@
+"""The shard loader: determinism, rank balance, shuffle-before-split, exact resume with workers, bad samples."""
+
+import io
+import random
+import tarfile
+
+import pytest
+import torch
+
+from training.data import DataPosition, LoaderConfig, make_loader, make_plan, slot_batches
+from training.synthetic import write_demo_shards
+
+torch.set_num_threads(1)
+
+
+def key_map(sample: dict, rng: random.Random) -> dict:
+    """Test map: keep the key, decode nothing but check the image field exists."""
+    if sample["jpg"][:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG")
+    return {"key": sample["__key__"], "aug": torch.tensor(rng.random())}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_demo_shards(str(root), 240, seed=3, size=16, per_shard=30)  # 8 shards of 30
+    return str(root)
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_plan_reads_sizes_and_balances_ranks(shards):
+    cfg = LoaderConfig(batch_size=10, workers=2, seed=1, shuffle_buffer=0)
+    plan = make_plan(shards, cfg, world_size=2)
+    assert plan.samples == 240 and len(plan.urls) == 8
+    # 240 samples over 4 slots of 10-sample batches: 6 full batches per slot, 12 steps per rank per epoch
+    assert plan.batches_per_slot == 6 and plan.steps_per_epoch == 12
+    for epoch in range(3):
+        per_slot = [slot_batches(plan, s, {"epoch": epoch, "raw": 0, "batches": 0}, key_map) for s in range(4)]
+        seen = [keys_of(take(g, plan.batches_per_slot)) for g in per_slot]
+        assert all(len(k) == 60 for k in seen)  # every slot (so every rank) gets the same number of full batches
+        flat = [k for ks in seen for k in ks]
+        assert len(set(flat)) == 240  # shard split: disjoint slots, the whole epoch covered
+        # the next batch of every slot is already the next epoch's first
+        assert all(next(g)["__pos__"]["epoch"] == epoch + 1 for g in per_slot)
+
+
+def test_shards_are_shuffled_before_the_split(shards):
+    plan = make_plan(shards, LoaderConfig(batch_size=10, workers=1, seed=5), world_size=2)
+    rank0 = [tuple(plan.slot_shards(0, e)[0]) for e in range(6)]
+    assert len(set(rank0)) > 1  # rank 0 does not read the same subset every epoch
+    assert len({u for shards_ in rank0 for u in shards_}) > 4  # over epochs it sees more than half the shards
+    for e in range(3):  # within an epoch the two ranks split the permuted list without overlap
+        assert not set(plan.slot_shards(0, e)[0]) & set(plan.slot_shards(1, e)[0])
+
+
+def test_same_seed_same_stream_other_seed_other_stream(shards):
+    def first_keys(seed):
+        plan = make_plan(shards, LoaderConfig(batch_size=8, workers=0, seed=seed, shuffle_buffer=50), 1)
+        loader = make_loader(plan, LoaderConfig(8, 0, seed, 50), 0, key_map, DataPosition())
+        it = iter(loader)
+        return keys_of(take(it, 5))
+
+    assert first_keys(0) == first_keys(0)
+    assert first_keys(0) != first_keys(1)
+
+
+def test_sample_split_is_independent_of_world_size(shards):
+    """With split="sample" and no buffer, a global batch holds the same samples on 1 rank or 2."""
+    one = make_plan(shards, LoaderConfig(batch_size=12, workers=0, seed=2, shuffle_buffer=0, split="sample"), 1)
+    two = make_plan(shards, LoaderConfig(batch_size=6, workers=0, seed=2, shuffle_buffer=0, split="sample"), 2)
+    start = {"epoch": 0, "raw": 0, "batches": 0}
+    g1 = slot_batches(one, 0, start, key_map)
+    g2 = [slot_batches(two, s, start, key_map) for s in range(2)]
+    for _ in range(5):
+        assert sorted(next(g1)["key"]) == sorted(next(g2[0])["key"] + next(g2[1])["key"])
+
+
+def test_resume_with_workers_continues_exactly(shards):
+    cfg = LoaderConfig(batch_size=7, workers=2, seed=4, shuffle_buffer=20)
+    plan = make_plan(shards, cfg, world_size=1)
+    full = iter(make_loader(plan, cfg, 0, key_map, DataPosition()))
+    reference = [next(full) for _ in range(2 * plan.steps_per_epoch + 3)]  # crosses two epoch boundaries
+    for k in (3, plan.steps_per_epoch + 1):  # an odd count: the worker roles must rotate on resume
+        pos = DataPosition()
+        it = iter(make_loader(plan, cfg, 0, key_map, pos))
+        for _ in range(k):
+            pos.advance(next(it))
+        saved = DataPosition.from_dict(pos.to_dict())
+        resumed = iter(make_loader(plan, cfg, 0, key_map, saved))
+        for ref in reference[k:]:
+            got = next(resumed)
+            assert got["key"] == ref["key"]
+            assert torch.equal(got["aug"], ref["aug"])  # augmentation randomness is reproduced too
+
+
+def test_corrupt_samples_are_counted_and_skipped(tmp_path):
+    root = tmp_path / "bad"
+    write_demo_shards(str(root), 60, seed=1, size=16, per_shard=20)
+    # break one image in shard 0 (same length, not a JPEG) and truncate shard 1
+    path = root / "000000.tar"
+    data = bytearray(path.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    data[member.offset_data : member.offset_data + 4] = b"XXXX"
+    path.write_bytes(bytes(data))
+    t1 = root / "000001.tar"
+    t1.write_bytes(t1.read_bytes()[: len(t1.read_bytes()) // 2])  # cut at a block boundary: reads as shorter
+    t2 = root / "000002.tar"
+    with tarfile.open(t2) as tar:
+        cut = [m for m in tar.getmembers() if m.name.endswith(".jpg")][5].offset_data + 10
+    t2.write_bytes(t2.read_bytes()[:cut])  # cut inside a member: the tar reader fails
+    cfg = LoaderConfig(batch_size=5, workers=0, seed=0, shuffle_buffer=0)
+    plan = make_plan(str(root), cfg, 1)
+    pos = DataPosition()
+    it = iter(make_loader(plan, cfg, 0, key_map, pos))
+    keys = keys_of(pos.advance(next(it)) for _ in range(plan.steps_per_epoch))
+    assert len(keys) == plan.steps_per_epoch * 5  # still full batches
+    assert member.name.split(".")[0] not in keys
+    assert pos.errors["decode_error"] >= 1
+    assert pos.errors["corrupt_shard"] >= 1
+    assert pos.errors["missing_from_shard"] >= 10

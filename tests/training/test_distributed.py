@@ -1,0 +1,93 @@
+"""DDP on CPU: 2 gloo processes under torchrun reach the weights of 1 process with the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.distributed import init_distributed
+from training.synthetic import write_demo_shards
+
+torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], cwd: str) -> None:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": cwd}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    data = tmp_path / "data"
+    write_demo_shards(str(data), 96, seed=2, size=32, per_shard=24, mismatch_rate=0.2)
+    # split="sample" without a shuffle buffer: a global batch holds the same samples on 1 rank or 2
+    common = [
+        "--config",
+        "micro",
+        "--steps",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--lr",
+        "3e-3",
+        "--workers",
+        "0",
+        "--split",
+        "sample",
+        "--shuffle-buffer",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--log-every",
+        "1",
+    ]
+    trainer = ["-m", "training.train_clip", str(data)]
+    run([sys.executable, *trainer, "--out", str(tmp_path / "one"), "--batch-size", "16", *common], repo)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+    ]
+    run([*torchrun, *trainer, "--out", str(tmp_path / "two"), "--batch-size", "8", *common], repo)
+    one = load_file(str(tmp_path / "one" / "open_clip_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "open_clip_model.safetensors"))
+    for k in one:  # Adam's first steps amplify float summation-order noise in near-zero gradients: small atol
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), (k, float((one[k] - two[k]).abs().max()))
+    losses = [
+        [r["loss"] for r in json.loads((tmp_path / d / "metrics.json").read_text())["train"]] for d in ("one", "two")
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert len(set(losses[0])) == 4  # four different batches were trained on
+    # the 2-rank checkpoint holds both ranks' data positions
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["data"]) == 2
+    assert all(d["batches"] == 4 for d in state["data"])
+
+
+def test_single_process_without_torchrun_env(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = init_distributed("cpu")
+    assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
+    assert info.device.type == "cpu"

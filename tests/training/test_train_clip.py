@@ -1,0 +1,139 @@
+"""The CLIP loop: exact resume, the open_clip export round trip, config round trip, optimizer groups, schedule."""
+
+import json
+import math
+from dataclasses import replace
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.models import create_clip, get_tokenizer, resolve_model_name
+from training.synthetic import write_demo_shards
+from training.train_clip import ClipTrainConfig, lr_at, param_groups, parse_args, train
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_demo_shards(str(root / "train"), 160, seed=0, size=32, per_shard=40, mismatch_rate=0.2)
+    write_demo_shards(str(root / "eval"), 60, seed=1, size=32, per_shard=60)
+    return root
+
+
+def base_cfg(data, out, **kw) -> ClipTrainConfig:
+    cfg = ClipTrainConfig(
+        data=str(data / "train"),
+        out=str(out),
+        model="micro",
+        steps=6,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=2,
+        workers=2,
+        shuffle_buffer=20,
+        log_every=1,
+        save_every=0,
+        threads=1,
+        progress=False,
+    )
+    return replace(cfg, **kw)
+
+
+def test_exact_resume_matches_uninterrupted_run(data, tmp_path):
+    full = train(base_cfg(data, tmp_path / "full"))
+    first = train(base_cfg(data, tmp_path / "cut", stop_after=3))  # "killed" after the step-3 checkpoint
+    assert first["step"] == 3
+    resumed = train(base_cfg(data, tmp_path / "cut"))
+    assert resumed["step"] == 6 and full["step"] == 6
+    a = load_file(str(tmp_path / "full" / "open_clip_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "open_clip_model.safetensors"))
+    mid = load_file(str(tmp_path / "cut" / "checkpoints" / "step_00000003" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7), k
+    assert any(not torch.allclose(a[k], mid[k]) for k in a)  # the last 3 steps did change the weights
+    # the loss history of the resumed run continues the uninterrupted one
+    assert [r["loss"] for r in resumed["train"]] == pytest.approx([r["loss"] for r in full["train"]], rel=1e-5)
+
+
+def test_output_dir_loads_in_open_clip(data, tmp_path):
+    out = tmp_path / "run"
+    result = train(base_cfg(data, out, steps=2, workers=0, eval_data=str(data / "eval")))
+    ours = create_clip("micro")
+    ours.load_state_dict(load_file(str(out / "open_clip_model.safetensors")))
+    ours.eval()
+    tok = get_tokenizer("micro")
+    text = tok(["a red circle", "two shapes: a blue star & a green square"])
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ours.encode_image(image), ours.encode_text(text)
+    # by directory (open_clip's local-dir schema) and by name + pretrained file
+    m1, _, pre1 = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    m2, _, _ = open_clip.create_model_and_transforms(
+        resolve_model_name("micro"), pretrained=str(out / "open_clip_model.safetensors")
+    )
+    for m in (m1, m2):
+        m.eval()
+        with torch.no_grad():
+            assert torch.allclose(m.encode_image(image), want[0], atol=1e-6)
+            assert torch.allclose(m.encode_text(text), want[1], atol=1e-6)
+    assert pre1.transforms[0].size in (32, [32], (32, 32))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))
+    assert {"image_to_text_R@5", "zeroshot_colour", "zeroshot_shape"} <= metrics["eval"][-1].keys()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_config_round_trips_and_cli_flags():
+    cfg = parse_args(
+        [
+            "DATA",
+            "--out",
+            "OUT",
+            "--config",
+            "tiny",
+            "--steps",
+            "7",
+            "--batch-size",
+            "4",
+            "--no-progress",
+            "--betas",
+            "0.8",
+            "0.9",
+            "--eval-data",
+            "EV",
+        ]
+    )
+    assert (cfg.model, cfg.steps, cfg.batch_size, cfg.progress, cfg.betas) == ("tiny", 7, 4, False, (0.8, 0.9))
+    assert ClipTrainConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_weight_decay_exclusions_and_schedule():
+    model = create_clip("micro")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "logit_scale" not in decayed and "token_embedding.weight" not in decayed
+    assert not any(n.endswith(".bias") or "ln_" in n for n in decayed)
+    assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    cfg = ClipTrainConfig(data="d", out="o", steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_project_configs_build_and_named_architectures_resolve():
+    for name in ("tiny", "tiny-vit", "micro"):
+        model = create_clip(name)
+        assert resolve_model_name(name) == f"altforge-{name}"
+        size = open_clip.get_model_config(f"altforge-{name}")["vision_cfg"]["image_size"]
+        with torch.no_grad():
+            assert model.encode_image(torch.zeros(1, 3, size, size)).shape[-1] > 0
+    assert resolve_model_name("ViT-B-32") == "ViT-B-32"
+    with pytest.raises(ValueError, match="unknown model"):
+        resolve_model_name("no-such-model")

@@ -1,0 +1,128 @@
+"""Training checkpoints as safetensors + JSON: model, optimizer, scaler, RNG states and loop state, for exact resume.
+
+A checkpoint is a directory ``<run>/checkpoints/step_NNNNNNNN/`` holding ``model.safetensors``,
+``optimizer.safetensors`` (every tensor of the optimizer state), ``rng.safetensors`` (torch RNG states) and
+``state.json`` (step, scheduler, scaler, python/numpy RNG, data positions, config). It is written under a
+temporary name and renamed, so a run killed mid-write leaves the previous checkpoint intact. Nothing is
+unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"  # text file naming the newest complete checkpoint directory
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """The python/numpy RNG states (JSON) and the torch CPU/CUDA RNG states (tensors)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    js = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return js, tensors
+
+
+def set_rng_state(js: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    version, internal, gauss = js["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Split an optimizer state dict into JSON (param groups, scalar entries) and named tensors."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entries in sd["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return {"param_groups": sd["param_groups"], "scalars": scalars}, tensors
+
+
+def optimizer_from_flat(js: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """Inverse of :func:`optimizer_to_flat`: an optimizer state dict for ``load_state_dict``."""
+    state: dict[int, dict] = {}
+    for name, value in [*tensors.items(), *js["scalars"].items()]:
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": js["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,  # JSON-able loop state: scheduler, scaler, data positions, metrics, config ...
+    keep: int = 2,  # most recent checkpoints kept (older ones removed)
+) -> Path:
+    """Write the checkpoint of ``step`` atomically and point ``latest`` at it; returns its directory."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model = getattr(model, "module", model)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors")
+    )
+    opt_js, opt_tensors = optimizer_to_flat(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_js, rng_tensors = rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    doc = {"step": step, "optimizer": opt_js, "rng": rng_js, **state}
+    (tmp / "state.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    (root / f"{LATEST}.tmp").write_text(final.name, encoding="utf-8")
+    (root / f"{LATEST}.tmp").replace(root / LATEST)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory of a run, or None."""
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load weights (and optimizer state, and RNG states) from a checkpoint directory; returns its state.json."""
+    path = Path(path)
+    doc = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    model = getattr(model, "module", model)
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
+    if optimizer is not None:
+        tensors = load_file(str(path / "optimizer.safetensors"), device="cpu")
+        optimizer.load_state_dict(optimizer_from_flat(doc["optimizer"], tensors))
+        set_rng_state(doc["rng"], load_file(str(path / "rng.safetensors"), device="cpu"))
+    return doc

@@ -1,0 +1,267 @@
+"""Streaming shard loader: seeded shard shuffle before the rank/worker split, equal full batches, exact resume.
+
+The stream is a chain of plain generators (the webdataset idea: shards -> samples -> shuffle -> map -> batch).
+Every rank runs ``workers`` DataLoader workers; each (rank, worker) pair is a *slot*. For each epoch the shard
+list is permuted with ``seed`` and ``epoch`` and only then dealt to the slots, so no rank is stuck on one subset.
+With fewer shards than slots (or ``split="sample"``) every slot reads the permuted shards and keeps every S-th
+sample instead; then a global batch holds the same samples whatever the world size.
+
+Each slot yields exactly ``batches_per_slot`` full batches per epoch (wrapping around its shards if they run
+short), so every rank takes the same number of steps and DDP never hangs. Each batch carries the slot's position
+(epoch, raw samples consumed, batches emitted), so the trainer can save where every slot stands and a resumed
+run skips exactly what was consumed (raw samples are skipped before decoding, so resuming is cheap).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from pipeline import storage
+from pipeline.shards import iter_samples, shard_urls
+
+log = logging.getLogger(__name__)
+
+# map_fn(raw_sample, rng) -> dict of arrays/tensors; raise KeyError / ValueError / OSError for a bad sample
+MapFn = Callable[[dict, random.Random], dict]
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How shards become batches on one rank."""
+
+    batch_size: int = 64  # samples per rank per step
+    workers: int = 2  # DataLoader worker processes per rank; 0 = load in the main process
+    seed: int = 0  # shard permutation, shuffle buffers and augmentation all derive from it
+    shuffle_buffer: int = 1000  # samples held per slot for sample-level shuffling; 0 = none
+    split: str = "shard"  # "shard": slots read disjoint shards; "sample": every slot strides over all samples
+    prefetch_factor: int = 2  # batches each worker keeps ready
+    pin_memory: bool = True  # only takes effect when CUDA is available
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("batch_size must be >= 1, workers and shuffle_buffer >= 0")
+        if self.split not in ("shard", "sample"):
+            raise ValueError(f"split must be 'shard' or 'sample', got {self.split!r}")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The shards of a dataset and the per-epoch deal of them to the slots of ``world_size`` ranks."""
+
+    urls: tuple[str, ...]  # sorted shard URLs
+    sizes: tuple[int, ...]  # samples per shard (from sizes.json)
+    world_size: int
+    workers: int  # per rank (0 counts as 1 slot)
+    batch_size: int  # per rank
+    seed: int
+    split: str
+
+    @property
+    def slots(self) -> int:
+        """Number of (rank, worker) slots."""
+        return self.world_size * max(1, self.workers)
+
+    @property
+    def samples(self) -> int:
+        """Samples in the dataset, from sizes.json."""
+        return sum(self.sizes)
+
+    @property
+    def batches_per_slot(self) -> int:
+        """Full batches every slot yields per epoch (at least 1)."""
+        return max(1, self.samples // (self.slots * self.batch_size))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer micro-steps (batches per rank) in one epoch."""
+        return self.batches_per_slot * max(1, self.workers)
+
+    def slot_shards(self, slot: int, epoch: int) -> tuple[list[str], int, int]:
+        """(shard URLs in read order, sample stride, sample offset) of ``slot`` in ``epoch``."""
+        order = list(self.urls)
+        random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)  # shuffle first, then deal out
+        if self.split == "shard" and len(order) >= self.slots:
+            return order[slot :: self.slots], 1, 0
+        return order, self.slots, slot
+
+
+def read_sizes(source: str, storage_options: dict | None = None) -> tuple[list[str], list[int]]:
+    """Shard URLs of ``source`` (sorted) and their sample counts from ``sizes.json`` beside them."""
+    urls = sorted(shard_urls(source, storage_options))
+    if not urls:
+        raise FileNotFoundError(f"no shards found in {source}")
+    base = urls[0].rsplit("/", 1)[0]
+    sizes_url = storage.join(base, "sizes.json")
+    if not storage.exists(sizes_url, storage_options):
+        raise FileNotFoundError(f"sizes.json not found beside the shards: {sizes_url}")
+    sizes = json.loads(storage.read_bytes(sizes_url, storage_options))
+    missing = [u for u in urls if u.rsplit("/", 1)[-1] not in sizes]
+    if missing:
+        raise ValueError(f"sizes.json has no entry for {len(missing)} shard(s), e.g. {missing[0]}")
+    return urls, [int(sizes[u.rsplit("/", 1)[-1]]) for u in urls]
+
+
+def make_plan(source: str, cfg: LoaderConfig, world_size: int, storage_options: dict | None = None) -> ShardPlan:
+    """The shard plan of a dataset directory, manifest or brace pattern for ``world_size`` ranks."""
+    urls, sizes = read_sizes(source, storage_options)
+    return ShardPlan(tuple(urls), tuple(sizes), world_size, cfg.workers, cfg.batch_size, cfg.seed, cfg.split)
+
+
+# ------------------------------------------------------------------------------------------------- generators
+
+
+def raw_samples(
+    urls: list[str], stride: int, offset: int, errors: Counter, expected: dict | None = None, storage_options=None
+) -> Iterator[dict]:
+    """Undecoded samples of ``urls`` in order, every ``stride``-th from ``offset``, wrapping around forever.
+
+    A shard that yields fewer samples than ``expected[url]`` (sizes.json) adds the shortfall to
+    ``errors["missing_from_shard"]``: a tar cut at a header boundary otherwise reads as a clean, shorter shard.
+    """
+    while True:
+        got, i = 0, 0
+        for url in urls:
+            n_url = 0
+            for sample in iter_samples(url, storage_options, decode=False, errors=errors):
+                i += 1
+                n_url += 1
+                if (i - 1) % stride != offset:
+                    continue
+                got += 1
+                yield sample
+            if expected and n_url < expected.get(url, 0):
+                errors["missing_from_shard"] += expected[url] - n_url
+        if got == 0:
+            raise RuntimeError(f"no readable samples in {len(urls)} shard(s), e.g. {urls[0]}")
+
+
+def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle a stream with a buffer of ``size`` samples; deterministic given ``rng``."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list[dict] = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        k = rng.randrange(size)
+        buf[k], s = s, buf[k]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def slot_batches(
+    plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle_buffer: int = 0, storage_options=None
+) -> Iterator[dict]:
+    """Full batches of one slot forever, starting at ``state`` ({"epoch", "raw", "batches"}); each carries __pos__."""
+    epoch, skip, n_batches = state["epoch"], state["raw"], state["batches"]
+    while True:
+        errors: Counter = Counter()
+        urls, stride, offset = plan.slot_shards(slot, epoch)
+        stream = raw_samples(
+            urls, stride, offset, errors, dict(zip(plan.urls, plan.sizes, strict=True)), storage_options
+        )
+        stream = shuffled(stream, shuffle_buffer, random.Random(f"buf-{plan.seed}-{epoch}-{slot}"))
+        raw = 0
+        for _ in range(skip):  # resume: drop what the saved run already consumed, without decoding it
+            next(stream)
+            raw += 1
+        skip = 0
+        batch: list[dict] = []
+        while n_batches < plan.batches_per_slot:
+            sample = next(stream)
+            raw += 1
+            try:
+                batch.append(map_fn(sample, random.Random(f"aug-{plan.seed}-{epoch}-{sample['__key__']}")))
+            except KeyError:
+                errors["missing_field"] += 1
+                continue
+            except (OSError, ValueError, SyntaxError):
+                errors["decode_error"] += 1
+                continue
+            if len(batch) == plan.batch_size:
+                n_batches += 1
+                out = default_collate(batch)
+                out["__pos__"] = {"slot": slot, "epoch": epoch, "raw": raw, "batches": n_batches}
+                out["__errors__"] = dict(errors)
+                errors.clear()
+                yield out
+                batch = []
+        epoch, n_batches = epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------------- dataset
+
+
+class ShardStream(IterableDataset):
+    """The batches of one rank; workers take the slots of this rank, rotated so a resumed run keeps the order."""
+
+    def __init__(self, plan: ShardPlan, rank: int, map_fn: MapFn, position: DataPosition, shuffle_buffer: int = 0):
+        super().__init__()
+        self.plan, self.rank, self.map_fn, self.shuffle_buffer = plan, rank, map_fn, shuffle_buffer
+        self.start = position.to_dict()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        n_workers = max(1, self.plan.workers)
+        worker = info.id if info is not None else 0
+        if (info.num_workers if info is not None else 1) != n_workers:
+            raise RuntimeError(f"plan is for {n_workers} workers, DataLoader runs {info.num_workers if info else 1}")
+        # The DataLoader asks workers for batches round-robin from worker 0. Batch c of this rank belongs to
+        # logical worker c % W, so a run resumed after c batches gives physical worker w the role (w + c) % W.
+        logical = (worker + self.start["batches"]) % n_workers
+        slot = self.rank * n_workers + logical
+        state = self.start["slots"].get(str(slot), {"epoch": self.start["epoch"], "raw": 0, "batches": 0})
+        yield from slot_batches(self.plan, slot, state, self.map_fn, self.shuffle_buffer)
+
+
+@dataclass
+class DataPosition:
+    """Where one rank's stream stands: batches consumed, each slot's position, and the bad samples seen."""
+
+    batches: int = 0  # batches this rank has consumed
+    epoch: int = 0  # epoch a slot without a saved position starts in
+    slots: dict = field(default_factory=dict)  # str(slot) -> {"epoch", "raw", "batches"}
+    errors: Counter = field(default_factory=Counter)  # reason -> count (corrupt_shard, decode_error, ...)
+
+    def advance(self, batch: dict) -> dict:
+        """Record a consumed batch's position and error counts; returns the batch without them."""
+        pos = batch.pop("__pos__")
+        self.errors.update(batch.pop("__errors__"))
+        self.slots[str(pos["slot"])] = {"epoch": pos["epoch"], "raw": pos["raw"], "batches": pos["batches"]}
+        self.batches += 1
+        return batch
+
+    def to_dict(self) -> dict:
+        """A JSON-able copy."""
+        return {"batches": self.batches, "epoch": self.epoch, "slots": dict(self.slots), "errors": dict(self.errors)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataPosition:
+        """Inverse of :meth:`to_dict`."""
+        return cls(d["batches"], d.get("epoch", 0), dict(d["slots"]), Counter(d.get("errors", {})))
+
+
+def make_loader(plan: ShardPlan, cfg: LoaderConfig, rank: int, map_fn: MapFn, position: DataPosition) -> DataLoader:
+    """A DataLoader over this rank's batches, decoding in ``cfg.workers`` persistent workers."""
+    ds = ShardStream(plan, rank, map_fn, position, cfg.shuffle_buffer)
+    kwargs = {}
+    if cfg.workers > 0:
+        kwargs = {"persistent_workers": True, "prefetch_factor": cfg.prefetch_factor}
+    return DataLoader(
+        ds,
+        batch_size=None,  # the slots batch themselves
+        num_workers=cfg.workers,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        **kwargs,
+    )

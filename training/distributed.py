@@ -1,0 +1,109 @@
+"""The one place that sets up torch.distributed: from torchrun's environment, or a single process without it."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int  # global rank
+    world_size: int  # processes in the job
+    local_rank: int  # rank on this node (selects the GPU)
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0 (the one that logs and writes checkpoints)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether a process group is up (more than one process)."""
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Join the torchrun job described by RANK/WORLD_SIZE/LOCAL_RANK (nccl on GPU, gloo on CPU), else run alone.
+
+    ``device``: "auto" (CUDA when available), "cuda" or "cpu". torchrun's rendezvous flags (--nnodes,
+    --rdzv-endpoint, ...) set the environment this reads, so multi-node needs nothing else.
+    """
+    env = os.environ  # torchrun's launch contract; read here and nowhere else
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if use_cuda else None,
+        )
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def cleanup() -> None:
+    """Tear the process group down (no-op when alone)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when alone)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` when alone)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of a scalar over all ranks (for logging)."""
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (works on gloo and nccl)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        r = dist.get_rank()
+        return grad[r * n : (r + 1) * n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0; gradients flow back to every rank's own slice."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
