@@ -219,6 +219,7 @@ class TrainRun(_Strict):
     steps: int = Field(gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
+    max_minutes: float = Field(0.0, ge=0)  # stop (and save) after this much training time; 0 = no limit
     nproc_per_node: int = Field(1, gt=0)
     nnodes: int = Field(1, gt=0)
     rdzv_endpoint: str | None = None  # host:port for multi-node
