@@ -124,13 +124,6 @@ def new_plan(partitions: list[dict], extraction: Counter, sources: list[dict]) -
     }
 
 
-def count_records(records: Iterable, counter: Counter) -> Iterator:
-    """Pass records through, counting them as ``counter["records"]``."""
-    for r in records:
-        counter["records"] += 1
-        yield r
-
-
 def source_records(source, fetcher, drops: Counter) -> Iterator:
     """Records of one recipe source (a ``pipeline.recipe`` source model); drops are counted in ``drops``.
 
