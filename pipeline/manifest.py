@@ -78,8 +78,7 @@ def build_manifest(
 
 def write_manifest(dataset_url: str, manifest: dict, storage_options: dict | None = None) -> str:
     """Write ``sizes.json`` and ``manifest.json`` beside the shards (the manifest atomically); returns its URL."""
-    sizes = {s["name"]: s["samples"] for s in manifest["shards"]}
-    storage.write_bytes(storage.join(dataset_url, "sizes.json"), json.dumps(sizes, indent=1).encode(), storage_options)
+    shards.write_sizes(dataset_url, storage_options, {s["name"]: s["samples"] for s in manifest["shards"]})
     final = storage.join(dataset_url, "manifest.json")
     data = json.dumps(manifest, indent=2, default=str).encode()
     if storage.is_local(dataset_url):

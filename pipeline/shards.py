@@ -170,7 +170,7 @@ class ShardWriter:
             "samples": self.n_samples,
             "rows": len(self._rows),
             "bytes": os.path.getsize(self._tmp["tar"]),
-            "sha256": _sha256_file(self._tmp["tar"]),
+            "sha256": sha256_file(self._tmp["tar"]),
             **stats.to_dict(),
             **(extra or {}),
         }
@@ -250,7 +250,8 @@ def write_parquet(rows: list[dict], path: str) -> None:
     pq.write_table(pa.table(columns), path, compression="zstd")
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -345,12 +346,13 @@ def clean_temporaries(dataset_url: str, storage_options: dict | None = None) -> 
     return n
 
 
-def write_sizes(dataset_url: str, storage_options: dict | None = None) -> dict[str, int]:
-    """Write ``sizes.json`` (``{"000000.tar": n_samples}``, the open_clip convention) from the done shards."""
-    sizes = {
-        f"{n}.tar": read_shard_stats(dataset_url, n, storage_options)["samples"]
-        for n in done_shards(dataset_url, storage_options)
-    }
+def write_sizes(dataset_url: str, storage_options: dict | None = None, sizes: dict[str, int] | None = None) -> dict:
+    """Write ``sizes.json`` (``{"000000.tar": n_samples}``, the open_clip convention); default: the done shards."""
+    if sizes is None:
+        sizes = {
+            f"{n}.tar": read_shard_stats(dataset_url, n, storage_options)["samples"]
+            for n in done_shards(dataset_url, storage_options)
+        }
     storage.write_bytes(storage.join(dataset_url, "sizes.json"), json.dumps(sizes, indent=1).encode(), storage_options)
     return sizes
 

@@ -63,11 +63,7 @@ def listdir(url: str, storage_options: dict | None = None) -> list[str]:
     """Base names of the entries of a directory (empty if it does not exist)."""
     fs, path = get_fs(url, storage_options)
     try:
-        entries = fs.ls(path, detail=False, refresh=True) if _supports_refresh(fs) else fs.ls(path, detail=False)
+        entries = fs.ls(path, detail=False, refresh=True)  # object stores cache listings; refresh sees new shards
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
-
-
-def _supports_refresh(fs) -> bool:
-    return getattr(fs, "protocol", None) not in ("file", "local", ("file", "local"))

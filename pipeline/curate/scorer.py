@@ -8,7 +8,6 @@ directory with ``open_clip_config.json`` and weights (``local-dir:RUN`` or just 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.shards import iter_samples
+from pipeline.shards import iter_samples, sha256_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
@@ -92,15 +91,6 @@ def preprocess_string(p: dict) -> str:
         f"resize {p.get('resize_mode', 'shortest')} {size} {p.get('interpolation', 'bicubic')}, center crop {size},"
         f" mean {mean}, std {std}"
     )
-
-
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_device(device: str) -> torch.device:
