@@ -8,7 +8,11 @@ from typing import Annotated
 
 import typer
 
-from flows import env  # noqa: F401  (telemetry off before anything imports prefect)
+from flows import (
+    cli_run,
+    env,  # noqa: F401  (telemetry off before anything imports prefect)
+)
+from flows.cli_common import fail, run_flow
 
 app = typer.Typer(
     name="altforge",
@@ -21,12 +25,6 @@ app = typer.Typer(
 
 train_app = typer.Typer(help="Train models on altforge datasets.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error and exit non-zero."""
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
 
 
 @app.command("demo-site")
@@ -72,24 +70,6 @@ def validate(recipe: Annotated[str, typer.Argument(help="recipe YAML file")]) ->
     kinds = ", ".join(s.kind for s in r.sources)
     stages = ["scrape"] + [s for s in ("curate", "encode") if getattr(r, s)] + [f"train {t.kind}" for t in r.train]
     typer.echo(f"{recipe}: ok — recipe '{r.name}', sources: {kinds}; stages: {', '.join(stages)}; output: {r.output}")
-
-
-def _run_flow(title: str, fn, *args, progress: bool = True, **kwargs):
-    """Run a flow (with a live display fed by the stage workers when ``progress``); one-line error on failure."""
-    import contextlib
-
-    from flows import workers
-    from flows.progress import ProgressDisplay
-
-    with ProgressDisplay(title) if progress else contextlib.nullcontext() as display:
-        workers.set_progress_queue(display.queue if display else None)
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # the flow's own message is the one line a user needs
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            fail(f"{title} failed: {first}", code=1)
-        finally:
-            workers.set_progress_queue(None)
 
 
 def _print_manifest_summary(manifest: dict, dst: str) -> None:
@@ -181,7 +161,7 @@ def scrape(
         sources = []
     from flows.scrape import run_scrape
 
-    manifest = _run_flow("scrape", run_scrape, out, sources, cfg, retry_failed=retry_failed)
+    manifest = run_flow("scrape", run_scrape, out, sources, cfg, retry_failed=retry_failed)
     _print_manifest_summary(manifest, out)
 
 
@@ -207,7 +187,7 @@ def curate(
     from flows.curate import run_curate
 
     typer.echo(f"curating {in_dir} with {clip} ...", err=True)
-    manifest = _run_flow(
+    manifest = run_flow(
         "curate",
         run_curate,
         in_dir,
@@ -270,26 +250,8 @@ def train_clip(
     raise typer.Exit(code)
 
 
-@app.command()
-def demo(
-    out: Annotated[str, typer.Option(help="where the demo's datasets, models and reports go")] = "demo-output",
-) -> None:
-    """Run the whole demo recipe on the built-in demo web site (served on a free loopback port meanwhile)."""
-    from flows.run import DEMO_RECIPE, run_recipe
-    from pipeline.recipe import RecipeError, load_recipe
-
-    try:
-        recipe = load_recipe(DEMO_RECIPE)
-    except RecipeError as e:
-        fail(str(e))
-    result = _run_flow("demo", run_recipe, recipe, out)
-    typer.echo(f"\ndemo finished: outputs in {os.path.abspath(out)}")
-    if result.ground_truth:
-        typer.echo(f"  demo site ground truth: {result.ground_truth}")
-    for stage, url in result.datasets.items():
-        typer.echo(f"  {stage:<8} dataset: {url}")
-    for stage, m in result.metrics.items():
-        typer.echo(f"  {stage:<8} metrics: " + ", ".join(f"{k}={v}" for k, v in m.items()))
+app.command("run")(cli_run.run)
+app.command("demo")(cli_run.demo)
 
 
 def main() -> None:

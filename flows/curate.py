@@ -7,12 +7,12 @@ import json
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import (
     env,  # noqa: F401  (before prefect)
     workers,
 )
+from flows.runners import Placement
 from pipeline import shards, storage
 from pipeline.curate.report import write_report
 from pipeline.curate.reshard import curate_shard, read_decisions
@@ -170,10 +170,18 @@ def run_curate(
     storage_options: dict | None = None,
     recipe: dict | None = None,
     processes: int = 1,
+    placement: Placement | None = None,
 ) -> dict:
     """Run curate_flow (what ``altforge curate`` calls); returns the curated dataset's manifest."""
     ccfg = curate_config(clip, pretrained, min_score, keep_fraction, report, cfg)
-    runner = ThreadPoolTaskRunner(max_workers=max(2, processes))
+    placement = placement or Placement(max_workers=max(2, processes))
+    runner = placement.task_runner(processes)
     return curate_flow.with_options(task_runner=runner)(
-        src, dst, ccfg.model_dump(mode="json"), storage_options, previous, recipe, processes
+        src,
+        dst,
+        ccfg.model_dump(mode="json"),
+        storage_options,
+        previous,
+        recipe,
+        placement.worker_processes(processes),
     )

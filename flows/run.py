@@ -1,16 +1,31 @@
-"""Run a recipe end to end: the stages that exist, in order, each reading the previous stage's manifest."""
+"""recipe_flow: one parent Prefect flow from web pages to a trained model, resumable stage by stage.
+
+The stages run in the order their inputs allow: scrape -> the training runs on scraped data -> curate -> the
+runs on curated data -> encode -> the runs on latents -> generate -> the run report. Each stage is a subflow or
+task that reads the previous stage's manifest and writes its own. ``OUT/run.json`` records, per finished stage,
+a fingerprint of everything that decided its output (its recipe section, its inputs' fingerprints, the code
+version); a rerun skips a stage whose fingerprint still matches and whose output is complete, so a failed or
+killed run resumes where it stopped (and inside a stage, finished shards and checkpoints are reused).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 
 from flows import env  # noqa: F401  (before prefect)
+from flows.runners import Placement, check_dask, check_manifest, check_output, placement_of
 from pipeline import storage
-from pipeline.recipe import DemoSiteSource, Recipe, TrainRun
+from pipeline.manifest import code_version, read_manifest
+from pipeline.recipe import DemoSiteSource, Recipe, TrainRun, load_recipe
 
 DEMO_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "manifests", "demo.yaml")
+STATE_FILE = "run.json"
+DATA_KINDS = ("scraped", "curated", "latents")
 
 
 @dataclass
@@ -18,9 +33,65 @@ class RunResult:
     """Where a recipe run put things, and the headline metrics of each stage."""
 
     output: str
+    models: str = ""  # local directory of the training runs and model folders
     datasets: dict[str, str] = field(default_factory=dict)  # stage -> dataset URL
+    artifacts: dict[str, str] = field(default_factory=dict)  # what -> path (report, TensorBoard logs, grid, ...)
     metrics: dict[str, dict] = field(default_factory=dict)  # stage -> numbers worth printing
+    skipped: list[str] = field(default_factory=list)  # stages found complete and current
     ground_truth: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-able form (the flow's return value and ``OUT/run_report.json``)."""
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ run state
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of JSON-able parts (recipe sections, upstream fingerprints, the code version)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class RunState:
+    """``OUT/run.json``: per stage, the fingerprint it was built with, its output and its metrics."""
+
+    def __init__(self, out: str, storage_options: dict | None):
+        self.url = storage.join(out, STATE_FILE)
+        self.so = storage_options
+        self.stages: dict[str, dict] = {}
+        if storage.exists(self.url, storage_options):
+            self.stages = json.loads(storage.read_bytes(self.url, storage_options)).get("stages", {})
+
+    def current(self, stage: str, fp: str, output: str, done_file: str) -> dict | None:
+        """The recorded entry when ``stage`` finished with this fingerprint and its output is still there."""
+        entry = self.stages.get(stage)
+        if not entry or entry.get("fingerprint") != fp or entry.get("output") != output:
+            return None
+        exists = storage.exists if "://" in done_file else lambda p, _so: os.path.exists(p)
+        return entry if exists(done_file, self.so) else None
+
+    def record(self, stage: str, fp: str, output: str, metrics: dict) -> None:
+        """Mark ``stage`` finished (written atomically on local disk, one PUT on object stores)."""
+        self.stages[stage] = {
+            "fingerprint": fp,
+            "output": output,
+            "metrics": metrics,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        data = json.dumps({"stages": self.stages}, indent=1, default=str).encode()
+        if storage.is_local(self.url):
+            os.makedirs(os.path.dirname(os.path.abspath(self.url)), exist_ok=True)
+            tmp = self.url + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.url)
+        else:
+            storage.write_bytes(self.url, data, self.so)
+
+
+# ------------------------------------------------------------------------------------------------- sources
 
 
 @contextlib.contextmanager
@@ -47,83 +118,88 @@ def resolved_sources(recipe: Recipe, out: str):
             srv.shutdown()
 
 
-def train_clip_run(run: TrainRun, data: str, out_dir: str, eval_data: str | None = None) -> dict:
-    """Train the recipe's CLIP run in this process (torchrun launches come with the orchestration flow)."""
-    from training.train_clip import ClipTrainConfig, train
-
-    cfg = ClipTrainConfig(
-        data=data,
-        out=out_dir,
-        model=run.config,
-        steps=run.steps,
-        batch_size=run.batch_size,
-        lr=run.lr,
-        warmup_steps=min(100, max(1, run.steps // 10)),
-        max_minutes=run.max_minutes,
-        workers=1,
-        save_every=max(100, run.steps // 5),
-        eval_data=eval_data,
-        eval_every=max(100, run.steps // 4) if eval_data else 0,
-        progress=False,
-    )
-    return train(cfg)
+def has_demo_site(recipe: Recipe) -> bool:
+    """Whether the recipe scrapes the built-in demo site (then held-out demo scenes give true labels)."""
+    return any(isinstance(s, DemoSiteSource) for s in recipe.sources)
 
 
-def run_recipe(recipe: Recipe, out: str | None = None) -> RunResult:
-    """Run every stage of ``recipe`` that this version implements; returns where the outputs are."""
-    from flows.curate import run_curate
-    from flows.scrape import run_scrape
+def models_dir(recipe: Recipe, out: str) -> str:
+    """The local directory of training runs: the output itself when local, else ``./runs/<recipe name>``."""
+    if recipe.models:
+        return recipe.models
+    return out if storage.is_local(out) else os.path.join("runs", recipe.name)
+
+
+def preflight(recipe: Recipe, out: str, placement: Placement) -> None:
+    """Fail at the start, with one line, on what would otherwise fail halfway: storage, Dask, named inputs."""
+    so = recipe.storage_options or None
+    check_output(out, so)
+    if placement.kind == "dask":
+        check_dask(placement.dask_address)
+    for run in recipe.train:
+        if run.data and run.data not in DATA_KINDS:
+            check_manifest(run.data, so, what=f"train {run.kind} data")
+    if recipe.curate is not None and recipe.curate.previous:
+        check_manifest(recipe.curate.previous, so, what="curate.previous")
+
+
+# ----------------------------------------------------------------------------------------------- the flow
+
+
+def recipe_flow_fn(recipe_path: str, out: str | None = None, dask_address: str | None = None) -> dict:
+    """Body of the parent flow: load the recipe file and run it (see :func:`run_recipe`)."""
+    return run_recipe(load_recipe(recipe_path), out, dask_address).to_dict()
+
+
+def _make_flow():
+    from prefect import flow
+
+    return flow(name="recipe", log_prints=False, validate_parameters=True)(recipe_flow_fn)
+
+
+recipe_flow = _make_flow()
+
+
+def run_recipe(recipe: Recipe, out: str | None = None, dask_address: str | None = None) -> RunResult:
+    """Run every stage of ``recipe`` in order, skipping those already complete; returns where things are."""
+    from flows import stages
 
     out = out or recipe.output
-    result = RunResult(output=out)
+    placement = placement_of(recipe.runtime, dask_address)
+    preflight(recipe, out, placement)
     so = recipe.storage_options or None
-    scraped = storage.join(out, "scraped")
-    with resolved_sources(recipe, out) as (sources, gt_path):
-        result.ground_truth = gt_path
-        manifest = run_scrape(scraped, sources, recipe.scrape, so, recipe=recipe.model_dump(mode="json"))
-    result.datasets["scrape"] = scraped
-    result.metrics["scrape"] = {
-        "records": manifest["stats"]["seen"],
-        "images": manifest["stats"]["kept"],
-        "shards": len(manifest["shards"]),
-        "dropped": manifest["stats"]["dropped"],
-        "extraction_dropped": manifest.get("extraction", {}),
-    }
-    runs = {}
-    clip_run = next((t for t in recipe.train if t.kind == "clip"), None)
-    if clip_run is not None and (clip_run.data or "scraped") == "scraped":
-        clip_dir = storage.join(out, "clip")
-        heldout = None
-        if any(isinstance(src, DemoSiteSource) for src in recipe.sources) and storage.is_local(out):
-            from training.synthetic import write_demo_shards
+    result = RunResult(output=out, models=models_dir(recipe, out))
+    state = RunState(out, so)
+    ctx = stages.StageContext(recipe, out, so, placement, state, result, code_version())
 
-            heldout = storage.join(out, "heldout")  # fresh scenes with true labels, for zero-shot accuracy
-            if not os.path.exists(os.path.join(heldout, "manifest.json")):
-                write_demo_shards(heldout, n=600, seed=12345, size=recipe.scrape.image_size, per_shard=600)
-        summary = train_clip_run(clip_run, scraped, clip_dir, eval_data=heldout)
-        runs["clip"] = clip_dir
-        result.datasets["clip model"] = clip_dir
-        result.metrics["train clip"] = {"steps": summary.get("step"), **_last_eval(summary)}
+    fp = stages.scrape_stage(ctx)
+    fps = {"scraped": fp}
+    stages.train_stage(ctx, "scraped", fps)
     if recipe.curate is not None:
-        clip, pretrained = recipe.curate.clip.model, recipe.curate.clip.pretrained
-        if pretrained == "train:clip":
-            if "clip" not in runs:
-                raise ValueError(
-                    "curate.clip.pretrained is 'train:clip' but the recipe trains no CLIP on scraped data"
-                )
-            clip, pretrained = runs["clip"], None
-        curated = storage.join(out, "curated")
-        cm = run_curate(scraped, curated, clip, pretrained=pretrained, cfg=recipe.curate, storage_options=so)
-        result.datasets["curate"] = curated
-        result.metrics["curate"] = {
-            "kept": cm["stats"]["kept"],
-            "dropped": cm["stats"]["dropped"],
-            "report": storage.join(curated, "review", "index.html") if recipe.curate.report else None,
-        }
+        fps["curated"] = stages.curate_stage(ctx, fps)
+    stages.train_stage(ctx, "curated", fps)
+    if recipe.encode is not None:
+        fps["latents"] = stages.encode_stage(ctx, fps)
+    stages.train_stage(ctx, "latents", fps)
+    stages.train_stage(ctx, "external", fps)
+    if recipe.generate is not None and "ldm" in ctx.runs:
+        stages.generate_stage(ctx, fps)
+    stages.write_run_report(ctx)
     return result
 
 
-def _last_eval(summary: dict) -> dict:
-    evals = summary.get("eval") or []
-    last = evals[-1] if evals else {}
-    return {k: round(v, 3) for k, v in last.items() if isinstance(v, float) and k != "train_seconds"}
+def default_data(run: TrainRun, recipe: Recipe) -> str:
+    """The dataset a training run reads when the recipe does not say: latents for LDM, else curated or scraped."""
+    if run.data:
+        return run.data
+    if run.kind == "ldm":
+        return "latents"
+    return "curated" if recipe.curate is not None else "scraped"
+
+
+def manifest_samples(url: str, so: dict | None) -> int:
+    """Samples in a finished dataset (0 when it has no manifest)."""
+    try:
+        return int(read_manifest(url, so)["samples"])
+    except FileNotFoundError:
+        return 0

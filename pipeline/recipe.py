@@ -189,6 +189,7 @@ class CurateSection(_Strict):
     shard_size: int = Field(10_000, gt=0, lt=1_000_000)  # kept samples per output shard (shards are even)
     workers: int | None = Field(None, ge=0)  # DataLoader decode workers; 0 = inline; None = 0 on CPU, 8 on GPU
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    previous: str | None = None  # an earlier curated dataset: the report shows what changed since it
 
     @model_validator(mode="after")
     def _one_threshold(self):
@@ -215,7 +216,8 @@ class TrainRun(_Strict):
 
     kind: Literal["clip", "vae", "ldm"]
     config: str  # model config name (training/models/configs) or open_clip architecture
-    data: Literal["scraped", "curated", "latents"] | None = None  # default per kind
+    data: str | None = None  # "scraped" | "curated" | "latents" | a dataset URL; default: latents for ldm, else
+    # curated when the recipe curates, else scraped
     steps: int = Field(gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -234,6 +236,8 @@ class GenerateSection(_Strict):
     guidance: float = Field(7.5, ge=0)
     seed: int = 0
     n: int = Field(4, gt=0)
+    scheduler: Literal["dpm", "ddim"] = "dpm"
+    evaluate: bool = True  # prompt accuracy, guidance sweep and the negative-prompt check (demo-site recipes)
 
 
 class Runtime(_Strict):
@@ -254,7 +258,9 @@ class Recipe(_Strict):
     """A whole build: sources, stage settings and training runs."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    output: str  # base directory or fsspec URL for every dataset and run of this recipe
+    output: str  # base directory or fsspec URL (s3://...) for every dataset of this recipe
+    models: str | None = None  # local directory for training runs and model folders; default: output when local,
+    # else ./runs/<name>
     storage_options: dict = {}  # passed to fsspec (endpoint_url, ...); credentials come from the environment
     runtime: Runtime = Runtime()
     sources: list[Source] = Field(min_length=1)

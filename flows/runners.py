@@ -1,0 +1,78 @@
+"""Where a stage's per-shard tasks run (threads + the stage's process pool, or an existing Dask cluster), and the
+checks that make a recipe fail at the start with one line rather than halfway through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flows import env  # noqa: F401  (before prefect)
+from pipeline import storage
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a stage runs its per-shard tasks."""
+
+    kind: str = "local"  # "local": Prefect threads hand the CPU work to the stage's own process pool
+    # "process": Prefect's ProcessPoolTaskRunner; "dask": an existing Dask cluster through prefect-dask
+    dask_address: str | None = None  # tcp://host:port of the Dask scheduler
+    max_workers: int = 2  # concurrent shard tasks (the per-stage concurrency limit)
+
+    def task_runner(self, processes: int):
+        """The Prefect task runner for a stage that wants ``processes`` CPU workers on one machine."""
+        from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+        if self.kind == "dask":
+            from prefect_dask import DaskTaskRunner
+
+            return DaskTaskRunner(address=self.dask_address)
+        if self.kind == "process":
+            return ProcessPoolTaskRunner(max_workers=max(1, processes))
+        return ThreadPoolTaskRunner(max_workers=max(1, processes, self.max_workers))
+
+    def worker_processes(self, processes: int) -> int:
+        """Processes each task may spawn: only the local runner adds a pool; Dask and process workers work inline."""
+        return processes if self.kind == "local" else 1
+
+
+def placement_of(runtime, dask_address: str | None = None) -> Placement:
+    """The placement a recipe's ``runtime`` section asks for (``dask_address`` from the CLI overrides it)."""
+    if dask_address:
+        return Placement("dask", dask_address, runtime.max_workers if runtime else 2)
+    if runtime is None:
+        return Placement()
+    return Placement(runtime.task_runner, runtime.dask_address, runtime.max_workers)
+
+
+def check_dask(address: str, timeout_s: float = 10.0) -> None:
+    """Raise ``RuntimeError`` (one line) unless a Dask scheduler answers at ``address``."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=timeout_s, set_as_default=False) as client:
+            n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+    except (OSError, TimeoutError) as e:
+        raise RuntimeError(f"Dask scheduler {address} is unreachable: {str(e).splitlines()[0]}") from None
+    if n == 0:
+        raise RuntimeError(f"Dask scheduler {address} has no workers")
+
+
+def check_output(url: str, storage_options: dict | None = None) -> None:
+    """Raise ``RuntimeError`` (one line) when an object-store output's bucket is missing or not accessible."""
+    if storage.is_local(url):
+        return
+    fs, _ = storage.get_fs(url, storage_options)
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    try:
+        ok = fs.exists(bucket)
+    except Exception as e:  # botocore/aiohttp errors vary by cause; the first line says which
+        raise RuntimeError(f"{url}: cannot reach the bucket {bucket!r}: {str(e).splitlines()[0]}") from None
+    if not ok:
+        raise RuntimeError(f"{url}: bucket {bucket!r} does not exist or is not accessible with these credentials")
+
+
+def check_manifest(url: str, storage_options: dict | None = None, what: str = "dataset") -> None:
+    """Raise ``RuntimeError`` (one line) unless a finished dataset (its manifest.json) is at ``url``."""
+    manifest = url if url.endswith(".json") else storage.join(url, "manifest.json")
+    if not storage.exists(manifest, storage_options):
+        raise RuntimeError(f"{what} {url}: no manifest.json there (not a finished altforge dataset)")

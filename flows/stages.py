@@ -1,0 +1,338 @@
+"""The stages of recipe_flow: each reads its inputs' manifests, runs as a subflow or task, and records itself.
+
+Every stage function takes the run's :class:`StageContext`, returns its fingerprint, and is skipped when
+:class:`flows.run.RunState` says its output is complete and current.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows import env  # noqa: F401  (before prefect)
+from flows.runners import Placement
+from pipeline import storage
+from pipeline.manifest import read_manifest
+from pipeline.recipe import Recipe, TrainRun
+
+TRAINERS = {"clip": "training.train_clip", "vae": "training.train_vae", "ldm": "training.train_ldm"}
+# the file a finished run leaves in its folder (written last, after the final checkpoint)
+FINISHED_FILE = {"clip": "open_clip_model.safetensors", "vae": "config.json", "ldm": "model_index.json"}
+
+
+@dataclass
+class StageContext:
+    """What every stage of one recipe run shares."""
+
+    recipe: Recipe
+    out: str  # dataset root (local or fsspec URL)
+    so: dict | None  # storage options
+    placement: Placement
+    state: object  # flows.run.RunState
+    result: object  # flows.run.RunResult
+    code: str  # code version (git SHA)
+    datasets: dict[str, str] = field(default_factory=dict)  # "scraped" | "curated" | "latents" -> URL
+    runs: dict[str, str] = field(default_factory=dict)  # "clip" | "vae" | "ldm" -> model folder
+    run_fps: dict[str, str] = field(default_factory=dict)  # same keys -> fingerprint
+    heldout: str | None = None  # demo scenes with true labels (demo-site recipes on local disk)
+
+    def log(self, msg: str, *args) -> None:
+        """Log through Prefect's run logger."""
+        get_run_logger().info(msg, *args)
+
+    def skip(self, stage: str, fp: str, output: str, done_file: str) -> bool:
+        """True (and the recorded metrics restored) when ``stage`` is complete and current."""
+        entry = self.state.current(stage, fp, output, done_file)
+        if entry is None:
+            return False
+        self.result.skipped.append(stage)
+        self.result.metrics[stage] = entry.get("metrics", {})
+        self.log("%s: complete and current (%s), skipped", stage, output)
+        return True
+
+
+# --------------------------------------------------------------------------------------------------- scrape
+
+
+def scrape_stage(ctx: StageContext) -> str:
+    """Scrape the recipe's sources into ``OUT/scraped`` (the scrape subflow resumes per shard)."""
+    from flows.run import fingerprint, resolved_sources
+    from flows.scrape import run_scrape
+
+    r = ctx.recipe
+    dst = storage.join(ctx.out, "scraped")
+    ctx.datasets["scraped"] = dst
+    ctx.result.datasets["scrape"] = dst
+    fp = fingerprint("scrape", [s.model_dump(mode="json") for s in r.sources], r.scrape.model_dump(mode="json"))
+    if storage.is_local(ctx.out):
+        gt = os.path.join(ctx.out, "demo-site-ground-truth.jsonl")
+        ctx.result.ground_truth = gt if os.path.exists(gt) else None
+    if not ctx.skip("scrape", fp, dst, storage.join(dst, "manifest.json")):
+        with resolved_sources(r, ctx.out) as (sources, gt_path):
+            ctx.result.ground_truth = gt_path
+            manifest = run_scrape(
+                dst, sources, r.scrape, ctx.so, recipe=r.model_dump(mode="json"), placement=ctx.placement
+            )
+        st = manifest["stats"]
+        metrics = {"records": st["seen"], "images": st["kept"], "shards": len(manifest["shards"])}
+        metrics["dropped"] = st["dropped"]
+        ctx.result.metrics["scrape"] = metrics
+        ctx.state.record("scrape", fp, dst, metrics)
+    _held_out(ctx)
+    return fp
+
+
+def _held_out(ctx: StageContext) -> None:
+    from flows.run import has_demo_site
+
+    if not (has_demo_site(ctx.recipe) and storage.is_local(ctx.out)):
+        return
+    from training.synthetic import write_demo_shards
+
+    heldout = storage.join(ctx.out, "heldout")  # fresh scenes with true labels: zero-shot and PSNR checks
+    if not os.path.exists(os.path.join(heldout, "manifest.json")):
+        write_demo_shards(heldout, n=600, seed=12345, size=ctx.recipe.scrape.image_size, per_shard=600)
+    ctx.heldout = heldout
+
+
+# --------------------------------------------------------------------------------------------------- curate
+
+
+def resolve_model_ref(ctx: StageContext, model: str, pretrained: str | None) -> tuple[str, str | None]:
+    """A recipe model reference with ``train:<kind>`` replaced by that run's model folder."""
+    if pretrained and pretrained.startswith("train:"):
+        kind = pretrained.removeprefix("train:")
+        if kind not in ctx.runs:
+            raise ValueError(f"{pretrained!r} is named, but no {kind} run has finished before this stage")
+        return ctx.runs[kind], None
+    return model, pretrained
+
+
+def curate_stage(ctx: StageContext, fps: dict) -> str:
+    """Score, filter, dedup and reshard the scraped pairs into ``OUT/curated`` with a review report."""
+    from flows.curate import run_curate
+    from flows.run import fingerprint
+
+    c = ctx.recipe.curate
+    clip, pretrained = resolve_model_ref(ctx, c.clip.model, c.clip.pretrained)
+    dst = storage.join(ctx.out, "curated")
+    ctx.datasets["curated"] = ctx.result.datasets["curate"] = dst
+    fp = fingerprint("curate", c.model_dump(mode="json"), fps["scraped"], ctx.run_fps.get("clip"))
+    report = storage.join(dst, "review", "index.html") if c.report else None
+    if report:
+        ctx.result.artifacts["review report"] = report
+    if ctx.skip("curate", fp, dst, storage.join(dst, "manifest.json")):
+        return fp
+    m = run_curate(
+        ctx.datasets["scraped"],
+        dst,
+        clip,
+        pretrained=pretrained,
+        cfg=c,
+        storage_options=ctx.so,
+        recipe=ctx.recipe.model_dump(mode="json"),
+        previous=c.previous,
+        placement=ctx.placement,
+    )
+    metrics = {"kept": m["stats"]["kept"], "dropped": m["stats"]["dropped"]}
+    ctx.result.metrics["curate"] = metrics
+    ctx.state.record("curate", fp, dst, metrics)
+    return fp
+
+
+# --------------------------------------------------------------------------------------------------- encode
+
+
+def encode_stage(ctx: StageContext, fps: dict) -> str:
+    """VAE latents and text embeddings of the curated (or scraped) pairs into ``OUT/latents``."""
+    from flows.encode import run_encode
+    from flows.run import fingerprint
+
+    e = ctx.recipe.encode
+    src = ctx.datasets.get("curated") or ctx.datasets["scraped"]
+    vae, _ = resolve_model_ref(ctx, e.vae, e.vae if e.vae.startswith("train:") else None)
+    text, pretrained = resolve_model_ref(ctx, e.text_encoder.model, e.text_encoder.pretrained)
+    dst = storage.join(ctx.out, "latents")
+    ctx.datasets["latents"] = ctx.result.datasets["encode"] = dst
+    upstream = fps.get("curated") or fps["scraped"]
+    fp = fingerprint("encode", e.model_dump(mode="json"), upstream, ctx.run_fps.get("vae"), ctx.run_fps.get("clip"))
+    if ctx.skip("encode", fp, dst, storage.join(dst, "manifest.json")):
+        return fp
+    m = run_encode(
+        src,
+        dst,
+        vae=vae,
+        text_encoder=text,
+        pretrained=pretrained,
+        cfg=e,
+        storage_options=ctx.so,
+        recipe=ctx.recipe.model_dump(mode="json"),
+        placement=ctx.placement,
+    )
+    metrics = {"latents": m["samples"], "shards": len(m["shards"]), "dropped": m["stats"]["dropped"]}
+    ctx.result.metrics["encode"] = metrics
+    ctx.state.record("encode", fp, dst, metrics)
+    return fp
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def run_dir(ctx: StageContext, run: TrainRun) -> str:
+    """``MODELS/<kind>`` (``<kind>-2``, ... for a recipe's later runs of the same kind)."""
+    same = [t for t in ctx.recipe.train if t.kind == run.kind]
+    suffix = "" if same.index(run) == 0 else f"-{same.index(run) + 1}"
+    return os.path.join(ctx.result.models, f"{run.kind}{suffix}")
+
+
+def trainer_argv(ctx: StageContext, run: TrainRun, data: str, out_dir: str) -> list[str]:
+    """The trainer's command-line flags for a recipe run (the same for in-process and torchrun launches)."""
+    argv = [data, "--out", out_dir, "--config", run.config, "--steps", str(run.steps)]
+    argv += ["--batch-size", str(run.batch_size), "--lr", str(run.lr), "--max-minutes", str(run.max_minutes)]
+    argv += ["--save-every", str(max(100, run.steps // 5)), "--no-progress"]
+    if run.kind == "clip":
+        argv += ["--warmup-steps", str(min(100, max(1, run.steps // 10))), "--workers", "1"]
+        if ctx.heldout:
+            argv += ["--eval-data", ctx.heldout, "--eval-every", str(max(100, run.steps // 4))]
+    elif run.kind == "vae":
+        argv += ["--workers", "1"]
+        if ctx.recipe.encode is not None:
+            argv += ["--resolution", str(ctx.recipe.encode.resolution)]
+        if ctx.heldout:
+            argv += ["--eval-data", ctx.heldout]
+    else:  # ldm: the text encoder and VAE travel into the pipeline folder
+        argv += ["--workers", "1"]
+        e = ctx.recipe.encode
+        if e is not None:
+            text, pretrained = resolve_model_ref(ctx, e.text_encoder.model, e.text_encoder.pretrained)
+            vae, _ = resolve_model_ref(ctx, e.vae, e.vae if e.vae.startswith("train:") else None)
+            argv += ["--text-encoder", text, "--vae", vae]
+            if pretrained:
+                argv += ["--text-pretrained", pretrained]
+    if ctx.so and "://" in data:
+        argv += ["--storage-options", json.dumps(ctx.so)]
+    return argv
+
+
+@task(name="train", task_run_name="train-{kind}", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def train_task(kind: str, argv: list[str], out_dir: str, nproc_per_node: int, nnodes: int, rdzv: str | None) -> dict:
+    """Train in this process, or through torchrun for several processes; a retry resumes from the checkpoint."""
+    module = TRAINERS[kind]
+    if nproc_per_node * nnodes > 1:
+        from flows.launch import run_torchrun
+
+        run_torchrun(module, argv, out_dir, nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv)
+    else:
+        trainer = importlib.import_module(module)
+        trainer.train(trainer.parse_args(argv))
+    path = os.path.join(out_dir, "metrics.json")
+    return json.loads(open(path, encoding="utf-8").read()) if os.path.exists(path) else {}
+
+
+def train_stage(ctx: StageContext, phase: str, fps: dict) -> None:
+    """Run the recipe's training runs whose data is ``phase`` ("scraped", "curated", "latents" or "external")."""
+    from flows.run import DATA_KINDS, default_data, fingerprint
+
+    for run in ctx.recipe.train:
+        data_kind = default_data(run, ctx.recipe)
+        if (data_kind if data_kind in DATA_KINDS else "external") != phase:
+            continue
+        data = ctx.datasets.get(data_kind, data_kind)
+        if data_kind in DATA_KINDS and data_kind not in ctx.datasets:
+            raise ValueError(f"train {run.kind} reads {data_kind!r} data, but the recipe has no such stage")
+        out_dir = run_dir(ctx, run)
+        name = f"train {os.path.basename(out_dir)}"
+        deps = [ctx.run_fps.get(k) for k in ("clip", "vae")] if run.kind == "ldm" else []
+        fp = fingerprint(name, run.model_dump(mode="json"), fps.get(data_kind, data), deps)
+        ctx.runs[run.kind], ctx.run_fps[run.kind] = out_dir, fp
+        ctx.result.artifacts[f"{run.kind} model"] = out_dir
+        ctx.result.artifacts[f"{run.kind} TensorBoard logs"] = os.path.join(out_dir, "tensorboard")
+        if ctx.skip(name, fp, out_dir, os.path.join(out_dir, FINISHED_FILE[run.kind])):
+            continue
+        argv = trainer_argv(ctx, run, data, out_dir)
+        summary = train_task(run.kind, argv, out_dir, run.nproc_per_node, run.nnodes, run.rdzv_endpoint)
+        metrics = headline_metrics(summary)
+        ctx.result.metrics[name] = metrics
+        ctx.state.record(name, fp, out_dir, metrics)
+
+
+def headline_metrics(summary: dict) -> dict:
+    """The numbers worth printing from a trainer's metrics.json: step, and the last evaluation's floats."""
+    out = {"steps": summary.get("step")}
+    evals = summary.get("eval")
+    last = evals[-1] if isinstance(evals, list) and evals else summary.get("final", {})
+    for k, v in (last or {}).items():
+        if isinstance(v, float) and k != "train_seconds":
+            out[k] = round(v, 3)
+    for k in ("psnr", "scaling_factor", "samples_per_s", "train_seconds"):
+        if isinstance(summary.get(k), float):
+            out[k] = round(summary[k], 4)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- generate
+
+
+@task(name="generate", cache_policy=NO_CACHE)
+def generate_task(model_dir: str, gen: dict, out_png: str, evaluate_with: dict | None) -> dict:
+    """The recipe's evaluation grid (and, for demo recipes, prompt accuracy and the negative-prompt check)."""
+    from flows.generate import evaluation_grid
+
+    return evaluation_grid(model_dir, gen, out_png, evaluate_with)
+
+
+def generate_stage(ctx: StageContext, fps: dict) -> None:
+    """Sample the recipe's prompts with the trained diffusion model into ``MODELS/samples.png``."""
+    from flows.run import fingerprint, has_demo_site
+
+    g = ctx.recipe.generate
+    png = os.path.join(ctx.result.models, "samples.png")
+    ctx.result.artifacts["sample grid"] = png
+    fp = fingerprint("generate", g.model_dump(mode="json"), ctx.run_fps["ldm"])
+    if ctx.skip("generate", fp, png, png):
+        return
+    evaluate_with = None
+    if g.evaluate and has_demo_site(ctx.recipe) and ctx.heldout:
+        evaluate_with = {"heldout": ctx.heldout, "clip": ctx.runs.get("clip")}
+    metrics = generate_task(ctx.runs["ldm"], g.model_dump(mode="json"), png, evaluate_with)
+    ctx.result.metrics["generate"] = metrics
+    ctx.state.record("generate", fp, png, metrics)
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def write_run_report(ctx: StageContext) -> None:
+    """``OUT/run_report.json`` + ``.md`` (stages, outputs, metrics, lineage) and the same as Prefect artifacts."""
+    res = ctx.result
+    lineage = {}
+    for kind, url in ctx.datasets.items():
+        try:
+            lineage[kind] = read_manifest(url, ctx.so).get("parent")
+        except FileNotFoundError:
+            lineage[kind] = None
+    doc = {**res.to_dict(), "lineage": lineage, "code_version": ctx.code}
+    lines = [f"# Run report: {ctx.recipe.name}", "", f"Output: `{res.output}`; models: `{res.models}`", ""]
+    lines += ["| stage | output | metrics |", "|---|---|---|"]
+    outputs = {**res.datasets, **{k: v for k, v in res.artifacts.items() if k.endswith(" model")}}
+    for stage, m in res.metrics.items():
+        key = stage.removeprefix("train ").split()[0]
+        where = outputs.get(stage) or outputs.get(f"{key} model") or ""
+        skipped = " (skipped: current)" if stage in res.skipped else ""
+        lines.append(f"| {stage}{skipped} | `{where}` | {json.dumps(m, default=str)} |")
+    lines += ["", "## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in res.artifacts.items()]
+    lines += ["", "## Lineage (each dataset's parent manifest)", ""]
+    lines += [f"- {k}: `{v}`" for k, v in lineage.items()]
+    md = "\n".join(lines) + "\n"
+    storage.write_bytes(storage.join(ctx.out, "run_report.json"), json.dumps(doc, indent=1).encode(), ctx.so)
+    storage.write_bytes(storage.join(ctx.out, "run_report.md"), md.encode(), ctx.so)
+    res.artifacts["run report"] = storage.join(ctx.out, "run_report.md")
+    rows = [{"stage": s, "metrics": json.dumps(m, default=str)} for s, m in res.metrics.items()]
+    create_table_artifact(rows, key="run-metrics", description=f"metrics of {ctx.recipe.name}")
+    create_markdown_artifact(md, key="run-report")
