@@ -9,12 +9,12 @@ from collections import Counter
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import workers  # importing the flows package turns telemetry off before prefect loads (flows/env.py)
+from flows.runners import Placement
 from flows.scrape_worker import scrape_partition
 from pipeline import plan as plans
-from pipeline import shards
+from pipeline import shards, versions
 from pipeline.fetch_thread import BackgroundFetcher
 from pipeline.manifest import build_manifest, write_manifest
 from pipeline.recipe import ScrapeConfig, parse_source
@@ -24,26 +24,40 @@ from pipeline.stats import StageStats
 
 @task(name="plan-scrape-inputs", cache_policy=NO_CACHE)
 def plan_inputs(
-    dst: str, sources: list[dict], cfg_json: str, storage_options: dict | None, retry_failed: bool
+    dst: str,
+    sources: list[dict],
+    cfg_json: str,
+    storage_options: dict | None,
+    retry_failed: bool,
+    seen_from: str | None = None,
+    start_index: int = 0,
 ) -> dict:
-    """Read the sources into fixed partitions once (a rerun reuses them); add retry partitions on request."""
+    """Read the sources into fixed partitions once (a rerun reuses them); add retry partitions on request.
+
+    Incremental runs pass ``seen_from`` (the previous version's manifest): records whose URL it or its ancestors
+    attempted are skipped (``seen_url``), and partitions are numbered from ``start_index``.
+    """
     log = get_run_logger()
     cfg = ScrapeConfig.model_validate_json(cfg_json)
     plan = plans.load_plan(dst, storage_options)
     if plan is None:
         drops: Counter = Counter()
+        seen = versions.seen_urls(seen_from, storage_options) if seen_from else None
         with BackgroundFetcher(cfg.fetch_config()) as fetcher:
             records = itertools.chain.from_iterable(
                 plans.source_records(parse_source(s), fetcher, drops) for s in sources
             )
-            parts = plans.write_partitions(records, dst, cfg.shard_size, 0, storage_options)
+            if seen is not None:
+                log.info("incremental: %d URLs already attempted by %s", len(seen), seen_from)
+                records = plans.skip_seen(records, seen, drops, versions.SEEN_URL)
+            parts = plans.write_partitions(records, dst, cfg.shard_size, start_index, storage_options)
         plan = plans.new_plan(parts, drops, sources)
         plans.save_plan(dst, plan, storage_options)
         log.info("planned %d records in %d partitions; extraction drops: %s", plan["records"], len(parts), dict(drops))
     if retry_failed:
         retry = failed_records(dst, storage_options)
         n = plan.get("retries", 0) + 1
-        start = max((p["index"] for p in plan["partitions"]), default=-1) + 1
+        start = max((p["index"] for p in plan["partitions"]), default=start_index - 1) + 1
         parts = plans.write_partitions(retry, dst, cfg.shard_size, start, storage_options, kind=f"retry-{n}")
         plan["partitions"] += parts
         plan["retries"] = n
@@ -60,13 +74,21 @@ def plan_inputs(
     cache_policy=NO_CACHE,
 )
 def scrape_shard_task(
-    name: str, partition_url: str, dst: str, cfg_json: str, storage_options: dict | None, processes: int
+    name: str,
+    partition_url: str,
+    dst: str,
+    cfg_json: str,
+    storage_options: dict | None,
+    processes: int,
+    seen_from: str | None = None,
 ) -> dict:
     """Scrape one shard (skipped when already done), in the run's worker pool."""
     if shards.is_done(dst, int(name), storage_options):
         return shards.read_shard_stats(dst, name, storage_options)
     dst_url = shards.shard_files(dst, int(name))["tar"]
-    return workers.run("scrape", processes, scrape_partition, partition_url, dst_url, cfg_json, storage_options)
+    return workers.run(
+        "scrape", processes, scrape_partition, partition_url, dst_url, cfg_json, storage_options, seen_from
+    )
 
 
 @flow(name="scrape", log_prints=False)
@@ -78,16 +100,31 @@ def scrape_flow(
     retry_failed: bool = False,
     recipe: dict | None = None,
     parent: str | None = None,
+    incremental: bool = False,
+    processes: int | None = None,
 ) -> dict:
-    """Scrape ``sources`` into the dataset ``dst``; returns its manifest."""
+    """Scrape ``sources`` into the dataset ``dst``; returns its manifest.
+
+    ``processes`` overrides the config's worker processes per task (1 on Dask, where each worker is a process).
+
+    With ``incremental``, ``dst`` is a versioned dataset root (``pipeline.versions``): the run writes its next
+    version, fetching only URLs no earlier version attempted and keeping no bytes an earlier version stored; the
+    version's manifest names the previous one as ``parent`` (overriding the ``parent`` argument).
+    """
     log = get_run_logger()
     scfg = ScrapeConfig.model_validate(cfg)
     cfg_json = scfg.model_dump_json()
-    plan = plan_inputs(dst, sources, cfg_json, storage_options, retry_failed)
+    target = versions.next_version(dst, storage_options) if incremental else None
+    if target is not None:
+        dst, parent = target.url, target.parent
+        log.info("incremental: version %d at %s, parent %s", target.number, dst, parent or "none")
+    seen_from, start = (target.parent, target.start_index) if target is not None else (None, 0)
+    plan = plan_inputs(dst, sources, cfg_json, storage_options, retry_failed, seen_from, start)
     shards.clean_temporaries(dst, storage_options)
+    nproc = processes or scfg.processes
     futures = [
         scrape_shard_task.submit(
-            shards.shard_name(p["index"]), p["url"], dst, cfg_json, storage_options, scfg.processes
+            shards.shard_name(p["index"]), p["url"], dst, cfg_json, storage_options, nproc, seen_from
         )
         for p in plan["partitions"]
     ]
@@ -107,7 +144,11 @@ def scrape_flow(
         storage_options=storage_options,
         extra={"input_records": plan["records"], "extraction": plan["extraction"], "sources": sources},
     )
+    if target is not None:
+        versions.stamp_manifest(manifest, target, storage_options)
     write_manifest(dst, manifest, storage_options)
+    if target is not None:
+        versions.write_index(target.root, storage_options)
     publish_funnel("scrape", manifest, dst)
     log.info(
         "scrape: %d of %d records kept in %d shards",
@@ -147,9 +188,19 @@ def run_scrape(
     storage_options: dict | None = None,
     retry_failed: bool = False,
     recipe: dict | None = None,
+    incremental: bool = False,
+    placement: Placement | None = None,
 ) -> dict:
-    """Run scrape_flow with a task runner sized to the configured processes."""
-    runner = ThreadPoolTaskRunner(max_workers=max(1, cfg.processes))
+    """Run scrape_flow where ``placement`` says (default: threads feeding the stage's own process pool)."""
+    placement = placement or Placement(max_workers=cfg.processes)
+    runner = placement.task_runner(cfg.processes)
     return scrape_flow.with_options(task_runner=runner)(
-        dst, sources, cfg.model_dump(), storage_options, retry_failed, recipe
+        dst,
+        sources,
+        cfg.model_dump(),
+        storage_options,
+        retry_failed,
+        recipe,
+        incremental=incremental,
+        processes=placement.worker_processes(cfg.processes),
     )

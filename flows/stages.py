@@ -151,7 +151,7 @@ def curate_stage(ctx: StageContext, fps: dict) -> str:
 
 def encode_stage(ctx: StageContext, fps: dict) -> str:
     """VAE latents and text embeddings of the curated (or scraped) pairs into ``OUT/latents``."""
-    from flows.encode import run_encode
+    from flows.encode import encode_config, run_encode
     from flows.run import fingerprint
 
     e = ctx.recipe.encode
@@ -170,7 +170,7 @@ def encode_stage(ctx: StageContext, fps: dict) -> str:
         vae=vae,
         text_encoder=text,
         pretrained=pretrained,
-        cfg=e,
+        cfg=encode_config(e),
         storage_options=ctx.so,
         recipe=ctx.recipe.model_dump(mode="json"),
         placement=ctx.placement,

@@ -2,13 +2,15 @@
 
 ``<dataset>/_inputs/NNNNNN.parquet`` holds the records of output shard ``NNNNNN``; ``_inputs/plan.json`` (written
 last) lists the partitions and the extraction funnel (what the sources dropped before any download, and why).
+An incremental run (``pipeline.versions``) plans only the records whose URL no earlier version attempted
+(:func:`skip_seen`, counted as ``seen_url``) and numbers its partitions after the earlier versions' shards.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -67,6 +69,16 @@ def record_row(rec) -> dict:
         "extra": json.dumps(extra, default=str, sort_keys=True) if extra else None,
         "retry_of": get("retry_of"),
     }
+
+
+def skip_seen(records: Iterable, seen: Container[str], drops: Counter, reason: str = "seen_url") -> Iterator:
+    """The records whose URL is not in ``seen`` (what earlier versions attempted); the others are counted in drops."""
+    for rec in records:
+        url = rec.get("url") if isinstance(rec, dict) else getattr(rec, "url", None)
+        if url in seen:
+            drops[reason] += 1
+            continue
+        yield rec
 
 
 def write_partitions(

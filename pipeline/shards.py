@@ -373,16 +373,27 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
 
 
 def shard_urls(source: str, storage_options: dict | None = None) -> list[str]:
-    """Tar URLs of a dataset: a directory (its manifest, else its done shards), a manifest.json, or a pattern."""
+    """Tar URLs of a dataset: a directory (its manifest, else its done shards), a manifest.json, or a pattern.
+
+    A dataset version (``pipeline.versions``: a manifest with ``"delta": true``) reads as a whole: its parent's
+    shards, then its own. A versioned root (a ``versions.json`` and no manifest) reads as its latest version.
+    """
     if "{" in source or "::" in source or source.endswith(".tar"):
         return expand_urls(source)
     manifest_url = source if source.endswith(".json") else storage.join(source, "manifest.json")
     base = source.rsplit("/", 1)[0] if source.endswith(".json") else source
     if storage.exists(manifest_url, storage_options):
         manifest = json.loads(storage.read_bytes(manifest_url, storage_options))
-        return [storage.join(base, s["name"]) for s in manifest["shards"]]
+        own = [storage.join(base, s["name"]) for s in manifest["shards"]]
+        if manifest.get("delta") and manifest.get("parent"):
+            return shard_urls(manifest["parent"], storage_options) + own
+        return own
     if source.endswith(".json"):
         raise FileNotFoundError(f"manifest not found: {manifest_url}")
+    if storage.exists(storage.join(base, "versions.json"), storage_options):
+        from pipeline.versions import resolve
+
+        return shard_urls(resolve(base, None, storage_options), storage_options)
     return [storage.join(base, f"{n}.tar") for n in done_shards(base, storage_options)]
 
 

@@ -63,6 +63,7 @@ class ShardPlan:
     batch_size: int  # per rank
     seed: int
     split: str
+    storage_options: dict | None = field(default=None, compare=False)  # fsspec options (s3 endpoint, ...)
 
     @property
     def slots(self) -> int:
@@ -94,25 +95,32 @@ class ShardPlan:
 
 
 def read_sizes(source: str, storage_options: dict | None = None) -> tuple[list[str], list[int]]:
-    """Shard URLs of ``source`` (sorted) and their sample counts from ``sizes.json`` beside them."""
+    """Shard URLs of ``source`` (sorted) and their sample counts from the ``sizes.json`` beside each of them.
+
+    The shards of a dataset version (``pipeline.versions``) lie in several directories, each with its sizes.json.
+    """
     urls = sorted(shard_urls(source, storage_options))
     if not urls:
         raise FileNotFoundError(f"no shards found in {source}")
-    base = urls[0].rsplit("/", 1)[0]
-    sizes_url = storage.join(base, "sizes.json")
-    if not storage.exists(sizes_url, storage_options):
-        raise FileNotFoundError(f"sizes.json not found beside the shards: {sizes_url}")
-    sizes = json.loads(storage.read_bytes(sizes_url, storage_options))
-    missing = [u for u in urls if u.rsplit("/", 1)[-1] not in sizes]
+    sizes: dict[str, dict] = {}  # directory -> its sizes.json
+    for base in dict.fromkeys(u.rsplit("/", 1)[0] for u in urls):
+        sizes_url = storage.join(base, "sizes.json")
+        if not storage.exists(sizes_url, storage_options):
+            raise FileNotFoundError(f"sizes.json not found beside the shards: {sizes_url}")
+        sizes[base] = json.loads(storage.read_bytes(sizes_url, storage_options))
+    split = [u.rsplit("/", 1) for u in urls]
+    missing = [u for u, (base, name) in zip(urls, split, strict=True) if name not in sizes[base]]
     if missing:
         raise ValueError(f"sizes.json has no entry for {len(missing)} shard(s), e.g. {missing[0]}")
-    return urls, [int(sizes[u.rsplit("/", 1)[-1]]) for u in urls]
+    return urls, [int(sizes[base][name]) for base, name in split]
 
 
 def make_plan(source: str, cfg: LoaderConfig, world_size: int, storage_options: dict | None = None) -> ShardPlan:
     """The shard plan of a dataset directory, manifest or brace pattern for ``world_size`` ranks."""
     urls, sizes = read_sizes(source, storage_options)
-    return ShardPlan(tuple(urls), tuple(sizes), world_size, cfg.workers, cfg.batch_size, cfg.seed, cfg.split)
+    return ShardPlan(
+        tuple(urls), tuple(sizes), world_size, cfg.workers, cfg.batch_size, cfg.seed, cfg.split, storage_options
+    )
 
 
 # ------------------------------------------------------------------------------------------------- generators
@@ -222,7 +230,7 @@ class ShardStream(IterableDataset):
         logical = (worker + self.start["batches"]) % n_workers
         slot = self.rank * n_workers + logical
         state = self.start["slots"].get(str(slot), {"epoch": self.start["epoch"], "raw": 0, "batches": 0})
-        yield from slot_batches(self.plan, slot, state, self.map_fn, self.shuffle_buffer)
+        yield from slot_batches(self.plan, slot, state, self.map_fn, self.shuffle_buffer, self.plan.storage_options)
 
 
 @dataclass

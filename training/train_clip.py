@@ -67,6 +67,7 @@ class ClipTrainConfig:
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
     stop_after: int = 0  # leave (and save) at this step although the schedule runs to ``steps`` (time slices); 0 = off
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    storage_options: str = ""  # JSON fsspec options for s3:// data (endpoint_url, ...); credentials: environment
     progress: bool = True  # progress bar when stderr is a terminal
 
     def to_json(self) -> str:
@@ -143,7 +144,7 @@ def train(cfg: ClipTrainConfig) -> dict:
 
     # ---- data
     loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
-    plan = make_plan(cfg.data, loader_cfg, dist.world_size)
+    plan = make_plan(cfg.data, loader_cfg, dist.world_size, json.loads(cfg.storage_options or "null"))
     position = DataPosition()
 
     # ---- resume

@@ -1,0 +1,466 @@
+"""The latent stage: image shards in, VAE latents (+ text embeddings) out, so diffusion training never decodes a JPEG.
+
+Per sample of a latent shard (same key as the source sample)::
+
+    <key>.latent.npy        float16 (C, h, w): posterior mean x scaling_factor
+    <key>.logvar.npy        float16 (C, h, w): posterior log-variance, unscaled   (latent_mode "mean_logvar")
+    <key>.latent_flip.npy   the same for the horizontally flipped image          (flip; + logvar_flip.npy)
+    <key>.text_emb.npy      float16 (L, D): per-token hidden states of the text encoder (store_text_embeddings)
+    <key>.txt / <key>.json  the caption; the source metadata + crop box, source size and resolution
+
+The dataset root also holds ``empty_text_emb.npy`` (float16 (L, D), the text encoder's output for ``""``, always
+written: classifier-free guidance dropout swaps it in) and ``encode_config.json`` (what made the latents; a rerun
+with other models or settings refuses to mix its shards with these). The models are passed in as plain callables
+(:class:`Encoders`), so this module needs neither diffusers nor open_clip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from pipeline import manifest as manifests
+from pipeline import shards, storage
+from pipeline.scrape import split_shard_url
+from pipeline.stats import StageStats
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+EMPTY_EMBEDDING = "empty_text_emb.npy"
+ENCODE_CONFIG = "encode_config.json"
+LATENT_MODES = ("mean", "mean_logvar")
+DTYPES = ("float32", "bfloat16", "float16")
+RUN_ONLY_FIELDS = ("batch_size", "workers")  # settings that do not change what is written
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Settings of the latent stage (round-trips through JSON; written into the manifest)."""
+
+    resolution: int = 256  # px, side of the square VAE input (shorter side resized to it, then center crop)
+    latent_mode: str = "mean"  # "mean" | "mean_logvar" (also store the posterior log-variance so training samples)
+    flip: bool = False  # also store the latent of the horizontally flipped image
+    store_text_embeddings: bool = True  # per-sample (L, D) float16 text embeddings; else the trainer encodes
+    dtype: str = "bfloat16"  # VAE weights and inputs on GPU: float32 | bfloat16 | float16; CPU always float32
+    batch_size: int = 64  # images per VAE call
+    workers: int | None = None  # DataLoader decode processes; None: 0 on CPU, up to 8 on GPU
+    min_size: int = 0  # px; images whose shorter side is smaller are dropped (image_too_small); 0 keeps all
+
+    def __post_init__(self):
+        if self.resolution <= 0 or self.batch_size <= 0 or self.min_size < 0:
+            raise ValueError("resolution and batch_size must be > 0 and min_size >= 0")
+        if self.latent_mode not in LATENT_MODES:
+            raise ValueError(f"latent_mode must be one of {LATENT_MODES}, not {self.latent_mode!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError("workers must be >= 0")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncodeConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown encode settings: {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Encoders:
+    """The models of the stage as plain callables, loaded once per worker by the caller."""
+
+    images: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (B,3,H,W) in [-1,1] -> unscaled mean, logvar
+    texts: Callable[[list[str]], torch.Tensor] | None  # captions -> (n, L, D); None when no text embeddings are stored
+    scaling_factor: float  # the VAE's: latent = mean x scaling_factor
+    device: str = "cpu"  # where image batches are sent
+    dtype: str = "float32"  # dtype of the image batches (the VAE's weights)
+
+
+# ------------------------------------------------------------------------------------------------------- images
+
+
+def prepare_image(img_bytes: bytes, resolution: int) -> tuple[np.ndarray, dict]:
+    """Decode, resize the shorter side to ``resolution`` (bicubic) and center crop: uint8 (r, r, 3) and the crop.
+
+    The info dict holds ``crop`` ``[left, top, right, bottom]`` in the resized image's pixels, ``source_size``
+    ``[w, h]`` of the decoded image and ``resolution``. Raises whatever PIL raises for bytes that do not decode.
+    """
+    with Image.open(io.BytesIO(img_bytes)) as im:
+        im = ImageOps.exif_transpose(im)
+        img = im.convert("RGB")
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError(f"empty image {w}x{h}")
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    if size != (w, h):
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    box = [left, top, left + resolution, top + resolution]
+    arr = np.array(img.crop(tuple(box)), dtype=np.uint8)  # a writable copy: torch.from_numpy takes it as is
+    return arr, {"crop": box, "source_size": [w, h], "resolution": resolution}
+
+
+def to_model_input(images: torch.Tensor, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> (B, 3, H, W) in [-1, 1] on ``device`` in ``dtype``, channels_last (uint8 travels)."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory is NCHW channels_last already
+    x = x.float().div_(127.5).sub_(1.0).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def first_image(sample: dict) -> bytes | None:
+    """The bytes of a raw sample's first image field, if any."""
+    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+
+
+def decode_sample(sample: dict, resolution: int, min_size: int = 0) -> dict:
+    """Raw tar sample -> ``{key, caption, meta, image (uint8 or None), info, status, error}`` (never raises)."""
+    key = sample["__key__"]
+    caption = sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else ""
+    out = {"key": key, "caption": caption, "meta": {}, "image": None, "info": None, "status": "success", "error": None}
+    try:
+        out["meta"] = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError as e:
+        out["error"] = f"bad json: {e}"[:200]  # kept: the metadata is not needed to train
+    data = first_image(sample)
+    if data is None:
+        return {**out, "status": "missing_image"}
+    if not caption:
+        return {**out, "status": "missing_caption"}
+    try:
+        image, info = prepare_image(data, resolution)
+    except Exception as e:  # any undecodable image is one dropped sample, never a failed shard
+        return {**out, "status": "decode_error", "error": f"{type(e).__name__}: {e}"[:200]}
+    if min(info["source_size"]) < min_size:
+        return {**out, "info": info, "status": "image_too_small", "error": f"source {info['source_size']}"}
+    return {**out, "image": image, "info": info}
+
+
+class ShardImages(torch.utils.data.IterableDataset):
+    """The decoded samples of one local tar shard, split over DataLoader workers by position (i % n)."""
+
+    def __init__(self, path: str, resolution: int, min_size: int = 0):
+        self.path, self.resolution, self.min_size = path, resolution, min_size
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        for i, sample in enumerate(shards.iter_samples(self.path, decode=False)):
+            if i % n == wid:
+                yield {"index": i, **decode_sample(sample, self.resolution, self.min_size)}
+
+
+def collate_images(items: list[dict]) -> dict:
+    """A batch: the decoded images stacked as one uint8 (k, H, W, 3) tensor (pinnable), and every item's record."""
+    ok = [it["image"] for it in items if it["image"] is not None]  # exactly the items with status "success"
+    for it in items:
+        del it["image"]
+    images = torch.from_numpy(np.stack(ok)) if ok else torch.zeros(0, dtype=torch.uint8)
+    return {"images": images, "items": items}
+
+
+def decode_workers(cfg: EncodeConfig, device: torch.device) -> int:
+    """DataLoader workers: as configured, else none on CPU (the VAE needs the cores) and up to 8 on GPU."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+
+
+def image_batches(path: str, cfg: EncodeConfig, device: torch.device) -> Iterator[dict]:
+    """Batches of one local shard, decoded in DataLoader workers (pinned memory when the VAE is on a GPU)."""
+    workers = decode_workers(cfg, device)
+    loader = torch.utils.data.DataLoader(
+        ShardImages(path, cfg.resolution, cfg.min_size),
+        batch_size=cfg.batch_size,
+        num_workers=workers,
+        collate_fn=collate_images,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    yield from loader
+
+
+@contextlib.contextmanager
+def local_copy(url: str, storage_options: dict | None = None) -> Iterator[str]:
+    """A local path of ``url``: itself when local, else a temporary download (decode workers each read it)."""
+    if storage.is_local(url):
+        yield url.removeprefix("file://")
+        return
+    fd, path = tempfile.mkstemp(prefix="altforge-src-", suffix=".tar")
+    os.close(fd)
+    try:
+        fs, remote = storage.get_fs(url, storage_options)
+        fs.get_file(remote, path)
+        yield path
+    finally:
+        os.remove(path)
+
+
+# ------------------------------------------------------------------------------------------------------ encoding
+
+
+def _f16(t: torch.Tensor) -> np.ndarray:
+    return t.float().to(torch.float16).cpu().numpy()
+
+
+def encode_batch(images: torch.Tensor, captions: list[str], cfg: EncodeConfig, encoders: Encoders, stats: StageStats):
+    """Latent arrays of one batch (uint8 (k,H,W,3)): ``{ext: float16 (k, ...)}`` with the extensions to store."""
+    k = images.shape[0]
+    with stats.timer("encode_images"):
+        x = to_model_input(images, encoders.device, getattr(torch, encoders.dtype))
+        if cfg.flip:
+            x = torch.cat([x, x.flip(3)])  # one VAE call for both
+        mean, logvar = encoders.images(x)
+        out = {"latent.npy": _f16(mean.float() * encoders.scaling_factor)}
+        if cfg.latent_mode == "mean_logvar":
+            out["logvar.npy"] = _f16(logvar)
+        if cfg.flip:
+            out = {**{e: a[:k] for e, a in out.items()}, **{e.replace(".", "_flip."): a[k:] for e, a in out.items()}}
+    if cfg.store_text_embeddings:
+        with stats.timer("encode_texts"):
+            out["text_emb.npy"] = _f16(encoders.texts(captions))
+    return out
+
+
+def _row(item: dict, status: str, error: str | None) -> dict:
+    meta, info = item["meta"], item["info"] or {}
+    src = info.get("source_size") or [None, None]
+    ok = status == "success"
+    return {
+        "key": item["key"],
+        "url": meta.get("url"),
+        "page_url": meta.get("page_url"),
+        "caption": item["caption"],
+        "status": status,
+        "error": error,
+        "width": info.get("resolution") if ok else None,
+        "height": info.get("resolution") if ok else None,
+        "original_width": src[0],
+        "original_height": src[1],
+        "sha256": meta.get("sha256"),
+        "crop": info.get("crop") if ok else None,
+    }
+
+
+def encode_latents_shard(
+    src_url: str,
+    dst_url: str,
+    cfg: EncodeConfig,
+    encoders: Encoders,
+    storage_options: dict | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> StageStats:
+    """Encode every sample of the image shard ``src_url`` into the latent shard ``dst_url`` (``.../NNNNNN.tar``).
+
+    Every source sample becomes one parquet row; the dropped ones (``missing_image``, ``missing_caption``,
+    ``decode_error``, ``image_too_small``, ``nonfinite_latent``) are counted by reason. ``progress`` receives count
+    deltas after each batch.
+    """
+    if cfg.store_text_embeddings and encoders.texts is None:
+        raise ValueError("store_text_embeddings needs a text encoder")
+    dataset_url, index = split_shard_url(dst_url)
+    device = torch.device(encoders.device)
+    stats = StageStats()
+    with local_copy(src_url, storage_options) as path, shards.ShardWriter(dataset_url, index, storage_options) as w:
+        batches = image_batches(path, cfg, device)
+        while True:
+            with stats.timer("read_decode"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            before = Counter({"kept": stats.kept, **stats.dropped})
+            items = batch["items"]
+            ok = [it for it in items if it["status"] == "success"]
+            arrays, finite = {}, np.ones(len(ok), bool)
+            if ok:
+                with torch.inference_mode():
+                    arrays = encode_batch(batch["images"], [it["caption"] for it in ok], cfg, encoders, stats)
+                for a in arrays.values():  # an fp16 VAE can overflow: such a latent would poison training
+                    finite &= np.isfinite(a.reshape(len(ok), -1)).all(1)
+            with stats.timer("write"):
+                for j, it in enumerate(ok):
+                    if not finite[j]:
+                        it["status"], it["error"] = "nonfinite_latent", "NaN or inf in the VAE output"
+                        continue
+                    meta = {**it["meta"], **it["info"]}
+                    w.write({"__key__": it["key"], "txt": it["caption"], "json": meta,
+                             **{e: a[j] for e, a in arrays.items()}})  # fmt: skip
+                for it in items:
+                    w.add_row(_row(it, it["status"], it["error"]))
+                    stats.seen += 1
+                    if it["status"] == "success":
+                        stats.kept += 1
+                    else:
+                        stats.drop(it["status"])
+            if progress is not None:
+                now = Counter({"kept": stats.kept, **stats.dropped})
+                progress({"seen": len(items), **{k: v - before.get(k, 0) for k, v in now.items() if v != before[k]}})
+        stats.check()
+        with stats.timer("publish"):
+            w.publish(stats)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------------ dataset
+
+
+def latent_shards(src: str, storage_options: dict | None = None) -> dict[str, str]:
+    """Output shard name -> source tar URL: each latent shard keeps its source shard's six-digit name."""
+    urls = shards.shard_urls(src, storage_options)
+    if not urls:
+        raise ValueError(f"{src}: no shards to encode")
+    out = {}
+    for u in urls:
+        stem = u.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar")
+        if not (len(stem) == 6 and stem.isdigit()):
+            raise ValueError(f"{u}: source shards must be named NNNNNN.tar")
+        if stem in out:
+            raise ValueError(f"{src}: two source shards are named {stem}.tar")
+        out[stem] = u
+    return out
+
+
+def parent_manifest_url(src: str, storage_options: dict | None = None) -> str | None:
+    """The source dataset's manifest URL, when it has one (the latent manifest's parent)."""
+    if "{" in src or "::" in src or src.endswith(".tar"):
+        return None
+    url = src if src.endswith(".json") else storage.join(src, "manifest.json")
+    return url if storage.exists(url, storage_options) else None
+
+
+def latent_config(cfg: EncodeConfig, vae: dict, text_encoder: dict, compute_dtype: str) -> dict:
+    """The manifest's config: the settings, the VAE fingerprint, the text encoder, dtypes and the latent shape."""
+    down = int(vae.get("downsample") or 8)
+    channels = int(vae.get("latent_channels") or 4)
+    return {
+        **cfg.to_dict(),
+        "vae": vae,
+        "scaling_factor": float(vae["scaling_factor"]),
+        "text_encoder": text_encoder,
+        "compute_dtype": compute_dtype,
+        "latent_dtype": "float16",
+        "latent_shape": [channels, cfg.resolution // down, cfg.resolution // down],
+        "empty_text_emb": EMPTY_EMBEDDING,
+    }
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_empty_embedding(dataset: str, emb, storage_options: dict | None = None) -> str:
+    """Store the empty-prompt embedding ``(L, D)`` as float16 ``empty_text_emb.npy``; returns its URL."""
+    arr = emb.detach().float().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
+    if arr.ndim != 2:
+        raise ValueError(f"the empty-prompt embedding must be (L, D), not {arr.shape}")
+    url = storage.join(dataset, EMPTY_EMBEDDING)
+    storage.write_bytes(url, _npy(arr.astype(np.float16)), storage_options)
+    return url
+
+
+def _dataset_dir(dataset: str) -> str:
+    return dataset.rsplit("/", 1)[0] if dataset.endswith(".json") else dataset
+
+
+def read_empty_embedding(dataset: str, storage_options: dict | None = None) -> np.ndarray:
+    """The float16 ``(L, D)`` empty-prompt embedding of a latent dataset (directory or manifest URL)."""
+    url = storage.join(_dataset_dir(dataset), EMPTY_EMBEDDING)
+    if not storage.exists(url, storage_options):
+        raise FileNotFoundError(f"{dataset}: no {EMPTY_EMBEDDING}: not a latent dataset")
+    return np.load(io.BytesIO(storage.read_bytes(url, storage_options)), allow_pickle=False)
+
+
+def latent_info(dataset: str, storage_options: dict | None = None) -> dict:
+    """What made a latent dataset (its manifest's config; an unfinished one's encode_config.json)."""
+    root = _dataset_dir(dataset)
+    url = storage.join(root, "manifest.json")
+    if storage.exists(url, storage_options):
+        m = json.loads(storage.read_bytes(url, storage_options))
+        if m.get("stage") != "encode":
+            raise ValueError(f"{dataset}: a '{m.get('stage')}' dataset, not a latent dataset")
+        return m["config"]
+    url = storage.join(root, ENCODE_CONFIG)
+    if not storage.exists(url, storage_options):
+        raise FileNotFoundError(f"{dataset}: no manifest.json or {ENCODE_CONFIG}: not a latent dataset")
+    return json.loads(storage.read_bytes(url, storage_options))
+
+
+def _identity(config: dict) -> dict:
+    """What must match for two runs to share a dataset: models by checksum where there is one, not by path."""
+    out = {k: v for k, v in config.items() if k not in RUN_ONLY_FIELDS}
+    vae, text = dict(out.get("vae") or {}), dict(out.get("text_encoder") or {})
+    if vae.get("sha256"):
+        vae.pop("ref", None)
+    if text.get("sha256"):
+        text.pop("model", None)
+        text.pop("pretrained", None)
+    return {**out, "vae": vae, "text_encoder": text}
+
+
+def prepare_latents(dst: str, config: dict, empty_emb, storage_options: dict | None = None) -> None:
+    """Write ``encode_config.json`` and the empty-prompt embedding before any shard.
+
+    Raises ``ValueError`` when ``dst`` already holds latents made otherwise (other models, resolution, modes or
+    dtype): resuming into it would mix two kinds of latents. Batch size and workers may change between runs, and
+    models with a checksum may be named by another path.
+    """
+    config = json.loads(json.dumps(config))
+    url = storage.join(dst, ENCODE_CONFIG)
+    if storage.exists(url, storage_options):
+        old, new = _identity(json.loads(storage.read_bytes(url, storage_options))), _identity(config)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise ValueError(f"{dst} holds latents made with other settings ({', '.join(diff)}); use a new --out")
+    storage.write_bytes(url, json.dumps(config, indent=2).encode(), storage_options)
+    write_empty_embedding(dst, empty_emb, storage_options)
+
+
+def finish_latents(
+    dst: str,
+    config: dict,
+    parent: str | None,
+    recipe: dict | None = None,
+    storage_options: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Build and write the latent dataset's manifest (stage ``encode``); returns it."""
+    m = manifests.build_manifest(dst, "encode", config, recipe, parent, storage_options, extra)
+    StageStats.from_dict(m["stats"]).check()
+    manifests.write_manifest(dst, m, storage_options)
+    return m
+
+
+def encode_dataset(
+    src: str,
+    dst: str,
+    cfg: EncodeConfig,
+    encoders: Encoders,
+    config: dict,
+    empty_emb,
+    storage_options: dict | None = None,
+    recipe: dict | None = None,
+) -> dict:
+    """Encode every source shard not yet done in this process (``config`` from :func:`latent_config`); the manifest."""
+    plan = latent_shards(src, storage_options)
+    prepare_latents(dst, config, empty_emb, storage_options)
+    shards.clean_temporaries(dst, storage_options)
+    for name, url in plan.items():
+        if not shards.is_done(dst, int(name), storage_options):
+            encode_latents_shard(url, shards.shard_files(dst, int(name))["tar"], cfg, encoders, storage_options)
+    return finish_latents(dst, config, parent_manifest_url(src, storage_options), recipe, storage_options)
