@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from flows import (
+    cli_data,
     cli_run,
     env,  # noqa: F401  (telemetry off before anything imports prefect)
 )
@@ -109,6 +110,10 @@ def scrape(
     retry_failed: Annotated[
         bool, typer.Option(help="re-attempt only the transient failures of an earlier run into new shards")
     ] = False,
+    incremental: Annotated[
+        bool,
+        typer.Option(help="--out is a versioned dataset: write its next version with only records not seen before"),
+    ] = False,
 ) -> None:
     """Scrape image/alt-text pairs from web pages, WARC/WAT archives or URL lists into WebDataset shards."""
     from pydantic import ValidationError
@@ -161,8 +166,17 @@ def scrape(
         sources = []
     from flows.scrape import run_scrape
 
-    manifest = run_flow("scrape", run_scrape, out, sources, cfg, retry_failed=retry_failed)
-    _print_manifest_summary(manifest, out)
+    if incremental:
+        from pipeline import versions
+
+        try:
+            versions.next_version(out)
+        except ValueError as e:
+            fail(str(e).splitlines()[0])
+    manifest = run_flow("scrape", run_scrape, out, sources, cfg, retry_failed=retry_failed, incremental=incremental)
+    _print_manifest_summary(manifest, manifest.get("dataset", out))
+    if incremental:
+        typer.echo(f"  version {manifest.get('version')} of {out} (parent: {manifest.get('parent') or 'none'})")
 
 
 @app.command()
@@ -250,6 +264,8 @@ def train_clip(
     raise typer.Exit(code)
 
 
+app.command("encode", context_settings=cli_data.PASS_THROUGH)(cli_data.encode)
+app.command("versions")(cli_data.versions)
 app.command("run")(cli_run.run)
 app.command("demo")(cli_run.demo)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import shards, storage
+from pipeline import shards, storage, versions
 from pipeline.curate.select import SCORE_REASON
 from pipeline.curate.tags import tag_distribution
 
@@ -197,9 +197,7 @@ def diff_html(kept_keys: set[str], previous: str | None, storage_options: dict |
     """Keys that entered and left since the previous curated version (its manifest or directory)."""
     if not previous:
         return "<p class='muted'>No previous version given.</p>"
-    base = previous.rsplit("/", 1)[0] if previous.endswith(".json") else previous
-    old = shards.read_parquet(base, storage_options)
-    old_kept = set(old.loc[old["status"] == "success", "key"])
+    old_kept = versions.dataset_keys(previous, storage_options)  # a plain dataset, a manifest or a version
     entered, left = sorted(kept_keys - old_kept), sorted(old_kept - kept_keys)
     out = [
         f"<p>Against <code>{esc(previous)}</code>: <b data-stat='diff.entered'>{len(entered)}</b> keys entered, "
