@@ -268,6 +268,8 @@ app.command("encode", context_settings=cli_data.PASS_THROUGH)(cli_data.encode)
 app.command("versions")(cli_data.versions)
 app.command("run")(cli_run.run)
 app.command("demo")(cli_run.demo)
+app.command("deploy")(cli_run.deploy)
+app.command("launch")(cli_run.launch)
 
 
 def main() -> None:

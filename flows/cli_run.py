@@ -54,3 +54,51 @@ def demo(
 
     result = run_flow("demo", recipe_flow, DEMO_RECIPE, out)
     print_result(result, "demo")
+
+
+def deploy(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML file")],
+    cron: Annotated[str, typer.Option(help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')],
+    name: Annotated[str | None, typer.Option(help="deployment name (default: the recipe's name)")] = None,
+    timezone: Annotated[str, typer.Option(help="IANA time zone the cron expression is read in")] = "UTC",
+    out: Annotated[str | None, typer.Option(help="override the recipe's output")] = None,
+    apply_only: Annotated[bool, typer.Option(help="register the deployment and exit, without serving it")] = False,
+) -> None:
+    """Register the recipe as a scheduled Prefect deployment (incremental scrapes) and serve it until stopped."""
+    from flows.deploy import apply_recipe_deployment, deployment_name, serve_recipe
+    from pipeline.recipe import RecipeError
+
+    if not os.environ.get("PREFECT_API_URL"):
+        typer.secho(
+            "warning: PREFECT_API_URL is not set; schedules fire only against a running Prefect server "
+            "(prefect server start --host 127.0.0.1, then PREFECT_API_URL=http://127.0.0.1:4200/api)",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+    path = os.path.abspath(recipe)
+    try:
+        full = deployment_name(path, name)
+        if apply_only:
+            apply_recipe_deployment(path, cron, name=name, timezone=timezone, out=out)
+            typer.echo(f"registered {full} on '{cron}' ({timezone})")
+            return
+        typer.echo(f"serving {full} on '{cron}' ({timezone}); SIGTERM or Ctrl-C to stop", err=True)
+        serve_recipe(path, cron, name=name, timezone=timezone, out=out)
+    except (RecipeError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+
+
+def launch(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML file")],
+    print_: Annotated[str, typer.Option("--print", help="torchrun | slurm: print the command or an sbatch script")],
+    run: Annotated[str | None, typer.Option(help="which training run: clip | vae | ldm (default: the first)")] = None,
+    out: Annotated[str | None, typer.Option(help="override the recipe's output")] = None,
+) -> None:
+    """Print the torchrun command or sbatch script of a recipe's training run, for a user's cluster."""
+    from flows.launch import print_launch
+    from pipeline.recipe import RecipeError, load_recipe
+
+    try:
+        typer.echo(print_launch(load_recipe(recipe), print_, kind=run, out=out), nl=False)
+    except (RecipeError, ValueError) as e:
+        fail(str(e).splitlines()[0])

@@ -146,9 +146,11 @@ def preflight(recipe: Recipe, out: str, placement: Placement) -> None:
 # ----------------------------------------------------------------------------------------------- the flow
 
 
-def recipe_flow_fn(recipe_path: str, out: str | None = None, dask_address: str | None = None) -> dict:
+def recipe_flow_fn(
+    recipe_path: str, out: str | None = None, dask_address: str | None = None, incremental: bool = False
+) -> dict:
     """Body of the parent flow: load the recipe file and run it (see :func:`run_recipe`)."""
-    return run_recipe(load_recipe(recipe_path), out, dask_address).to_dict()
+    return run_recipe(load_recipe(recipe_path), out, dask_address, incremental).to_dict()
 
 
 def _make_flow():
@@ -160,8 +162,14 @@ def _make_flow():
 recipe_flow = _make_flow()
 
 
-def run_recipe(recipe: Recipe, out: str | None = None, dask_address: str | None = None) -> RunResult:
-    """Run every stage of ``recipe`` in order, skipping those already complete; returns where things are."""
+def run_recipe(
+    recipe: Recipe, out: str | None = None, dask_address: str | None = None, incremental: bool = False
+) -> RunResult:
+    """Run every stage of ``recipe`` in order, skipping those already complete; returns where things are.
+
+    ``incremental`` (scheduled runs): the scrape writes the next version of ``OUT/scraped`` with only records not
+    seen before, and the later stages of this run go under ``OUT/versions/vNNNN/`` (curated, latents, models).
+    """
     from flows import stages
 
     out = out or recipe.output
@@ -172,7 +180,7 @@ def run_recipe(recipe: Recipe, out: str | None = None, dask_address: str | None 
     state = RunState(out, so)
     ctx = stages.StageContext(recipe, out, so, placement, state, result, code_version())
 
-    fp = stages.scrape_stage(ctx)
+    fp = stages.scrape_stage(ctx, incremental)
     fps = {"scraped": fp}
     stages.train_stage(ctx, "scraped", fps)
     if recipe.curate is not None:

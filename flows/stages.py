@@ -6,7 +6,6 @@ Every stage function takes the run's :class:`StageContext`, returns its fingerpr
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from pipeline import storage
 from pipeline.manifest import read_manifest
 from pipeline.recipe import Recipe, TrainRun
 
-TRAINERS = {"clip": "training.train_clip", "vae": "training.train_vae", "ldm": "training.train_ldm"}
 # the file a finished run leaves in its folder (written last, after the final checkpoint)
 FINISHED_FILE = {"clip": "open_clip_model.safetensors", "vae": "config.json", "ldm": "model_index.json"}
 
@@ -60,9 +58,13 @@ class StageContext:
 # --------------------------------------------------------------------------------------------------- scrape
 
 
-def scrape_stage(ctx: StageContext) -> str:
-    """Scrape the recipe's sources into ``OUT/scraped`` (the scrape subflow resumes per shard)."""
-    from flows.run import fingerprint, resolved_sources
+def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
+    """Scrape the recipe's sources into ``OUT/scraped`` (the scrape subflow resumes per shard).
+
+    ``incremental``: ``OUT/scraped`` is a versioned dataset; this run adds a version with only new records and
+    moves the rest of the run to ``OUT/versions/vNNNN`` (its own run state, curated data, latents and models).
+    """
+    from flows.run import RunState, fingerprint, resolved_sources
     from flows.scrape import run_scrape
 
     r = ctx.recipe
@@ -73,17 +75,32 @@ def scrape_stage(ctx: StageContext) -> str:
     if storage.is_local(ctx.out):
         gt = os.path.join(ctx.out, "demo-site-ground-truth.jsonl")
         ctx.result.ground_truth = gt if os.path.exists(gt) else None
-    if not ctx.skip("scrape", fp, dst, storage.join(dst, "manifest.json")):
+    if incremental or not ctx.skip("scrape", fp, dst, storage.join(dst, "manifest.json")):
         with resolved_sources(r, ctx.out) as (sources, gt_path):
             ctx.result.ground_truth = gt_path
             manifest = run_scrape(
-                dst, sources, r.scrape, ctx.so, recipe=r.model_dump(mode="json"), placement=ctx.placement
+                dst,
+                sources,
+                r.scrape,
+                ctx.so,
+                recipe=r.model_dump(mode="json"),
+                placement=ctx.placement,
+                incremental=incremental,
             )
         st = manifest["stats"]
         metrics = {"records": st["seen"], "images": st["kept"], "shards": len(manifest["shards"])}
         metrics["dropped"] = st["dropped"]
+        if incremental:  # the rest of this run belongs to the new version
+            version = f"v{int(manifest['version']):04d}"
+            metrics.update(version=version, samples_in_version=manifest.get("total_samples"))
+            fp = fingerprint(fp, manifest["dataset"])
+            ctx.datasets["scraped"] = ctx.result.datasets["scrape"] = manifest["dataset"]
+            ctx.out = storage.join(ctx.out, "versions", version)
+            if storage.is_local(ctx.out):
+                ctx.result.models = os.path.join(ctx.result.models, "versions", version)
+            ctx.state = RunState(ctx.out, ctx.so)
         ctx.result.metrics["scrape"] = metrics
-        ctx.state.record("scrape", fp, dst, metrics)
+        ctx.state.record("scrape", fp, ctx.datasets["scraped"], metrics)
     _held_out(ctx)
     return fp
 
@@ -191,52 +208,33 @@ def run_dir(ctx: StageContext, run: TrainRun) -> str:
     return os.path.join(ctx.result.models, f"{run.kind}{suffix}")
 
 
-def trainer_argv(ctx: StageContext, run: TrainRun, data: str, out_dir: str) -> list[str]:
-    """The trainer's command-line flags for a recipe run (the same for in-process and torchrun launches)."""
-    argv = [data, "--out", out_dir, "--config", run.config, "--steps", str(run.steps)]
-    argv += ["--batch-size", str(run.batch_size), "--lr", str(run.lr), "--max-minutes", str(run.max_minutes)]
-    argv += ["--save-every", str(max(100, run.steps // 5)), "--no-progress"]
+def trainer_flags(ctx: StageContext, run: TrainRun, data: str) -> list[str]:
+    """Trainer flags beyond the recipe run's own (data, steps, batch, lr): checkpoints, evaluation, models."""
+    flags = ["--save-every", str(max(100, run.steps // 5)), "--no-progress", "--workers", "1"]
     if run.kind == "clip":
-        argv += ["--warmup-steps", str(min(100, max(1, run.steps // 10))), "--workers", "1"]
+        flags += ["--warmup-steps", str(min(100, max(1, run.steps // 10)))]
         if ctx.heldout:
-            argv += ["--eval-data", ctx.heldout, "--eval-every", str(max(100, run.steps // 4))]
+            flags += ["--eval-data", ctx.heldout, "--eval-every", str(max(100, run.steps // 4))]
     elif run.kind == "vae":
-        argv += ["--workers", "1"]
         if ctx.recipe.encode is not None:
-            argv += ["--resolution", str(ctx.recipe.encode.resolution)]
+            flags += ["--resolution", str(ctx.recipe.encode.resolution)]
         if ctx.heldout:
-            argv += ["--eval-data", ctx.heldout]
-    else:  # ldm: the text encoder and VAE travel into the pipeline folder
-        argv += ["--workers", "1"]
+            flags += ["--eval-data", ctx.heldout]
+    elif ctx.recipe.encode is not None:  # ldm: the text encoder and VAE travel into the pipeline folder
         e = ctx.recipe.encode
-        if e is not None:
-            text, pretrained = resolve_model_ref(ctx, e.text_encoder.model, e.text_encoder.pretrained)
-            vae, _ = resolve_model_ref(ctx, e.vae, e.vae if e.vae.startswith("train:") else None)
-            argv += ["--text-encoder", text, "--vae", vae]
-            if pretrained:
-                argv += ["--text-pretrained", pretrained]
+        text, pretrained = resolve_model_ref(ctx, e.text_encoder.model, e.text_encoder.pretrained)
+        vae, _ = resolve_model_ref(ctx, e.vae, e.vae if e.vae.startswith("train:") else None)
+        flags += ["--text-encoder", text, "--vae", vae]
+        if pretrained:
+            flags += ["--text-pretrained", pretrained]
     if ctx.so and "://" in data:
-        argv += ["--storage-options", json.dumps(ctx.so)]
-    return argv
-
-
-@task(name="train", task_run_name="train-{kind}", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def train_task(kind: str, argv: list[str], out_dir: str, nproc_per_node: int, nnodes: int, rdzv: str | None) -> dict:
-    """Train in this process, or through torchrun for several processes; a retry resumes from the checkpoint."""
-    module = TRAINERS[kind]
-    if nproc_per_node * nnodes > 1:
-        from flows.launch import run_torchrun
-
-        run_torchrun(module, argv, out_dir, nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv)
-    else:
-        trainer = importlib.import_module(module)
-        trainer.train(trainer.parse_args(argv))
-    path = os.path.join(out_dir, "metrics.json")
-    return json.loads(open(path, encoding="utf-8").read()) if os.path.exists(path) else {}
+        flags += ["--storage-options", json.dumps(ctx.so)]
+    return flags
 
 
 def train_stage(ctx: StageContext, phase: str, fps: dict) -> None:
     """Run the recipe's training runs whose data is ``phase`` ("scraped", "curated", "latents" or "external")."""
+    from flows.launch import launch_training
     from flows.run import DATA_KINDS, default_data, fingerprint
 
     for run in ctx.recipe.train:
@@ -255,8 +253,8 @@ def train_stage(ctx: StageContext, phase: str, fps: dict) -> None:
         ctx.result.artifacts[f"{run.kind} TensorBoard logs"] = os.path.join(out_dir, "tensorboard")
         if ctx.skip(name, fp, out_dir, os.path.join(out_dir, FINISHED_FILE[run.kind])):
             continue
-        argv = trainer_argv(ctx, run, data, out_dir)
-        summary = train_task(run.kind, argv, out_dir, run.nproc_per_node, run.nnodes, run.rdzv_endpoint)
+        os.makedirs(out_dir, exist_ok=True)
+        summary = launch_training(run, data, out_dir, trainer_flags(ctx, run, data))
         metrics = headline_metrics(summary)
         ctx.result.metrics[name] = metrics
         ctx.state.record(name, fp, out_dir, metrics)

@@ -1,0 +1,132 @@
+"""Scheduled recipe runs: a Prefect deployment of the recipe flow with a cron schedule, served from this process.
+
+``altforge deploy RECIPE.yaml --cron "0 3 * * *"`` calls :func:`serve_recipe`. Served runs go to the Prefect API
+in ``PREFECT_API_URL`` (a ``prefect server start`` on this machine, or a user's server); Prefect's temporary local
+server never creates scheduled runs by itself, so schedules need a real server.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from uuid import UUID
+
+from prefect import serve
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments import run_deployment
+from prefect.schedules import Cron
+
+from pipeline.recipe import load_recipe
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def default_flow():
+    """The parent flow that runs a whole recipe (imported on use: it pulls in every stage)."""
+    from flows.run import recipe_flow
+
+    return recipe_flow
+
+
+def cron_schedule(cron: str, timezone: str = "UTC"):
+    """A Prefect Cron schedule; ValueError with one line for a bad expression or time zone."""
+    try:
+        CronSchedule(cron=cron, timezone=timezone)  # validates both, unlike Cron() alone
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        errors = getattr(e, "errors", None)
+        detail = errors()[0]["msg"].removeprefix("Value error, ") if errors else str(e)
+        raise ValueError(f"bad schedule {cron!r} ({timezone}): {detail}") from None
+    return Cron(cron, timezone=timezone)
+
+
+def recipe_deployment(
+    recipe_path: str,
+    cron: str,
+    name: str | None = None,  # deployment name; default: the recipe's name
+    timezone: str = "UTC",  # IANA name the cron expression is read in
+    out: str | None = None,  # output base passed to the flow; default: the recipe's own
+    flow=None,  # the flow to deploy, called as flow(recipe_path=..., out=...); default: flows.run.recipe_flow
+):
+    """A deployment (not yet registered) that runs ``recipe_path`` on the cron schedule."""
+    recipe = load_recipe(recipe_path)  # a bad recipe fails here, with one line, not at 3 a.m.
+    flow = flow or default_flow()
+    return flow.to_deployment(
+        name=name or recipe.name,
+        schedule=cron_schedule(cron, timezone),
+        parameters={"recipe_path": os.path.abspath(recipe_path), "out": out, **_incremental(flow)},
+        description=f"altforge recipe {recipe.name} ({os.path.abspath(recipe_path)})",
+        tags=["altforge", recipe.name],
+    )
+
+
+def _incremental(flow) -> dict:
+    """Scheduled recipe runs scrape incrementally (a new dataset version of only unseen records)."""
+    import inspect
+
+    return {"incremental": True} if "incremental" in inspect.signature(flow.fn).parameters else {}
+
+
+def apply_recipe_deployment(recipe_path: str, cron: str, **kwargs) -> UUID:
+    """Register the deployment with the Prefect API without serving it; returns its id."""
+    return recipe_deployment(recipe_path, cron, **kwargs).apply()
+
+
+def serve_recipe(recipe_path: str, cron: str, poll_seconds: float | None = None, **kwargs) -> None:
+    """Register the deployment and run its scheduled and triggered runs here until SIGTERM or Ctrl-C.
+
+    ``poll_seconds``: how often to ask the API for due runs (default: Prefect's runner setting, 10 s).
+    """
+    deployment = recipe_deployment(recipe_path, cron, **kwargs)
+    runner_options = {"query_seconds": poll_seconds} if poll_seconds else {}
+    serve(deployment, limit=1, **runner_options)  # one recipe run at a time: they share output folders
+
+
+def deployment_name(recipe_path: str, name: str | None = None, flow=None) -> str:
+    """The ``flow-name/deployment-name`` that :func:`recipe_deployment` registers."""
+    flow = flow or default_flow()
+    return f"{flow.name}/{name or load_recipe(recipe_path).name}"
+
+
+def read_deployment(full_name: str) -> dict:
+    """A registered deployment as plain data: id, name, parameters, tags, whether it is paused, its schedules."""
+    with get_client(sync_client=True) as client:
+        d = client.read_deployment_by_name(full_name)
+    schedules = [
+        {
+            "cron": getattr(s.schedule, "cron", None),
+            "timezone": getattr(s.schedule, "timezone", None),
+            "active": s.active,
+        }
+        for s in d.schedules
+    ]
+    return {
+        "id": d.id,
+        "name": d.name,
+        "parameters": d.parameters,
+        "tags": d.tags,
+        "paused": d.paused,  # a stopped serve process pauses its deployment; serving again resumes it
+        "schedules": schedules,
+    }
+
+
+def trigger(full_name: str, parameters: dict | None = None) -> UUID:
+    """Ask for one run of a deployment now, without waiting for it; returns the flow run id."""
+    return run_deployment(full_name, parameters=parameters, timeout=0).id
+
+
+def wait_for_flow_run(flow_run_id: UUID, timeout: float = 90.0, poll: float = 1.0) -> str:
+    """Poll until the flow run reaches a final state; returns its type (COMPLETED, FAILED, ...).
+
+    TimeoutError after ``timeout`` seconds, naming the state it was left in.
+    """
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            kind = state.type.value if state else "NONE"
+            if kind in FINAL_STATES:
+                return kind
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} still {kind} after {timeout:.0f} s")
+            time.sleep(poll)

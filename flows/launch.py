@@ -1,0 +1,273 @@
+"""Training launches: a recipe's training run as a torchrun command, an sbatch script, or a Prefect task.
+
+The task runs the trainer in a subprocess (torchrun when the run has more than one process), appends its output to
+``<run dir>/launch.log``, streams it to the run logger, and fails with the tail of the log. A retried task resumes:
+every trainer continues from the latest checkpoint in its ``--out`` directory.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
+from pipeline import storage
+from pipeline.recipe import Recipe, TrainRun
+
+TRAINERS = {"clip": "training.train_clip", "vae": "training.train_vae", "ldm": "training.train_ldm"}
+DEFAULT_DATA = {"clip": "scraped", "vae": "curated", "ldm": "latents"}  # dataset a run reads unless it says
+DEFAULT_RDZV_PORT = 29500  # torchrun's usual rendezvous port, for Slurm jobs whose recipe names none
+LOG_NAME = "launch.log"  # in the run directory; every attempt is appended
+LOG_MARK = "[altforge launch]"  # starts the lines the launcher adds to the log (each attempt's start and end)
+TAIL_LINES = 40  # log lines quoted in the error of a failed launch
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")  # this interpreter's torchrun, for local launches
+# the last line of a Python traceback, as a worker prints it (torchrun prefixes "[rankN]: ")
+_ERROR_LINE = re.compile(
+    r"^(?:\[rank(\d+)\]:\s*)?((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt)(?::.*)?)$"
+)
+
+
+class LaunchError(RuntimeError):
+    """A training launch that exited non-zero; the message ends with the tail of its log."""
+
+
+def run_paths(recipe: Recipe, run: TrainRun, out: str | None = None) -> tuple[str, str]:
+    """The dataset a training run reads and its run directory, under ``out`` (default: the recipe's output)."""
+    base = out or recipe.output
+    data = run.data or DEFAULT_DATA[run.kind]
+    data_url = storage.join(base, data) if data in DEFAULT_DATA.values() else data  # else the URL a recipe named
+    return data_url, storage.join(base, run.kind)
+
+
+def find_run(recipe: Recipe, kind: str | None = None) -> TrainRun:
+    """The recipe's training run of ``kind`` (or its only/first run); ValueError with one line if there is none."""
+    runs = [t for t in recipe.train if kind is None or t.kind == kind]
+    if not runs:
+        what = f"no '{kind}' training run" if kind else "no training runs"
+        raise ValueError(
+            f"recipe '{recipe.name}' has {what} (its train section lists: "
+            f"{', '.join(t.kind for t in recipe.train) or 'nothing'})"
+        )
+    return runs[0]
+
+
+def trainer_args(run: TrainRun, data: str, run_dir: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The trainer's own arguments (``DATA --out DIR --config NAME --steps N ...``) for a recipe's run."""
+    args = [data, "--out", run_dir, "--config", run.config, "--steps", str(run.steps)]
+    args += ["--batch-size", str(run.batch_size), "--lr", repr(run.lr)]
+    if run.max_minutes > 0:
+        args += ["--max-minutes", repr(run.max_minutes)]
+    return [*args, *extra]
+
+
+def rendezvous_flags(run: TrainRun, rdzv_id: str | None = None) -> list[str]:
+    """torchrun's node and rendezvous flags: c10d at the recipe's endpoint, or on loopback for one node."""
+    if run.nnodes > 1 and not run.rdzv_endpoint:
+        raise ValueError(f"train.{run.kind}: nnodes {run.nnodes} needs rdzv_endpoint (host:port of the first node)")
+    flags = [f"--nnodes={run.nnodes}", f"--nproc-per-node={run.nproc_per_node}", "--rdzv-backend=c10d"]
+    if run.rdzv_endpoint:
+        flags.append(f"--rdzv-endpoint={run.rdzv_endpoint}")
+    else:  # one node: a free loopback port, and workers told to meet on 127.0.0.1 rather than the host's name
+        flags += ["--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1"]
+    if rdzv_id:
+        flags.append(f"--rdzv-id={rdzv_id}")
+    return flags
+
+
+def torchrun_argv(
+    run: TrainRun,
+    data: str,
+    run_dir: str,
+    extra: list[str] | tuple[str, ...] = (),
+    module: str | None = None,  # default: the trainer of run.kind
+    launcher: tuple[str, ...] = ("torchrun",),
+    rdzv_id: str | None = None,
+) -> list[str]:
+    """The torchrun command line of a training run: launcher, node/rendezvous flags, ``-m module`` and its args."""
+    module = module or TRAINERS[run.kind]
+    return [*launcher, *rendezvous_flags(run, rdzv_id), "-m", module, *trainer_args(run, data, run_dir, extra)]
+
+
+def launch_argv(
+    run: TrainRun, data: str, run_dir: str, extra: list[str] | tuple[str, ...] = (), module: str | None = None
+) -> list[str]:
+    """What a local launch runs: this interpreter's torchrun for more than one process, else ``python -m``."""
+    if run.nproc_per_node * run.nnodes > 1:
+        return torchrun_argv(run, data, run_dir, extra, module, launcher=TORCHRUN)
+    return [sys.executable, "-m", module or TRAINERS[run.kind], *trainer_args(run, data, run_dir, extra)]
+
+
+def shell_command(argv: list[str]) -> str:
+    """A command as shell text, one flag per continued line (the trainer's arguments stay on the last line)."""
+    words = [shlex.quote(a) for a in argv]
+    cut = argv.index("-m", 1) if "-m" in argv[1:] else len(argv)
+    lines = [words[0], *words[1:cut]]
+    if cut < len(words):
+        lines.append(" ".join(words[cut:]))
+    return " \\\n    ".join(lines)
+
+
+def torchrun_command(recipe: Recipe, run: TrainRun, out: str | None = None, extra: tuple[str, ...] = ()) -> str:
+    """The torchrun command of a recipe's training run, to paste on each node of a user's cluster."""
+    data, run_dir = run_paths(recipe, run, out)
+    argv = torchrun_argv(run, data, run_dir, extra, rdzv_id=f"{recipe.name}-{run.kind}")
+    where = f"on each of the {run.nnodes} nodes" if run.nnodes > 1 else "on the training machine"
+    return f"# {recipe.name}: {run.kind} training, {run.nnodes} x {run.nproc_per_node} processes; run {where}\n" + (
+        shell_command(argv) + "\n"
+    )
+
+
+def sbatch_script(
+    recipe: Recipe,
+    run: TrainRun,
+    out: str | None = None,
+    extra: tuple[str, ...] = (),
+    gpus_per_node: int | None = None,  # default: one GPU per process
+) -> str:
+    """An sbatch script: one srun task per node, each running torchrun with its Slurm node rank.
+
+    The rendezvous host is the allocation's first node (the recipe's endpoint names a host of the user's cluster,
+    which Slurm decides here); its port is the recipe's, else 29500.
+    """
+    data, run_dir = run_paths(recipe, run, out)
+    port = run.rdzv_endpoint.rsplit(":", 1)[-1] if run.rdzv_endpoint and ":" in run.rdzv_endpoint else None
+    port = port or str(DEFAULT_RDZV_PORT)
+    job = f"altforge-{recipe.name}-{run.kind}"
+    module = TRAINERS[run.kind]
+    flags = [
+        f"--nnodes={run.nnodes}",
+        f"--nproc-per-node={run.nproc_per_node}",
+        '--node-rank="$SLURM_NODEID"',
+        "--rdzv-backend=c10d",
+        '--rdzv-endpoint="$RDZV_HOST:$RDZV_PORT"',
+        '--rdzv-id="$SLURM_JOB_ID"',
+    ]
+    trainer = " ".join(shlex.quote(a) for a in ["-m", module, *trainer_args(run, data, run_dir, extra)])
+    # srun starts one task per node; bash -c makes each expand its own $SLURM_NODEID
+    inner = " \\\n    ".join(["exec torchrun", *flags, trainer])
+    gpus = run.nproc_per_node if gpus_per_node is None else gpus_per_node
+    lines = [
+        "#!/bin/bash",
+        f"# {recipe.name}: {run.kind} training, {run.nnodes} nodes x {run.nproc_per_node} processes; sbatch this file",
+        f"#SBATCH --job-name={job}",
+        f"#SBATCH --nodes={run.nnodes}",
+        "#SBATCH --ntasks-per-node=1",
+        *([f"#SBATCH --gpus-per-node={gpus}"] if gpus else []),
+        f"#SBATCH --output={job}-%j.log",
+        "set -euo pipefail",
+        "",
+        "# the rendezvous lives on the first node of the allocation (sed reads all lines: no SIGPIPE under pipefail)",
+        'RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+        f"export RDZV_HOST RDZV_PORT={port}",
+        "",
+        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def print_launch(recipe: Recipe, fmt: str, kind: str | None = None, out: str | None = None) -> str:
+    """What ``altforge launch RECIPE --print torchrun|slurm`` prints for the recipe's run of ``kind``."""
+    run = find_run(recipe, kind)
+    if fmt == "torchrun":
+        return torchrun_command(recipe, run, out)
+    if fmt == "slurm":
+        return sbatch_script(recipe, run, out)
+    raise ValueError(f"--print must be torchrun or slurm, not {fmt!r}")
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def run_logged(
+    argv: list[str],
+    log_path: str,
+    logger=None,  # anything with .info(str); each output line goes to it
+    env: dict | None = None,
+    tail_lines: int = TAIL_LINES,
+) -> None:
+    """Run ``argv`` with stdout+stderr appended to ``log_path`` and streamed to ``logger``; LaunchError on failure."""
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    cause = None  # the last exception line a worker printed
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"{LOG_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')} start: {shlex.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1, env=env
+        )
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                line = line.rstrip("\n")
+                tail.append(line)
+                found = _ERROR_LINE.match(line)
+                if found and "ChildFailedError" not in line:  # torchrun's own report names no cause
+                    cause = (f"rank {found[1]}: " if found[1] else "") + found[2]
+                if logger is not None:
+                    logger.info(line)
+            code = proc.wait()
+        except BaseException:  # the task was cancelled or timed out: torchrun stops its workers on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        finally:
+            proc.stdout.close()
+        log.write(f"{LOG_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')} end: {_exit_reason(code)}\n")
+    if code != 0:
+        name = os.path.basename(argv[0]) if argv[1:3] != ["-m", "torch.distributed.run"] else "torchrun"
+        body = "\n".join(tail)
+        why = f" ({cause})" if cause else ""
+        raise LaunchError(f"{name} {_exit_reason(code)}{why}; last {len(tail)} lines of {log_path}:\n{body}")
+
+
+def read_metrics(run_dir: str) -> dict:
+    """The trainer's ``metrics.json`` in a local run directory, or {} when it wrote none."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@task(name="train", task_run_name="train-{run.kind}", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def launch_training(
+    run: TrainRun,
+    data: str,
+    run_dir: str,  # local directory: checkpoints, launch.log, metrics.json
+    extra_args: list[str] | None = None,  # more trainer flags (--workers 1, --eval-data DIR, ...)
+    module: str | None = None,  # default: the trainer of run.kind
+) -> dict:
+    """Run a training run (torchrun for several processes) with its log captured; returns its metrics.json.
+
+    A retry of this task resumes from the run directory's latest checkpoint.
+    """
+    argv = launch_argv(run, data, run_dir, tuple(extra_args or ()), module)
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # called as .fn outside a run
+        logger = logging.getLogger(__name__)
+    run_logged(argv, os.path.join(run_dir, LOG_NAME), logger)
+    return read_metrics(run_dir)

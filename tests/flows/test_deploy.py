@@ -1,0 +1,142 @@
+"""Scheduled recipe runs: a cron deployment on a real Prefect server, and one triggered run of it served."""
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.deploy import (
+    apply_recipe_deployment,
+    cron_schedule,
+    deployment_name,
+    read_deployment,
+    trigger,
+    wait_for_flow_run,
+)
+from tests.flows.conftest import stop
+from tests.flows.test_scrape_flow import ROOT
+
+RECIPE = """\
+name: nightly
+output: {out}
+sources:
+  - kind: demo_site
+    images: 10
+"""
+
+# Stands in for flows.run.recipe_flow: same signature, reads the recipe, leaves a mark.
+SMALL_FLOW = """\
+from pathlib import Path
+
+from prefect import flow
+
+from pipeline.recipe import load_recipe
+
+
+@flow(name="recipe-smoke")
+def recipe_smoke(recipe_path: str, out: str | None = None) -> str:
+    recipe = load_recipe(recipe_path)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "ran.txt").write_text(recipe.name)
+    return recipe.name
+"""
+
+SERVE = """\
+import sys
+
+from flows.deploy import serve_recipe
+from smoke_flows import recipe_smoke
+
+# the guard matters: served runs start in spawned processes, which import this file again
+if __name__ == "__main__":
+    serve_recipe(sys.argv[1], "0 3 * * *", out=sys.argv[2], flow=recipe_smoke, poll_seconds=1)
+"""
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A recipe file and the small flow module, importable here and in subprocesses."""
+    (tmp_path / "smoke_flows.py").write_text(SMALL_FLOW)
+    (tmp_path / "serve_it.py").write_text(SERVE)
+    recipe = tmp_path / "nightly.yaml"
+    recipe.write_text(RECIPE.format(out=tmp_path / "recipe-out"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path, str(recipe), importlib.import_module("smoke_flows").recipe_smoke
+
+
+@pytest.fixture
+def api(prefect_server):
+    """This process's Prefect client pointed at the test server."""
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        yield prefect_server
+
+
+def test_deployment_is_registered_with_its_cron_schedule(project, api):
+    tmp_path, recipe, small_flow = project
+    out = str(tmp_path / "runs")
+    deployment_id = apply_recipe_deployment(recipe, "0 3 * * *", flow=small_flow, out=out)
+    name = deployment_name(recipe, flow=small_flow)
+    assert name == "recipe-smoke/nightly"
+
+    d = read_deployment(name)
+    assert d["id"] == deployment_id
+    assert d["schedules"] == [{"cron": "0 3 * * *", "timezone": "UTC", "active": True}]
+    assert d["parameters"] == {"recipe_path": recipe, "out": out}
+    assert "nightly" in d["tags"]
+
+
+def test_bad_schedules_and_recipes_fail_before_registering(project, tmp_path):
+    _, recipe, small_flow = project
+    with pytest.raises(ValueError, match=r"bad schedule '61 3 \* \* \*' \(UTC\): "):
+        cron_schedule("61 3 * * *")
+    with pytest.raises(ValueError, match="Invalid timezone"):
+        cron_schedule("0 3 * * *", timezone="Mars/Olympus_Mons")
+    from pipeline.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="recipe not found"):
+        apply_recipe_deployment(str(tmp_path / "missing.yaml"), "0 3 * * *", flow=small_flow)
+
+
+def test_served_deployment_runs_one_triggered_run(project, api):
+    tmp_path, recipe, small_flow = project
+    out = tmp_path / "served-out"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        serving = subprocess.Popen(
+            [sys.executable, str(tmp_path / "serve_it.py"), recipe, str(out)],
+            cwd=ROOT,
+            env={
+                **api.client_env(str(tmp_path / "serve-home")),
+                "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT]),
+            },
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "being served" not in log.read_text():  # printed once the deployment is registered
+            assert serving.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "serve did not start in 60 s:\n" + log.read_text()[-3000:]
+            time.sleep(0.3)
+        d = read_deployment("recipe-smoke/nightly")
+        assert d["paused"] is False
+        assert d["schedules"] == [{"cron": "0 3 * * *", "timezone": "UTC", "active": True}]
+        assert d["parameters"] == {"recipe_path": recipe, "out": str(out)}
+
+        flow_run_id = trigger("recipe-smoke/nightly")
+        assert wait_for_flow_run(flow_run_id, timeout=90) == "COMPLETED", log.read_text()[-3000:]
+        assert (out / "ran.txt").read_text() == "nightly"
+        serving.send_signal(signal.SIGTERM)  # how `altforge deploy` is stopped (serve ignores SIGINT in scripts)
+        code = serving.wait(timeout=30)
+    finally:
+        stop(serving)
+    assert code == 0
+    assert log.read_text().count("being served") == 1  # the served run did not start a second server
+    # a stopped serve process leaves its deployment paused on the server: no late runs pile up while nobody serves
+    assert read_deployment("recipe-smoke/nightly")["paused"] is True

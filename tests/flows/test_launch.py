@@ -1,0 +1,291 @@
+"""Training launches: the printed torchrun command and sbatch script, and real 2-process CPU launches (gloo)."""
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import textwrap
+
+import pytest
+from prefect import flow
+
+from flows.launch import LOG_MARK, LaunchError, launch_training, print_launch, run_paths
+from pipeline.recipe import TrainRun, parse_recipe
+from tests.flows.test_scrape_flow import ROOT
+from training.synthetic import write_demo_shards
+
+MULTI_NODE = {
+    "name": "big",
+    "output": "/data/big",
+    "sources": [{"kind": "demo_site"}],
+    "train": [
+        {"kind": "vae", "config": "tiny", "steps": 50, "nproc_per_node": 1},
+        {
+            "kind": "clip",
+            "config": "ViT-B-32",
+            "steps": 1000,
+            "batch_size": 256,
+            "lr": 0.0005,
+            "max_minutes": 30,
+            "nproc_per_node": 8,
+            "nnodes": 2,
+            "rdzv_endpoint": "node0:29400",
+        },
+    ],
+}
+TRAINER_ARGS = [
+    "-m",
+    "training.train_clip",
+    "/data/big/scraped",
+    "--out",
+    "/data/big/clip",
+    "--config",
+    "ViT-B-32",
+    "--steps",
+    "1000",
+    "--batch-size",
+    "256",
+    "--lr",
+    "0.0005",
+    "--max-minutes",
+    "30.0",
+]
+
+
+def command_words(text: str) -> list[str]:
+    """The words of the one shell command in ``text`` (comments dropped, line continuations joined)."""
+    return shlex.split(text.replace("\\\n", " "), comments=True)
+
+
+def test_printed_torchrun_for_a_multi_node_recipe():
+    text = print_launch(parse_recipe(MULTI_NODE), "torchrun", kind="clip")
+    assert text.startswith("# big: clip training, 2 x 8 processes; run on each of the 2 nodes\n")
+    assert command_words(text) == [
+        "torchrun",
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node0:29400",
+        "--rdzv-id=big-clip",
+        *TRAINER_ARGS,
+    ]
+
+
+def test_printed_torchrun_for_one_node_stays_on_loopback(tmp_path):
+    recipe = parse_recipe({**MULTI_NODE, "output": str(tmp_path)})
+    words = command_words(print_launch(recipe, "torchrun", kind="vae", out="/elsewhere"))
+    assert words[:7] == [
+        "torchrun",
+        "--nnodes=1",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "--local-addr=127.0.0.1",
+        "--rdzv-id=big-vae",
+    ]
+    assert words[7:] == ["-m", "training.train_vae", "/elsewhere/curated", "--out", "/elsewhere/vae"] + [
+        "--config",
+        "tiny",
+        "--steps",
+        "50",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.001",
+    ]
+
+
+def test_bad_launch_requests_are_one_line():
+    recipe = parse_recipe(MULTI_NODE)
+    with pytest.raises(ValueError, match="has no 'ldm' training run"):
+        print_launch(recipe, "torchrun", kind="ldm")
+    with pytest.raises(ValueError, match="--print must be torchrun or slurm"):
+        print_launch(recipe, "mpirun", kind="clip")
+    no_endpoint = {**MULTI_NODE, "train": [{"kind": "clip", "config": "micro", "steps": 1, "nnodes": 2}]}
+    with pytest.raises(ValueError, match="nnodes 2 needs rdzv_endpoint"):
+        print_launch(parse_recipe(no_endpoint), "torchrun")
+
+
+def fake_tool(bin_dir, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/bash\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_sbatch_script_gives_each_node_its_slurm_rank(tmp_path):
+    script = print_launch(parse_recipe(MULTI_NODE), "slurm", kind="clip")
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    sbatch = [line for line in lines if line.startswith("#SBATCH")]
+    assert sbatch == [
+        "#SBATCH --job-name=altforge-big-clip",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --output=altforge-big-clip-%j.log",
+    ]
+    # Run the script as Slurm would, with stand-ins for scontrol, srun (one task per node) and torchrun.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_tool(bin_dir, "scontrol", 'test "$1 $2 $3" = "show hostnames gpu[07-08]" && printf "gpu07\\ngpu08\\n"\n')
+    fake_tool(
+        bin_dir,
+        "srun",
+        """\
+        while [[ "$1" == --* ]]; do shift; done
+        for node in 0 1; do SLURM_NODEID=$node "$@" || exit 1; done
+        """,
+    )
+    fake_tool(bin_dir, "torchrun", 'printf "%s\\n" "$@" > "$CALLS/node$SLURM_NODEID"\n')
+    (tmp_path / "calls").mkdir()
+    job = tmp_path / "job.sh"
+    job.write_text(script)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "CALLS": str(tmp_path / "calls"),
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+    }
+    p = subprocess.run(["bash", str(job)], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    for node in (0, 1):
+        argv = (tmp_path / "calls" / f"node{node}").read_text().splitlines()
+        assert argv == [
+            "--nnodes=2",
+            "--nproc-per-node=8",
+            f"--node-rank={node}",
+            "--rdzv-backend=c10d",
+            "--rdzv-endpoint=gpu07:29400",
+            "--rdzv-id=4242",
+            *TRAINER_ARGS,
+        ]
+
+
+@pytest.fixture
+def launch_env(tmp_path, monkeypatch):
+    """Trainer subprocesses: one thread each, gloo on loopback, and the test's helper module importable."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), ROOT]))
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    data = tmp_path / "data"
+    write_demo_shards(str(data), n=64, per_shard=32, size=32)
+    return str(data)
+
+
+# Stands in for a node failure: the first attempt trains to a checkpoint at step 2, then every rank exits 3.
+CRASH_ONCE = """\
+import sys
+from pathlib import Path
+
+from training.train_clip import main
+
+argv = sys.argv[1:]
+out = Path(argv[argv.index("--out") + 1])
+first_attempt = not (out / "checkpoints" / "latest").exists()  # read before any rank can have saved
+code = main(argv + ["--stop-after", "2"] if first_attempt else argv)
+sys.exit(3 if first_attempt else code)
+"""
+
+TINY = ["--workers", "0", "--log-every", "1", "--warmup-steps", "1", "--save-every", "0"]
+
+
+@flow(name="launch-test")
+def train_flow(run: TrainRun, data: str, run_dir: str, module: str | None = None) -> dict:
+    """Launch one training run through the task, with one retry and no delay."""
+    return launch_training.with_options(retries=1, retry_delay_seconds=0)(run, data, run_dir, TINY, module)
+
+
+def attempts(log: str) -> list[tuple[str, str, str]]:
+    """(start line, output, end line) of each launch attempt in a launch.log."""
+    out = []
+    for chunk in log.split(f"{LOG_MARK} ")[1:]:
+        first, _, rest = chunk.partition("\n")
+        if " start: " in first:
+            out.append([first, rest, ""])
+        else:
+            out[-1][2] = first
+    return [tuple(a) for a in out]
+
+
+def test_two_process_launch_through_the_flow(tmp_path, shards, launch_env):
+    run = TrainRun(kind="clip", config="micro", steps=3, batch_size=8, nproc_per_node=2)
+    run_dir = tmp_path / "run"
+    metrics = train_flow(run, shards, str(run_dir))
+
+    assert metrics["step"] == 3
+    # both ranks trained and checkpointed their data positions
+    state = json.loads((run_dir / "checkpoints" / "step_00000003" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert [d["batches"] for d in state["data"]] == [3, 3]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert (run_dir / "open_clip_model.safetensors").is_file()
+    ((start, output, end),) = attempts((run_dir / "launch.log").read_text())
+    assert "-m torch.distributed.run --nnodes=1 --nproc-per-node=2 --rdzv-backend=c10d" in start
+    assert "-m training.train_clip" in start
+    assert "step=3 " in output
+    assert end.endswith("end: exited with code 0")
+
+
+def test_retried_launch_resumes_from_the_checkpoint(tmp_path, shards, launch_env):
+    (tmp_path / "crash_once.py").write_text(CRASH_ONCE)
+    run = TrainRun(kind="clip", config="micro", steps=4, batch_size=8)
+    run_dir = tmp_path / "run"
+    metrics = train_flow(run, shards, str(run_dir), "crash_once")
+
+    assert metrics["step"] == 4
+    assert [row["step"] for row in metrics["train"]] == [1, 2, 3, 4]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    # two attempts: the first failed after its checkpoint at step 2, the retry resumed there and ran steps 3-4 only
+    first, second = attempts((run_dir / "launch.log").read_text())
+    assert "-m crash_once" in first[0] and first[0].split(" start: ")[1] == second[0].split(" start: ")[1]
+    assert "step=2 " in first[1] and "step=3 " not in first[1]
+    assert first[2].endswith("end: exited with code 3")
+    assert "resumed from" in second[1] and "at step 2" in second[1]
+    assert "step=3 " in second[1] and "step=4 " in second[1] and "step=1 " not in second[1]
+    assert second[2].endswith("end: exited with code 0")
+
+
+# A worker that talks for a while, then fails on rank 1 only.
+FAIL_ON_RANK_1 = """\
+import os
+import sys
+
+rank = int(os.environ["RANK"])
+for i in range(60):
+    print(f"rank {rank} line {i}", flush=True)
+if rank == 1:
+    raise RuntimeError(f"disk full on rank {rank}")
+"""
+
+
+def test_failed_launch_raises_with_the_log_tail(tmp_path, launch_env):
+    (tmp_path / "fail_on_rank_1.py").write_text(FAIL_ON_RANK_1)
+    run = TrainRun(kind="clip", config="micro", steps=2, nproc_per_node=2)
+    with pytest.raises(LaunchError) as err:
+        launch_training.fn(run, str(tmp_path / "data"), str(tmp_path / "run"), module="fail_on_rank_1")
+    first, tail = str(err.value).split("\n", 1)
+    # the first line names the worker's own error, the rest is the end of the captured log
+    log = (tmp_path / "run" / "launch.log").read_text()
+    assert first == (
+        "torchrun exited with code 1 (RuntimeError: disk full on rank 1); "
+        f"last 40 lines of {tmp_path / 'run' / 'launch.log'}:"
+    )
+    assert len(tail.splitlines()) == 40
+    assert tail in log
+    assert "ChildFailedError" in tail  # torchrun's report of the failed rank ends the log
+    assert "rank 0 line 0" in log and "rank 1 line 59" in log  # everything was captured
+    assert "rank 0 line 0\n" not in tail
+    assert log.rstrip().endswith("end: exited with code 1")
+
+
+def test_run_paths_follow_the_recipe_layout(tmp_path):
+    recipe = parse_recipe({**MULTI_NODE, "output": str(tmp_path)})
+    assert run_paths(recipe, recipe.train[1]) == (str(tmp_path / "scraped"), str(tmp_path / "clip"))
+    assert run_paths(recipe, recipe.train[0], "s3://b/x") == ("s3://b/x/curated", "s3://b/x/vae")

@@ -1,0 +1,163 @@
+"""LDM evaluation: the measures on cases known by construction, and the whole report on a tiny untrained model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.demo_site import COLOURS, SHAPES
+from pipeline.demo_site.scenes import RGB, backgrounds_for
+from tests.training.test_pipeline_folder import make_tiny_pipeline
+from training.evaluate_ldm import (
+    LdmEvalConfig,
+    check_targets,
+    evaluate_pipeline,
+    frechet_distance,
+    held_out_prompts,
+    hue_mass,
+    judge_accuracy,
+    load_clip_judge,
+    main,
+    pixel_share,
+    real_renders,
+)
+from training.judge import Judge, JudgeConfig, JudgeNet, save_judge
+
+torch.set_num_threads(1)
+
+
+def filled(rgb, n=2, size=8) -> torch.Tensor:
+    return torch.tensor(rgb, dtype=torch.uint8).view(1, 3, 1, 1).expand(n, 3, size, size).contiguous()
+
+
+class FixedJudge:
+    """A stand-in judge that always answers red circle."""
+
+    def predict(self, images):
+        return {"colour": ["red"] * len(images), "shape": ["circle"] * len(images)}
+
+
+def test_frechet_distance_matches_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40000, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(40000, 4, generator=g, dtype=torch.float64) * 2 + 1
+    # diagonal covariances: |mu_a - mu_b|^2 + sum (sigma_a - sigma_b)^2 = 4 * 1 + 4 * (1 - 2)^2
+    assert frechet_distance(a, b) == pytest.approx(8.0, rel=0.03)
+    assert frechet_distance(b, a) == pytest.approx(frechet_distance(a, b), rel=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-8
+    rot = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    assert frechet_distance(a @ rot, b @ rot) == pytest.approx(frechet_distance(a, b), rel=1e-6)  # rotation-free
+    with pytest.raises(ValueError):
+        frechet_distance(a, b[:, :3])
+
+
+def test_colour_measures_by_construction():
+    red, navy = filled(RGB["red"]), filled((20, 30, 80))
+    assert pixel_share(red, "red") == 1.0 and pixel_share(red, "blue") == 0.0
+    half = torch.cat([red[:, :, :4], navy[:, :, 4:]], dim=2)
+    assert pixel_share(half, "red") == 0.5 and pixel_share(navy, "blue") == 0.0  # a navy background is not blue
+    assert hue_mass(red, "red") > 0.7 and hue_mass(red, "blue") == 0.0
+    assert hue_mass(half, "red") == pytest.approx(hue_mass(red, "red") / 2)
+    with pytest.raises(ValueError, match="no hue"):
+        hue_mass(red, "white")
+
+
+def test_held_out_prompts_and_their_real_renders():
+    prompts = held_out_prompts(seed=3)
+    assert len(prompts) == len(COLOURS) * len(SHAPES) == len({p["prompt"] for p in prompts})
+    assert {(p["colour"], p["shape"]) for p in prompts} == {(c, s) for c in COLOURS for s in SHAPES}
+    for p in prompts:
+        assert f"{p['colour']} {p['shape']}" in p["prompt"]
+        assert p["background"] is None or (
+            p["background"] in backgrounds_for([p["colour"]]) and "background" in p["prompt"]
+        )
+    images = real_renders(prompts[:12], 2, 32, seed=0)
+    assert images.shape == (24, 3, 32, 32) and images.dtype == torch.uint8
+    for i, p in enumerate(prompts[:12]):
+        if p["colour"] not in ("white", "black"):
+            assert pixel_share(images[2 * i : 2 * i + 2], p["colour"]) > 0.02
+
+
+def test_judge_accuracy_counts_per_prompt():
+    prompts = [
+        {"colour": "red", "shape": "circle"},
+        {"colour": "red", "shape": "star"},
+        {"colour": "blue", "shape": "star"},
+    ]
+    r = judge_accuracy(FixedJudge(), torch.zeros(6, 3, 8, 8, dtype=torch.uint8), prompts, n=2)
+    assert r == {"colour": pytest.approx(4 / 6), "shape": pytest.approx(2 / 6), "both": pytest.approx(2 / 6), "n": 6}
+
+
+def test_targets_need_guidance_to_help():
+    cfg = LdmEvalConfig(guidances=(1.0, 7.5), steps=(20,))
+    rows = [{"guidance": 1.0, "steps": 20, "judge": {"colour": 0.8, "shape": 0.6}},
+            {"guidance": 7.5, "steps": 20, "judge": {"colour": 0.97, "shape": 0.93}}]  # fmt: skip
+    neg = {"mean_pixel_share_ratio": 0.3, "colours": {"red": {"pixel_share_ratio": 0.3}}}
+    ok = check_targets({"settings": rows}, neg, cfg)
+    assert ok == {"guidance_raises_accuracy": {"20": True}, "colour_accuracy_ge_0.95": True,
+                  "shape_accuracy_ge_0.90": True, "negative_halves_colour": True}  # fmt: skip
+    rows[1]["judge"] = {"colour": 0.97, "shape": 0.5}
+    neg["colours"]["red"]["pixel_share_ratio"] = 0.7
+    bad = check_targets({"settings": rows}, neg, cfg)
+    assert bad["guidance_raises_accuracy"]["20"] is False and bad["shape_accuracy_ge_0.90"] is False
+    assert bad["negative_halves_colour"] is False
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalldm")
+    pipe = make_tiny_pipeline(tmp)
+    torch.manual_seed(0)
+    judge = Judge(JudgeNet(8).eval(), JudgeConfig(width=8), {"colour_accuracy": 0.1, "shape_accuracy": 0.2})
+    save_judge(judge, tmp / "judge")
+    return {"pipe": pipe, "judge": judge, "tmp": tmp}
+
+
+def fractions(d: dict) -> list[float]:
+    return [v for k, v in d.items() if k != "n"]
+
+
+def test_report_on_an_untrained_model(tiny):
+    cfg = LdmEvalConfig(
+        guidances=(1.0, 5.0), steps=(2, 20), n_per_prompt=1, negative_colours=("red", "white"), negative_n=1,
+        negative_steps=2, n_real=1, batch_size=64,
+    )  # fmt: skip
+    clip = load_clip_judge(str(tiny["tmp"] / "model" / "text_encoder"), device="cpu")
+    report = evaluate_pipeline(tiny["pipe"], tiny["judge"], cfg, clip, grid_dir=str(tiny["tmp"] / "grids"))
+    report = json.loads(json.dumps(report))  # JSON-able
+    assert [(r["guidance"], r["steps"]) for r in report["sweep"]["settings"]] == [
+        (1.0, 2),
+        (5.0, 2),
+        (1.0, 20),
+        (5.0, 20),
+    ]
+    for row in report["sweep"]["settings"]:
+        assert row["judge"]["n"] == 60
+        for v in fractions(row["judge"]) + fractions(row["clip_zeroshot"]) + fractions(row["clip_agrees_with_judge"]):
+            assert 0.0 <= v <= 1.0
+        assert math.isfinite(row["frechet_clip"]) and row["frechet_clip"] >= -1e-9
+    real = report["sweep"]["real"]
+    assert 0 <= real["judge"]["colour"] <= 1 and real["frechet_clip_real_vs_real"] >= -1e-9
+    vae_ref = real["judge_on_vae_reconstructions"]
+    assert 0 <= vae_ref["colour"] <= 1 and vae_ref["n"] == 60 and vae_ref["psnr_db"] < 20  # an untrained VAE
+    neg = report["negative"]["colours"]
+    assert set(neg) == {"red", "white"} and "hue_mass_with" in neg["red"] and "hue_mass_with" not in neg["white"]
+    assert all(0 <= neg[c][k] <= 1 for c in neg for k in ("pixel_share_with", "pixel_share_without"))
+    assert report["judge"]["trusted"] is False and any("do not count" in n for n in report["notes"])
+    assert any("Inception" in n for n in report["notes"])
+    assert set(report["checks"]) >= {"guidance_raises_accuracy", "colour_accuracy_ge_0.95", "negative_halves_colour"}
+    assert report["checks"]["colour_accuracy_ge_0.95"] is False  # an untrained model fails the targets
+    assert len(list((tiny["tmp"] / "grids").glob("heldout_*.png"))) == 4
+
+
+def test_cli_writes_the_report(tiny, tmp_path):
+    out = tmp_path / "r" / "report.json"
+    argv = [tiny["pipe"].path, "--out", str(out), "--judge", str(tiny["tmp"] / "judge"), "--steps", "2"]
+    argv += ["--guidance", "1", "3", "--n-per-prompt", "1", "--negative-n", "1", "--negative-steps", "2"]
+    assert main([*argv, "--n-real", "1", "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["guidances"] == [1.0, 3.0] and len(report["sweep"]["settings"]) == 2
+    assert report["clip"]["clip_model"].startswith("local-dir:")
+    assert report["checks"]["colour_accuracy_ge_0.95"] is None  # no 20-step setting was run
+    assert main([str(tmp_path / "nothing"), "--out", str(out)]) == 2

@@ -1,0 +1,60 @@
+"""The judge: >= 98% colour and shape accuracy on held-out real renders, and a save/load round trip."""
+
+import json
+
+import pytest
+import torch
+
+from training.judge import (
+    JUDGE_CONFIG,
+    TRUST_ACCURACY,
+    JudgeConfig,
+    accuracy,
+    load_judge,
+    render_labelled,
+    save_judge,
+    train_judge,
+)
+
+torch.set_num_threads(1)
+# smaller than the default (16000 scenes x 3 epochs, ~21 s of CPU) so the test stays near 10 s of CPU; it still
+# has to clear the same 98% bar on 1000 held-out renders
+TEST_CFG = JudgeConfig(n_train=10000, epochs=2, n_eval=1000, seed=5)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return train_judge(TEST_CFG)
+
+
+def test_judge_is_trusted_on_held_out_real_renders(judge):
+    r = judge.report
+    assert r["colour_accuracy"] >= TRUST_ACCURACY and r["shape_accuracy"] >= TRUST_ACCURACY
+    assert judge.trusted and r["trusted"] and r["n_eval"] == 1000
+    # another held-out draw, measured here rather than taken from the report
+    held = render_labelled(600, 32, seed=424242)
+    again = accuracy(judge, *held)
+    assert again["colour_accuracy"] >= TRUST_ACCURACY and again["shape_accuracy"] >= TRUST_ACCURACY
+    # the metric can fail: the same images against shuffled labels are mostly wrong
+    images, colour, shape = held
+    perm = torch.randperm(len(colour), generator=torch.Generator().manual_seed(0))
+    wrong = accuracy(judge, images, colour[perm], shape[perm])
+    assert wrong["colour_accuracy"] < 0.3 and wrong["shape_accuracy"] < 0.4
+
+
+def test_judge_reads_other_resolutions(judge):
+    images, colour, shape = render_labelled(300, 64, seed=99)  # resized to 32 px inside predict
+    r = accuracy(judge, images, colour, shape)
+    assert r["colour_accuracy"] >= 0.95 and r["shape_accuracy"] >= 0.9
+
+
+def test_save_load_round_trip(judge, tmp_path):
+    save_judge(judge, tmp_path / "j")
+    meta = json.loads((tmp_path / "j" / JUDGE_CONFIG).read_text())
+    assert meta["config"]["n_train"] == 10000 and meta["report"]["shape_accuracy"] == judge.report["shape_accuracy"]
+    loaded = load_judge(tmp_path / "j")
+    assert loaded.cfg == judge.cfg and loaded.trusted
+    images = render_labelled(64, 32, seed=7)[0]
+    assert loaded.predict(images) == judge.predict(images)
+    with pytest.raises(ValueError, match="not a judge directory"):
+        load_judge(tmp_path / "missing")

@@ -1,0 +1,192 @@
+"""The sampler: per-image seeds, negative prompts in the unconditional branch, DDIM and DPM-Solver++, PNG grids."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from tests.training.test_pipeline_folder import make_tiny_pipeline
+from training.models.pipeline import LdmPipeline, default_scheduler_config
+from training.sample import generate, initial_noise, main, make_grid, make_scheduler, save_grid
+
+torch.set_num_threads(1)
+PROMPTS = ["a red circle", "a blue star", "a green square"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return make_tiny_pipeline(tmp_path_factory.mktemp("sample"))
+
+
+def differs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.int() - b.int()).abs().float().mean())
+
+
+def test_same_seed_same_image_other_seed_other_image(pipe):
+    a = generate(pipe, PROMPTS, steps=8, guidance=5.0, seed=3, n=2, batch_size=6)
+    b = generate(pipe, PROMPTS, steps=8, guidance=5.0, seed=3, n=2, batch_size=6)
+    c = generate(pipe, PROMPTS, steps=8, guidance=5.0, seed=4, n=2, batch_size=6)
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    assert differs(a, c) > 5  # mean |difference| in 0..255 units
+    # image i uses seed + i: seed 4 shifts the noise by one image, so copy 2 of prompt 0 at seed 3 (i = 1) is copy 1
+    # at seed 4 (i = 0) only in its noise, not its prompt; with one prompt the shift is exact
+    one = generate(pipe, ["a red circle"], steps=8, guidance=5.0, seed=3, n=3)
+    shifted = generate(pipe, ["a red circle"], steps=8, guidance=5.0, seed=4, n=2)
+    assert torch.equal(one[1:], shifted)
+    assert torch.equal(initial_noise([5, 6], (4, 8, 8))[1], initial_noise([6], (4, 8, 8))[0])
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
+def test_an_image_does_not_depend_on_its_batch(pipe, scheduler):
+    kw = {"steps": 8, "guidance": 5.0, "seed": 11, "n": 2, "scheduler": scheduler}
+    whole = generate(pipe, PROMPTS, batch_size=6, **kw)
+    ones = generate(pipe, PROMPTS, batch_size=1, **kw)
+    uneven = generate(pipe, PROMPTS, batch_size=4, **kw)
+    # the same noise and the same arithmetic; CPU kernels for other batch shapes may round differently in the
+    # last float bit (~1e-6), which can move a rare pixel by one uint8 step and nothing more
+    for other in (ones, uneven):
+        d = (whole.int() - other.int()).abs()
+        assert d.max() <= 1 and (d > 0).float().mean() < 1e-3
+
+
+def test_negative_prompt_replaces_the_unconditional_branch(pipe, monkeypatch):
+    seen = []
+    real = type(pipe.unet).forward
+
+    def spy(self, sample, timestep, encoder_hidden_states, **kw):
+        seen.append(encoder_hidden_states.clone())
+        return real(self, sample, timestep, encoder_hidden_states, **kw)
+
+    monkeypatch.setattr(type(pipe.unet), "forward", spy)
+    generate(pipe, ["a red circle"], negative="blue", steps=2, guidance=4.0, n=2)
+    blue, red = pipe.text_encoder.encode(["blue"])[0], pipe.text_encoder.encode(["a red circle"])[0]
+    ctx = seen[0]
+    assert len(seen) == 2 and ctx.shape == (4, 16, 32)  # [uncond x2, cond x2] per step
+    assert torch.equal(ctx[0], blue) and torch.equal(ctx[1], blue) and torch.equal(ctx[2], red)
+    assert not torch.allclose(blue, pipe.empty_emb, atol=1e-3)
+    seen.clear()
+    generate(pipe, ["a red circle"], steps=2, guidance=4.0)
+    assert torch.equal(seen[0][0], pipe.empty_emb)  # no negative: the stored empty-prompt embedding
+    seen.clear()
+    generate(pipe, ["a red circle"], negative="blue", steps=2, guidance=1.0)
+    assert seen[0].shape[0] == 1  # guidance 1 is the conditional prediction alone
+
+
+def test_negative_prompt_changes_the_output_only_when_guided(pipe):
+    kw = {"steps": 8, "seed": 0, "n": 2}
+    plain = generate(pipe, PROMPTS, guidance=7.5, **kw)
+    negative = generate(pipe, PROMPTS, negative="blue", guidance=7.5, **kw)
+    per_prompt = generate(pipe, PROMPTS, negative=["blue", "red", ""], guidance=7.5, **kw)
+    assert differs(plain, negative) > 1
+    # negatives encoded in another batch can differ in the last float bit: at most one uint8 step on rare pixels
+    for a, b in ((per_prompt[:2], negative[:2]), (per_prompt[4:], plain[4:])):
+        d = (a.int() - b.int()).abs()
+        assert d.max() <= 1 and (d > 0).float().mean() < 1e-3
+    assert differs(per_prompt[2:4], plain[2:4]) > 1 and differs(per_prompt[2:4], negative[2:4]) > 1
+    assert torch.equal(
+        generate(pipe, PROMPTS, guidance=1.0, **kw), generate(pipe, PROMPTS, "blue", guidance=1.0, **kw)
+    )
+    with pytest.raises(ValueError, match="negative prompts"):
+        generate(pipe, PROMPTS, negative=["blue"], steps=2)
+
+
+def test_ddim_and_dpm_both_run_on_the_training_schedule(pipe):
+    dpm = generate(pipe, PROMPTS, steps=10, scheduler="dpm")
+    ddim = generate(pipe, PROMPTS, steps=10, scheduler="ddim")
+    assert dpm.shape == ddim.shape == (3, 3, 32, 32)
+    assert differs(dpm, ddim) > 0 and dpm.float().std() > 1 and ddim.float().std() > 1
+    for name in ("dpm", "ddim"):
+        s = make_scheduler(pipe.train_scheduler_config, name)
+        s.set_timesteps(10)
+        assert int(s.timesteps[0]) == 999 and s.config.beta_schedule == "scaled_linear"
+    with pytest.raises(ValueError, match="scheduler"):
+        generate(pipe, PROMPTS, scheduler="euler")
+
+
+def test_grid_png_carries_its_settings(tmp_path):
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    meta = {"prompt": "a red circle", "negative": "blue", "seed": 3, "steps": 20, "guidance": 7.5, "scheduler": "dpm"}
+    path = save_grid(images, tmp_path / "g" / "grid.png", meta)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows, 2 px gaps
+        assert im.text["prompt"] == "a red circle" and im.text["negative"] == "blue"
+        assert json.loads(im.text["seed"]) == 3 and json.loads(im.text["guidance"]) == 7.5
+        assert im.text["scheduler"] == "dpm" and json.loads(im.text["steps"]) == 20
+        tile = torch.from_numpy(np.array(im)[36:68, 2:34]).permute(2, 0, 1)
+    assert torch.equal(tile, images[3])  # row 1, column 0
+    assert make_grid(images, cols=5).size == (5 * 34 + 2, 34 + 2)
+
+
+def test_cli_writes_a_grid_and_fails_in_one_line(pipe, tmp_path, capsys):
+    out = tmp_path / "cli.png"
+    argv = [pipe.path, "a red circle", "--negative", "blue", "--steps", "3", "--guidance", "6", "--seed", "2"]
+    assert main([*argv, "-n", "4", "--scheduler", "ddim", "--device", "cpu", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.size == (2 * 34 + 2, 2 * 34 + 2)
+        assert im.text["prompt"] == "a red circle" and im.text["negative"] == "blue" and im.text["steps"] == "3"
+        assert im.text["guidance"] == "6.0" and im.text["seed"] == "2" and im.text["scheduler"] == "ddim"
+    assert main([str(tmp_path / "missing"), "a red circle", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a pipeline folder" in err[0]
+
+
+class GaussianOracle(torch.nn.Module):
+    """The exact noise predictor when every latent element is x0 ~ N(mu, s^2), mu read from the conditioning."""
+
+    def __init__(self, prediction_type: str, s: float):
+        super().__init__()
+        self.ac = DDPMScheduler(**default_scheduler_config(prediction_type)).alphas_cumprod.double()
+        self.prediction_type, self.s = prediction_type, s
+        self.config = SimpleNamespace(in_channels=4, sample_size=8)
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def forward(self, x, t, encoder_hidden_states):
+        ab = self.ac[int(t)]
+        a, b = ab.sqrt(), (1 - ab).sqrt()
+        mu = encoder_hidden_states.double().mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        x = x.double()
+        x0 = mu + a * self.s**2 * (x - a * mu) / (ab * self.s**2 + 1 - ab)  # E[x0 | x_t] of a Gaussian
+        eps = (x - a * x0) / b
+        return SimpleNamespace(sample=(eps if self.prediction_type == "epsilon" else a * eps - b * x0).float())
+
+
+class NumberEncoder:
+    """A text encoder whose embedding of "0.5" is 0.5 everywhere (the oracle's mu)."""
+
+    def encode(self, texts):
+        return torch.stack([torch.full((4, 8), float(t or 0)) for t in texts])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_samplers_recover_gaussian_data_from_its_exact_denoiser(prediction_type, monkeypatch):
+    import training.models.vae as vae_module
+
+    latents = []
+    monkeypatch.setattr(vae_module, "decode_latents", lambda vae, z: latents.append(z) or torch.zeros(len(z), 3, 4, 4))
+    mu, s = 0.5, 0.5
+    sched = default_scheduler_config(prediction_type)
+    vae = SimpleNamespace(config={"block_out_channels": [16, 32, 64]})  # 4x downsampling: 32 px <-> 8x8 latents
+    pipe = LdmPipeline(GaussianOracle(prediction_type, s), vae, NumberEncoder(), sched, prediction_type, 32,
+                       torch.zeros(4, 8))  # fmt: skip
+    # Stable Diffusion's schedule keeps a little signal at t = 999 (alpha_bar ~ 0.0047) that pure noise lacks, so
+    # the exact flow maps N(0, 1) to mean mu (1 - s a_T / sigma_T) and std s / sigma_T, not exactly (mu, s)
+    a_t = float(DDPMScheduler(**sched).alphas_cumprod[-1]) ** 0.5
+    sigma_t = (a_t**2 * s**2 + 1 - a_t**2) ** 0.5
+    want_mean, want_std = mu * (1 - s * a_t / sigma_t), s / sigma_t
+    for scheduler, steps, std_tol in (("ddim", 1000, 0.02), ("dpm", 20, 0.1)):
+        latents.clear()
+        generate(pipe, ["0.5"], steps=steps, guidance=1.0, n=64, scheduler=scheduler, batch_size=64)
+        z = latents[0]
+        assert float(z.mean()) == pytest.approx(want_mean, abs=0.01), scheduler
+        assert float(z.std()) == pytest.approx(want_std, rel=std_tol), scheduler
+    # guidance extrapolates from the unconditional branch: away from empty (mu 0), or from the negative (mu 1)
+    latents.clear()
+    generate(pipe, ["0.5"], steps=20, guidance=3.0, n=16)
+    generate(pipe, ["0.5"], negative="1.0", steps=20, guidance=3.0, n=16)
+    assert float(latents[0].mean()) == pytest.approx(0 + 3.0 * (mu - 0), rel=0.06)
+    assert float(latents[1].mean()) == pytest.approx(1.0 + 3.0 * (mu - 1.0), rel=0.06)

@@ -1,0 +1,218 @@
+"""Text-to-image sampling from a pipeline folder: DDIM or DPM-Solver++, classifier-free guidance, negative prompts.
+
+Every image has its own seed (``seed + i`` for the i-th image), so an image depends only on its prompt, its seed
+and the settings, never on the batch it was generated in. Guidance follows Ho & Salimans (2022):
+``out = out_u + g * (out_c - out_u)``, where the unconditional branch ``out_u`` reads the negative prompt's
+embedding when one is given (that is what makes "blue" as a negative push the image away from blue) and the empty
+prompt's embedding that CFG dropout trained with otherwise. ``python -m training.sample MODEL_DIR "a red circle"
+--out grid.png`` writes a PNG grid whose text chunks record the prompt, negative, seed, steps, guidance and sampler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+SCHEDULERS = ("dpm", "ddim")
+
+
+def make_scheduler(train_config: dict, name: str):
+    """A sampling scheduler on the training noise schedule: ``"dpm"`` (DPM-Solver++ 2M) or ``"ddim"`` (eta 0).
+
+    Both use "trailing" timestep spacing, so the first step starts at t = T - 1, where the training noise lives
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2).
+    """
+    base = {k: v for k, v in train_config.items() if not k.startswith("_")}
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(
+            base, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
+        )
+    if name == "ddim":
+        return DDIMScheduler.from_config(base, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    raise ValueError(f"unknown scheduler {name!r}: use one of {SCHEDULERS}")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 (fp16 where bf16 is unsupported) autocast on CUDA for ``auto``/``bf16``/``fp16``; nothing on CPU/fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard Gaussian latents, one CPU generator per seed: the same seed gives the same noise on any device."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 (rounded, clamped) on the CPU."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def _embed(pipe, texts: list[str]) -> torch.Tensor:
+    """Per-token text embeddings on the pipeline's device; the empty prompt gives the stored empty embedding."""
+    emb = pipe.text_encoder.encode(texts).to(pipe.device).float()
+    for i, t in enumerate(texts):
+        if t == "":
+            emb[i] = pipe.empty_emb
+    return emb
+
+
+def _denoise(pipe, cond, uncond, seeds, steps, guidance, scheduler, precision) -> torch.Tensor:
+    """Latents for one batch: initial noise from ``seeds``, ``steps`` sampler steps with guidance, VAE decode."""
+    from training.models.vae import decode_latents
+
+    sched = make_scheduler(pipe.train_scheduler_config, scheduler)  # fresh: multistep solvers keep state
+    sched.set_timesteps(steps, device=pipe.device)
+    latents = initial_noise(seeds, pipe.latent_shape).to(pipe.device) * sched.init_noise_sigma
+    guided = guidance != 1.0  # g = 1 is the conditional prediction alone; skip the unconditional pass
+    context = (torch.cat([uncond, cond]) if guided else cond).to(pipe.unet.dtype)
+    for t in sched.timesteps:
+        x = torch.cat([latents, latents]) if guided else latents
+        x = sched.scale_model_input(x, t).to(pipe.unet.dtype).contiguous(memory_format=torch.channels_last)
+        with autocast(pipe.device, precision):
+            out = pipe.unet(x, t, encoder_hidden_states=context).sample.float()
+        if guided:
+            out_u, out_c = out.chunk(2)
+            out = out_u + guidance * (out_c - out_u)
+        latents = sched.step(out, t, latents).prev_sample
+    with autocast(pipe.device, precision):
+        return to_uint8(decode_latents(pipe.vae, latents))
+
+
+@torch.inference_mode()
+def generate(
+    pipe,  # training.models.pipeline.LdmPipeline
+    prompts: str | list[str],
+    negative: str | list[str] | None = None,  # one negative for all prompts, or one per prompt
+    steps: int = 50,
+    guidance: float = 7.5,  # classifier-free guidance scale; 1 = unguided
+    seed: int = 0,  # image i (prompt-major: prompt p, copy j is i = p * n + j) uses seed + i
+    n: int = 1,  # images per prompt
+    scheduler: str = "dpm",  # "dpm" (DPM-Solver++) | "ddim"
+    batch_size: int = 16,  # images per U-Net batch (doubled inside when guided)
+    text_emb: torch.Tensor | None = None,  # (len(prompts), L, D) precomputed prompt embeddings
+    precision: str = "auto",  # "auto" | "bf16" | "fp16" | "fp32": autocast on CUDA; CPU always runs fp32
+) -> torch.Tensor:
+    """Generate ``n`` images per prompt: uint8 ``(len(prompts) * n, 3, H, W)`` on the CPU."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if steps < 1 or n < 1 or batch_size < 1:
+        raise ValueError(f"steps, n and batch_size must be >= 1, got {steps}, {n}, {batch_size}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}: use one of {SCHEDULERS}")
+    cond = _embed(pipe, prompts) if text_emb is None else text_emb.to(pipe.device).float()
+    if cond.shape[0] != len(prompts):
+        raise ValueError(f"text_emb has {cond.shape[0]} rows for {len(prompts)} prompts")
+    if negative is None:
+        uncond = pipe.empty_emb.expand(len(prompts), *pipe.empty_emb.shape)
+    elif isinstance(negative, str):
+        uncond = _embed(pipe, [negative]).expand(len(prompts), -1, -1)
+    else:
+        if len(negative) != len(prompts):
+            raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+        uncond = _embed(pipe, list(negative))
+    cond, uncond = cond.repeat_interleave(n, dim=0), uncond.repeat_interleave(n, dim=0)
+    seeds = [seed + i for i in range(cond.shape[0])]
+    out = []
+    for b in range(0, len(seeds), batch_size):
+        sl = slice(b, b + batch_size)
+        out.append(_denoise(pipe, cond[sl], uncond[sl], seeds[sl], steps, guidance, scheduler, precision))
+    return torch.cat(out)
+
+
+def make_grid(images: torch.Tensor, cols: int | None = None, pad: int = 2) -> Image.Image:
+    """uint8 ``(n, 3, h, w)`` images tiled row by row (``cols`` per row, default ~square) with ``pad`` px gaps."""
+    n, _, h, w = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), dtype=np.uint8)
+    arr = images.permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        y, x = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+        grid[y : y + h, x : x + w] = arr[i]
+    return Image.fromarray(grid, "RGB")
+
+
+def save_grid(images: torch.Tensor, path: str | Path, meta: dict, cols: int | None = None) -> Path:
+    """Write a PNG grid of uint8 images with every ``meta`` entry as a PNG text chunk (non-strings as JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for key, value in meta.items():
+        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
+    tmp = path.with_name(path.name + ".tmp")
+    make_grid(images, cols).save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The ``python -m training.sample`` / ``altforge generate`` arguments."""
+    p = argparse.ArgumentParser(prog="altforge generate", description="Generate images from a pipeline folder.")
+    p.add_argument("model_dir", help="pipeline folder (model_index.json, unet/, vae/, scheduler/, text_encoder/)")
+    p.add_argument("prompt")
+    p.add_argument("--negative", default=None, help="negative prompt: replaces the unconditional branch")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("-n", "--num-images", type=int, default=4)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="dpm")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cols", type=int, default=None, help="images per grid row (default: about square)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: generate a grid for one prompt and write it as a PNG with its settings in the metadata."""
+    from training.models.pipeline import load_pipeline
+
+    args = parse_args(argv)
+    try:
+        pipe = load_pipeline(args.model_dir, device=args.device)
+        images = generate(
+            pipe,
+            [args.prompt],
+            negative=args.negative,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            n=args.num_images,
+            scheduler=args.scheduler,
+            batch_size=args.batch_size,
+            precision=args.precision,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = {
+        "prompt": args.prompt,
+        "negative": args.negative or "",
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "scheduler": args.scheduler,
+        "n": args.num_images,
+        "model": str(args.model_dir),
+    }
+    out = save_grid(images, args.out, meta, args.cols)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
