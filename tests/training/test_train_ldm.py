@@ -1,0 +1,307 @@
+"""The latent diffusion loop: exact resume (model, EMA, optimizer), text encoded in the loop, the data map, the CLI."""
+
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipeline.latents import write_empty_embedding
+from pipeline.manifest import build_manifest, write_manifest
+from pipeline.shards import ShardWriter
+from pipeline.stats import StageStats
+from training.models import create_clip, export_open_clip, model_config
+from training.models.pipeline import load_pipeline
+from training.models.text import load_text_encoder
+from training.models.vae import build_vae, save_vae
+from training.sample import generate
+from training.train_ldm import LdmTrainConfig, ema_update, inspect_latents, latent_map, lr_at, parse_args, train
+
+torch.set_num_threads(1)
+
+COLOURS = {"red": (1.5, -1.0, -1.0), "green": (-1.0, 1.5, -1.0), "blue": (-1.0, -1.0, 1.5)}
+SHAPES = ("square", "ring", "bar")
+
+
+def shape_mask(shape: str) -> np.ndarray:
+    """An 8x8 mask per shape word, so the latents depend on the caption in a learnable way."""
+    m = np.zeros((8, 8), np.float32)
+    if shape == "square":
+        m[2:6, 2:6] = 1
+    elif shape == "ring":
+        m[1:7, 1:7] = 1
+        m[3:5, 3:5] = 0
+    else:
+        m[:, 3:5] = 1
+    return m
+
+
+def write_latents(dst, n, encoder, per_shard=32, store_text=True, logvar=False, seed=0):
+    """A latent dataset like pipeline/latents.py writes: latents from the caption, text embeddings, manifest."""
+    rng = np.random.default_rng(seed)
+    captions = [f"a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)}" for _ in range(n)]
+    embs = encoder.encode(captions).numpy().astype(np.float16)
+    for index, start in enumerate(range(0, n, per_shard)):
+        stats = StageStats()
+        with ShardWriter(str(dst), index) as w:
+            for i in range(start, min(n, start + per_shard)):
+                _, colour, shape = captions[i].split()
+                mask = shape_mask(shape)
+                lat = np.stack([c * mask for c in COLOURS[colour]] + [mask - 0.5]) + 0.05 * rng.standard_normal(
+                    (4, 8, 8)
+                )
+                sample = {"__key__": f"k{i:06d}", "latent.npy": lat.astype(np.float16), "txt": captions[i]}
+                if store_text:
+                    sample["text_emb.npy"] = embs[i]
+                if logvar:
+                    sample["logvar.npy"] = np.full((4, 8, 8), -6.0, np.float16)
+                w.write(sample)
+                stats.seen += 1
+                stats.kept += 1
+            w.publish(stats)
+    te = {**encoder.provenance, "context_length": encoder.context_length, "width": encoder.width}
+    config = {"scaling_factor": 1.0, "vae": {"ref": None, "scaling_factor": 1.0}, "text_encoder": te}
+    write_manifest(str(dst), build_manifest(str(dst), "encode", config))
+    write_empty_embedding(str(dst), encoder.empty())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ldm")
+    clip_dir = root / "clip"
+    torch.manual_seed(0)
+    export_open_clip(create_clip("micro"), model_config("micro"), clip_dir)  # L=16, D=32
+    encoder = load_text_encoder(str(clip_dir), device="cpu")
+    write_latents(root / "lat", 96, encoder)
+    write_latents(root / "lat_captions", 96, encoder, store_text=False)
+    return {"root": root, "clip": clip_dir, "encoder": encoder}
+
+
+def base_cfg(data, out, **kw) -> LdmTrainConfig:
+    cfg = LdmTrainConfig(
+        data=str(data),
+        out=str(out),
+        steps=6,
+        batch_size=8,
+        lr=2e-3,
+        warmup=2,
+        workers=2,
+        shuffle_buffer=16,
+        log_every=1,
+        save_every=0,
+        threads=1,
+        progress=False,
+    )
+    return replace(cfg, **kw)
+
+
+def test_exact_resume_matches_uninterrupted_run(env, tmp_path):
+    data = env["root"] / "lat"
+    full = train(base_cfg(data, tmp_path / "full"))
+    first = train(base_cfg(data, tmp_path / "cut", stop_after=3))  # "killed" after the step-3 checkpoint
+    assert first["step"] == 3
+    resumed = train(base_cfg(data, tmp_path / "cut"))
+    assert resumed["step"] == 6 and full["step"] == 6
+    ck = {d: tmp_path / d / "checkpoints" / "step_00000006" for d in ("full", "cut")}
+    for name in ("model.safetensors", "optimizer.safetensors"):  # U-Net + EMA weights; Adam moments and steps
+        a, b = load_file(str(ck["full"] / name)), load_file(str(ck["cut"] / name))
+        assert a.keys() == b.keys() and len(a) > 10
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    model = load_file(str(ck["full"] / "model.safetensors"))
+    mid = load_file(str(tmp_path / "cut" / "checkpoints" / "step_00000003" / "model.safetensors"))
+    ema_keys = [k for k in model if k.startswith("ema.")]
+    assert ema_keys and len(ema_keys) * 2 == len(model)
+    assert any(not torch.equal(model[k], mid[k]) for k in ema_keys)  # the EMA moved in the last 3 steps
+    assert any(not torch.equal(model[k], model["unet." + k[4:]]) for k in ema_keys)  # and is not the raw weights
+    # the exported U-Net is the EMA, identical in both runs
+    a = load_file(str(tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "unet" / "diffusion_pytorch_model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], model["ema." + k].contiguous()), k
+    assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in full["train"]]
+    row = full["train"][-1]
+    assert {"samples_per_s", "data_wait", "lr"} <= row.keys() and 0 <= row["data_wait"] < 1
+    assert any(k.startswith("loss_t") for k in row)
+
+
+def test_loss_decreases(env, tmp_path):
+    kw = {"steps": 20, "batch_size": 16, "workers": 0, "log_every": 10, "cond_dropout": 0.0}
+    losses = [r["loss"] for r in train(base_cfg(env["root"] / "lat", tmp_path / "run", **kw))["train"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_text_encoded_in_the_loop_matches_stored_embeddings(env, tmp_path):
+    kw = {"steps": 3, "workers": 0, "log_every": 1, "cond_dropout": 0.3}
+    stored = [r["loss"] for r in train(base_cfg(env["root"] / "lat", tmp_path / "stored", **kw))["train"]]
+    # captions only: the frozen encoder (named by the manifest) runs in the loop on the same batches
+    looped = train(base_cfg(env["root"] / "lat_captions", tmp_path / "looped", **kw))
+    assert looped["step"] == 3
+    assert [r["loss"] for r in looped["train"]] == pytest.approx(stored, rel=1e-5)  # fp16-stored vs fresh
+    config = json.loads((tmp_path / "looped" / "unet" / "config.json").read_text())
+    assert config["cross_attention_dim"] == 32 and config["sample_size"] == 8
+
+
+def test_gradient_accumulation_matches_the_larger_batch(env, tmp_path):
+    # one loader stream without shuffling: micro-batches 8 + 8 hold the samples of one batch of 16, with the same
+    # per-sample noise and timesteps, so the two runs differ only in float summation order
+    kw = {"steps": 3, "workers": 0, "shuffle_buffer": 0, "log_every": 1, "min_snr_gamma": 5.0}
+    big = train(base_cfg(env["root"] / "lat", tmp_path / "big", batch_size=16, **kw))
+    acc = train(base_cfg(env["root"] / "lat", tmp_path / "acc", batch_size=8, grad_accum=2, **kw))
+    assert [r["loss"] for r in acc["train"]] == pytest.approx([r["loss"] for r in big["train"]], rel=1e-5)
+    a, b = (
+        load_file(str(tmp_path / d / "checkpoints" / "step_00000003" / "model.safetensors")) for d in ("big", "acc")
+    )
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    assert acc["train"][-1]["samples_per_s"] > 0
+
+
+def test_pipeline_folder_and_image_grids(env, tmp_path):
+    vae = build_vae("tiny")  # 32 px images <-> 8x8x4 latents
+    save_vae(vae, tmp_path / "vae")
+    prompts = ("a red square", "a blue bar")
+    out = tmp_path / "run"
+    cfg = base_cfg(
+        env["root"] / "lat", out, steps=2, workers=0, sample_every=1, sample_prompts=prompts, sample_steps=2
+    )
+    result = train(replace(cfg, vae=str(tmp_path / "vae")))
+    assert result["exported"] == "pipeline" and [s["step"] for s in result["samples"]] == [1, 2]
+    with Image.open(out / "samples" / "step_00000002.png") as im:
+        assert json.loads(im.text["prompts"]) == list(prompts) and im.text["steps"] == "2"
+        assert im.size[0] > 2 * 32
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    pipe = load_pipeline(out)
+    ema = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, ema["ema." + k]), k
+    assert pipe.resolution == 32 and pipe.prediction_type == "epsilon"
+    assert torch.equal(pipe.empty_emb, env["encoder"].empty().half().float())  # the dataset's empty embedding
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["lineage"]["step"] == 2 and index["lineage"]["train_config"]["steps"] == 2
+    images = generate(pipe, list(prompts), steps=2, guidance=7.5, seed=0)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], cwd: str) -> None:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": cwd}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow  # three processes importing torch, diffusers and open_clip: ~20 s on a quiet 2-core machine
+def test_two_gloo_processes_match_one(env, tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # split="sample" without a shuffle buffer: a global batch holds the same samples on 1 rank or 2, and each
+    # sample's noise, timestep and dropout come from its own key, so both runs see the same global batch
+    common = ["--steps", "3", "--warmup", "1", "--workers", "0", "--split", "sample", "--shuffle-buffer", "0"]
+    common += ["--threads", "1", "--no-progress", "--log-every", "1", "--min-snr-gamma", "5", "--cond-dropout", "0.3"]
+    trainer = ["-m", "training.train_ldm", str(env["root"] / "lat")]
+    run([sys.executable, *trainer, "--out", str(tmp_path / "one"), "--batch-size", "16", *common], repo)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    run([*torchrun, *trainer, "--out", str(tmp_path / "two"), "--batch-size", "8", *common], repo)
+    one, two = (
+        load_file(str(tmp_path / d / "checkpoints" / "step_00000003" / "model.safetensors")) for d in ("one", "two")
+    )
+    for k in one:  # U-Net and EMA; Adam's first steps amplify float summation-order noise: small atol
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), (k, float((one[k] - two[k]).abs().max()))
+    losses = [
+        [r["loss"] for r in json.loads((tmp_path / d / "metrics.json").read_text())["train"]] for d in ("one", "two")
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(set(losses[0])) == 3
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step_00000003" / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["data"]) == 2
+
+
+def raw(sample: dict) -> dict:
+    out = {"__key__": "k"}
+    for ext, value in sample.items():
+        buf = io.BytesIO()
+        np.save(buf, value)
+        out[ext] = buf.getvalue()
+    return out
+
+
+def test_latent_map_draws_posterior_flip_noise_and_timesteps():
+    mean = np.zeros((4, 8, 8), np.float16)
+    sample = raw(
+        {
+            "latent.npy": mean,
+            "logvar.npy": np.full((4, 8, 8), np.log(0.25), np.float16),  # posterior std 0.5 before scaling
+            "latent_flip.npy": np.full((4, 8, 8), 3.0, np.float16),
+            "text_emb.npy": np.ones((16, 32), np.float16),
+        }
+    )
+    draws = [latent_map(sample, random.Random(i), 2.0, True, 0.0, 0.5) for i in range(400)]
+    flipped = [d["latent"].mean() > 1.5 for d in draws]
+    assert 0.4 < np.mean(flipped) < 0.6  # the flipped latent with p = 0.5
+    plain = torch.stack([d["latent"] for d, f in zip(draws, flipped, strict=True) if not f])
+    assert plain.std().item() == pytest.approx(2.0 * 0.5, rel=0.05)  # mean + scaling_factor * exp(logvar / 2) * eps
+    flips = torch.stack([d["latent"] for d, f in zip(draws, flipped, strict=True) if f])
+    assert torch.equal(flips, torch.full_like(flips, 3.0))  # no logvar_flip stored: the flipped mean as is
+    noise = torch.stack([d["noise"] for d in draws])
+    assert abs(noise.mean().item()) < 0.02 and noise.std().item() == pytest.approx(1.0, rel=0.03)
+    t = torch.stack([d["timestep"] for d in draws])
+    assert t.min() >= 0 and t.max() < 1000 and t.float().std() > 200
+    assert draws[0]["text_emb"].dtype == torch.float32 and draws[0]["text_emb"].shape == (16, 32)
+    again = latent_map(sample, random.Random(0), 2.0, True, 0.0, 0.5)  # the same seed gives the same draw
+    assert all(torch.equal(again[k], draws[0][k]) for k in ("latent", "noise", "timestep", "drop_u"))
+    # without a flipped latent the flag is ignored; captions pass through when no text embeddings are stored
+    no_flip = raw({"latent.npy": mean}) | {"txt": b"a red square"}
+    d = latent_map(no_flip, random.Random(1), None, False, 0.1, 1.0)
+    assert d["caption"] == "a red square" and torch.equal(d["latent"], torch.zeros(4, 8, 8))
+
+
+def test_inspect_latents_and_setup_errors(env, tmp_path):
+    info = inspect_latents(str(env["root"] / "lat"))
+    assert info.latent_shape == (4, 8, 8) and info.text_in_shards and info.text_width == 32
+    assert info.scaling_factor == 1.0 and not info.has_logvar
+    assert not inspect_latents(str(env["root"] / "lat_captions")).text_in_shards
+    with pytest.raises(ValueError, match="unknown U-Net config"):
+        train(base_cfg(env["root"] / "lat", tmp_path / "bad", config="no-such"))
+    torch.manual_seed(1)  # another text encoder than the one that made the dataset's empty embedding
+    export_open_clip(create_clip("micro"), model_config("micro"), tmp_path / "other")
+    with pytest.raises(ValueError, match="another encoder"):
+        train(base_cfg(env["root"] / "lat_captions", tmp_path / "bad", text_encoder=str(tmp_path / "other")))
+
+
+def test_ema_update_is_the_exponential_average():
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, model, 0.9)
+    for e, b, m in zip(ema.parameters(), before, model.parameters(), strict=True):
+        assert torch.allclose(e, 0.9 * b + 0.1 * m)
+    ema_update(ema, model, 0.0)
+    assert all(torch.equal(e, m) for e, m in zip(ema.parameters(), model.parameters(), strict=True))
+
+
+def test_config_round_trips_and_cli_flags():
+    cfg = parse_args(
+        ["DATA", "--out", "OUT", "--config", "sd15", "--steps", "7", "--prediction", "v_prediction"]
+        + ["--min-snr-gamma", "5", "--sample-prompts", "a red circle", "a blue star", "--no-progress"]
+        + ["--storage-options", '{"anon": true}', "--betas", "0.9", "0.99"]
+    )
+    assert (cfg.config, cfg.steps, cfg.prediction, cfg.min_snr_gamma) == ("sd15", 7, "v_prediction", 5.0)
+    assert cfg.sample_prompts == ("a red circle", "a blue star") and cfg.storage_options == {"anon": True}
+    assert LdmTrainConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="prediction"):
+        replace(cfg, prediction="x0")
+    sched = LdmTrainConfig(data="d", out="o", steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, sched) == pytest.approx(0.1) and lr_at(9, sched) == pytest.approx(1.0)
+    assert lr_at(100, sched) == pytest.approx(0.1)

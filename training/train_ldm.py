@@ -1,0 +1,564 @@
+"""Text-conditioned latent diffusion training on latent shards: one process, or DDP under torchrun. Top to bottom.
+
+python -m training.train_ldm LATENTS --out RUN [--config tiny] [--steps N]
+torchrun --nproc-per-node 8 -m training.train_ldm LATENTS --out RUN --config sd15 --batch-size 64 --lr 1e-4
+
+Every random choice of a sample (flip, posterior draw, noise, timestep, CFG dropout) is drawn in the data map from
+the sample's own seeded RNG (training/data.py derives it from the seed, the epoch and the key). So a run is the
+same on 1 rank or 8, and a resumed run replays exactly what the uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import io
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pipeline.shards import iter_samples, shard_urls
+from training import distributed
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.data import DataPosition, LoaderConfig, make_loader, make_plan
+from training.models.unet import build_unet, count_parameters
+from training.objectives import (
+    BETA_END,
+    BETA_START,
+    NUM_TRAIN_TIMESTEPS,
+    PREDICTION_TYPES,
+    add_noise,
+    alphas_cumprod,
+    diffusion_loss,
+    sample_noise,
+    scaled_linear_betas,
+    swap_in_empty,
+)
+from training.train_clip import resolve_precision, write_json
+
+N_BUCKETS = 4  # the loss is also logged per timestep quarter: t in [0, 250), [250, 500), ...
+DEMO_PROMPTS = (
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow star on a navy background",
+    "a purple hexagon on a white background",
+    "an orange diamond",
+    "a small pink circle on a black background",
+    "a large white square on a dark green background",
+)
+
+
+@dataclass(frozen=True)
+class LdmTrainConfig:
+    """Everything a latent diffusion run needs; saved as train_config.json in the run directory."""
+
+    data: str  # latent dataset dir, manifest.json or brace pattern of latent shards (pipeline/latents.py)
+    out: str  # run directory: the pipeline folder at its top, checkpoints/, tensorboard/, metrics.json
+    config: str = "tiny"  # U-Net config name (training/models/configs/unet-NAME.json) or a JSON path
+    text_encoder: str | None = None  # open_clip model / exported dir; None = the one the latent manifest records
+    text_pretrained: str | None = None  # its pretrained tag or weights file (with an open_clip architecture name)
+    vae: str | None = None  # VAE folder / pipeline folder / hub id for grids and the pipeline; None = the manifest's
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 64  # samples per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-3  # peak learning rate (the tiny config; ~1e-4 for sd15 at a large global batch)
+    min_lr: float = 0.0  # learning rate at the end of the cosine; = lr for a constant schedule
+    warmup: int = 100  # linear warm-up, optimizer steps
+    clip_grad: float = 1.0  # max global gradient norm; 0 = off
+    weight_decay: float = 0.01  # AdamW decay on weight matrices (not biases or norms)
+    betas: tuple[float, float] = (0.9, 0.999)
+    ema_decay: float = 0.999  # per optimizer step; warmed up as min(decay, (1 + step) / (10 + step))
+    prediction: str = "epsilon"  # "epsilon" | "v_prediction"
+    min_snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (5 is the paper's choice); 0 = off
+    offset_noise: float = 0.0  # std of the per-channel noise offset (~0.05-0.1 when used); 0 = off
+    cond_dropout: float = 0.1  # share of samples whose caption embedding is swapped for the empty prompt's
+    flip_p: float = 0.5  # probability of the flipped latent when the shards store one
+    precision: str = "auto"  # auto (bf16 on GPU if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the U-Net's forward (GPU runs; the weights and checkpoints are unchanged)
+    device: str = "auto"  # auto | cuda | cpu
+    workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 1000  # samples per worker
+    split: str = "shard"  # "shard" or "sample" (see training.data)
+    seed: int = 0
+    log_every: int = 50  # steps between log lines
+    save_every: int = 1000  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # steps between image grids (EMA weights; needs a VAE); 0 = no grids
+    sample_prompts: tuple[str, ...] = DEMO_PROMPTS  # the fixed prompts of the grids (seed i for prompt i)
+    sample_steps: int = 20  # sampler steps for the grids
+    sample_guidance: float = 7.5  # guidance scale for the grids
+    resume: str = "auto"  # "auto" (latest checkpoint in out), "none", or a checkpoint directory
+    max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
+    stop_after: int = 0  # leave (and save) at this step although the schedule runs to ``steps``; 0 = off
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    progress: bool = True  # progress bar when stderr is a terminal
+    storage_options: dict | None = None  # fsspec options for a remote dataset
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {self.prediction!r}")
+        if not 0.0 <= self.cond_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("cond_dropout and ema_decay must be in [0, 1)")
+        if self.grad_accum < 1 or self.steps < 1:
+            raise ValueError("steps and grad_accum must be >= 1")
+
+    def to_json(self) -> str:
+        """The config as JSON."""
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> LdmTrainConfig:
+        """Inverse of :meth:`to_json`."""
+        d = json.loads(text)
+        d["betas"], d["sample_prompts"] = tuple(d["betas"]), tuple(d["sample_prompts"])
+        return cls(**d)
+
+
+def lr_at(step: int, cfg: LdmTrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on >=2-D weights (convs, linears); biases and norm scales are exempt."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model``, parameter by parameter (buffers copied)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def scheduler_config(prediction: str) -> dict:
+    """The diffusers DDPMScheduler config of the training schedule (what the pipeline folder records)."""
+    return {
+        "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+        "beta_start": BETA_START,
+        "beta_end": BETA_END,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": prediction,
+        "clip_sample": False,  # latents are not bounded to [-1, 1]
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class LatentSet:
+    """What the loop needs to know about a latent dataset: its first sample's fields and its manifest's config."""
+
+    root: str  # the dataset directory (where empty_text_emb.npy lives)
+    latent_shape: tuple[int, ...]  # (C, h, w)
+    text_in_shards: bool  # per-sample text_emb.npy present (else captions are encoded in the loop)
+    text_width: int | None  # D of the stored embeddings
+    has_logvar: bool
+    scaling_factor: float | None  # the VAE's, from the manifest
+    info: dict  # the manifest's config ({} when there is none)
+
+
+def inspect_latents(data: str, storage_options: dict | None = None) -> LatentSet:
+    """Read a latent dataset's manifest config and first sample; raises ``ValueError`` if it holds no latents."""
+    from pipeline.latents import latent_info
+
+    urls = shard_urls(data, storage_options)
+    if not urls:
+        raise FileNotFoundError(f"no shards found in {data}")
+    root = urls[0].rsplit("/", 1)[0]
+    first = next(iter(iter_samples(urls[0], storage_options)), None)
+    if first is None or "latent.npy" not in first:
+        raise ValueError(f"{urls[0]}: no <key>.latent.npy in the first sample: not a latent dataset")
+    try:
+        info = latent_info(root, storage_options)
+    except FileNotFoundError:
+        info = {}
+    scale = info.get("scaling_factor", (info.get("vae") or {}).get("scaling_factor"))
+    has_text = "text_emb.npy" in first
+    width = int(first["text_emb.npy"].shape[-1]) if has_text else None
+    scale = float(scale) if scale is not None else None
+    return LatentSet(root, tuple(first["latent.npy"].shape), has_text, width, "logvar.npy" in first, scale, info)
+
+
+def _npy(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
+
+
+def latent_map(
+    sample: dict, rng: random.Random, scale: float | None, text: bool, offset: float, flip_p: float
+) -> dict:
+    """Raw latent sample -> {"latent", "noise", "timestep", "drop_u", "text_emb" | "caption"}, drawn from ``rng``.
+
+    The latent is the flipped one with probability ``flip_p`` when stored, and a draw from the posterior
+    ``mean + scale * exp(logvar / 2) * eps`` when the log-variance is stored (the mean is stored already times the
+    VAE's scaling factor ``scale``). ``text``: the shards hold text embeddings (else the caption is passed on).
+    ``offset``: the offset-noise strength.
+    """
+    g = torch.Generator().manual_seed(rng.getrandbits(63))
+    flip = "_flip" if "latent_flip.npy" in sample and rng.random() < flip_p else ""
+    latent = _npy(sample[f"latent{flip}.npy"])
+    if f"logvar{flip}.npy" in sample:
+        std = scale * torch.exp(0.5 * _npy(sample[f"logvar{flip}.npy"]))
+        latent = latent + std * torch.randn(latent.shape, generator=g)
+    out = {
+        "latent": latent,
+        "noise": sample_noise(tuple(latent.shape), offset, g),
+        "timestep": torch.randint(NUM_TRAIN_TIMESTEPS, (), generator=g),
+        "drop_u": torch.rand((), generator=g),  # the sample's conditioning is dropped when drop_u < cond_dropout
+    }
+    if text:
+        out["text_emb"] = _npy(sample["text_emb.npy"])
+    else:
+        out["caption"] = sample["txt"].decode("utf-8")
+    return out
+
+
+def empty_embedding(latents: LatentSet, encoder, storage_options: dict | None) -> torch.Tensor:
+    """The (L, D) empty-prompt embedding: the dataset's ``empty_text_emb.npy``, else the text encoder's."""
+    from pipeline.latents import read_empty_embedding
+
+    try:
+        stored = torch.from_numpy(read_empty_embedding(latents.root, storage_options).astype(np.float32))
+    except FileNotFoundError:
+        if encoder is None:
+            raise ValueError(f"{latents.root}: no empty_text_emb.npy and no text encoder to compute it") from None
+        return encoder.empty().float().cpu()
+    if encoder is not None and (encoder.empty().float().cpu() - stored).norm() > 0.05 * stored.norm():
+        # float16 storage or a bf16 encode differ by well under 5%; another encoder by ~100%
+        raise ValueError("the text encoder's empty-prompt embedding differs from the dataset's: another encoder?")
+    return stored
+
+
+# ------------------------------------------------------------------------------------------------------- loop
+
+
+def train(cfg: LdmTrainConfig) -> dict:
+    """Run (or resume) training; returns the metrics written to ``out/metrics.json``."""
+    dist = distributed.init_distributed(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # ---- data description, text encoder, empty-prompt embedding
+    latents = inspect_latents(cfg.data, cfg.storage_options)
+    if latents.has_logvar and latents.scaling_factor is None:
+        raise ValueError(f"{cfg.data}: latents with logvar but no scaling_factor in the manifest")
+    te = latents.info.get("text_encoder") or {}  # the encoder the latent manifest records, unless the config names one
+    te_model, te_pretrained = (
+        (cfg.text_encoder, cfg.text_pretrained) if cfg.text_encoder else (te.get("model"), te.get("pretrained"))
+    )
+    encoder = None
+    if not latents.text_in_shards or (dist.is_main and cfg.sample_every > 0 and te_model):
+        if te_model is None:
+            raise ValueError("the shards hold captions only: give --text-encoder (the manifest names none)")
+        from training.models.text import load_text_encoder
+
+        encoder = load_text_encoder(te_model, te_pretrained, device=str(dist.device))
+    empty = empty_embedding(latents, encoder, cfg.storage_options).to(dist.device)
+    width = latents.text_width or encoder.width
+
+    # ---- model, EMA, optimizer, precision
+    torch.manual_seed(cfg.seed)  # the same init on every rank, and whether or not a text encoder was loaded above
+    unet = build_unet(cfg.config, cross_attention_dim=width, sample_size=latents.latent_shape[-1]).to(dist.device)
+    ema = copy.deepcopy(unet).requires_grad_(False).eval()
+    both = torch.nn.ModuleDict({"unet": unet, "ema": ema})  # one checkpoint file holds both, written atomically
+    precision = resolve_precision(cfg.precision, dist.device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    fused = dist.device.type == "cuda"  # one kernel for all parameters
+    optimizer = torch.optim.AdamW(param_groups(unet, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=fused)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    abar = alphas_cumprod(scaled_linear_betas()).float().to(dist.device)
+
+    # ---- data
+    loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
+    plan = make_plan(cfg.data, loader_cfg, dist.world_size, cfg.storage_options)
+    position = DataPosition()
+
+    # ---- resume
+    step, history, train_seconds = 0, {"train": [], "samples": []}, 0.0
+    ckpt = latest_checkpoint(out) if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
+    if ckpt is not None:
+        doc = load_checkpoint(ckpt, both, optimizer)
+        step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
+        scaler.load_state_dict(doc["scaler"])
+        same_layout = doc["world_size"] == dist.world_size and doc["workers"] == cfg.workers
+        if same_layout:
+            position = DataPosition.from_dict(doc["data"][dist.rank])
+        else:  # another layout cannot continue mid-epoch exactly: restart the current epoch's data
+            position = DataPosition(epoch=doc["data"][0]["batches"] // max(1, doc["steps_per_epoch"]) + 1)
+        if dist.is_main:
+            print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (epoch {position.epoch})"))
+    ddp = None
+    if dist.distributed:
+        ddp = DistributedDataParallel(unet, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    model = torch.compile(ddp or unet) if cfg.compile else (ddp or unet)
+    map_fn = functools.partial(
+        latent_map,
+        scale=latents.scaling_factor,
+        text=latents.text_in_shards,
+        offset=cfg.offset_noise,
+        flip_p=cfg.flip_p,
+    )
+    batches = iter(make_loader(plan, loader_cfg, dist.rank, map_fn, position))
+
+    # ---- logging (rank 0)
+    writer = None
+    if dist.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
+        (out / "train_config.json").write_text(cfg.to_json(), encoding="utf-8")
+        print(f"U-Net {cfg.config}: {count_parameters(unet) / 1e6:.2f}M parameters, latents {latents.latent_shape}")
+    vae_ref = cfg.vae or (latents.info.get("vae") or {}).get("ref")
+    pipe = None
+    if dist.is_main and cfg.sample_every > 0:
+        if vae_ref and encoder is not None:
+            pipe = sampling_pipeline(ema, vae_ref, encoder, empty, cfg.prediction)
+        else:
+            print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): no image grids")
+
+    def grid() -> None:
+        if pipe is not None:
+            history["samples"].append(log_sample_grid(writer, step, pipe, cfg, out))
+        distributed.barrier()
+
+    def save() -> None:
+        data = distributed.all_gather_object(position.to_dict())
+        if dist.is_main:
+            state = {
+                "config": asdict(cfg),
+                "scheduler": {"step": step, "lr": lr_at(max(0, step - 1), cfg)},
+                "scaler": scaler.state_dict(),
+                "data": data,
+                "world_size": dist.world_size,
+                "workers": cfg.workers,
+                "steps_per_epoch": plan.steps_per_epoch,
+                "metrics": history,
+                "train_seconds": train_seconds,
+            }
+            save_checkpoint(out, step, both, optimizer, state, cfg.keep_checkpoints)
+        distributed.barrier()
+
+    def new_window() -> dict:
+        zeros = functools.partial(torch.zeros, device=dist.device, dtype=torch.float64)
+        return dict(t=time.perf_counter(), data=0.0, steps=0, loss=zeros(()), sum=zeros(N_BUCKETS), n=zeros(N_BUCKETS))
+
+    global_batch = cfg.batch_size * cfg.grad_accum * dist.world_size
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
+    window = new_window()
+    model.train()
+    while step < cfg.steps:
+        t_step = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(cfg.grad_accum):
+            t_data = time.perf_counter()
+            batch = position.advance(next(batches))
+            window["data"] += time.perf_counter() - t_data
+            x0 = batch["latent"].to(dist.device, non_blocking=True)
+            noise = batch["noise"].to(dist.device, non_blocking=True)
+            t = batch["timestep"].to(dist.device, non_blocking=True)
+            if latents.text_in_shards:
+                emb = batch["text_emb"].to(dist.device, non_blocking=True)
+            else:  # the frozen encoder, outside autograd (clone: inference tensors cannot be saved for backward)
+                emb = encoder.encode(batch["caption"]).clone()
+            emb = swap_in_empty(emb, empty, batch["drop_u"].to(dist.device) < cfg.cond_dropout)
+            noisy = add_noise(x0, noise, t, abar).contiguous(memory_format=torch.channels_last)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or ddp is None else ddp.no_sync()
+            autocast = torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+            with sync:
+                with autocast:
+                    pred = model(noisy, t, encoder_hidden_states=emb).sample
+                loss, per_sample = diffusion_loss(pred, x0, noise, t, abar, cfg.prediction, cfg.min_snr_gamma)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            window["loss"] += loss.detach() / cfg.grad_accum
+            bucket = t * N_BUCKETS // NUM_TRAIN_TIMESTEPS
+            window["sum"].index_add_(0, bucket, per_sample.double())
+            window["n"].index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float64))
+        scaler.unscale_(optimizer)
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        ema_update(ema, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        window["steps"] += 1
+        train_seconds += time.perf_counter() - t_step
+        bar.update(1)
+        stop = (cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60) or step == cfg.stop_after
+        if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
+            stop = distributed.all_gather_object(stop)[0]
+
+        if step % cfg.log_every == 0 or step == cfg.steps or stop:
+            row = log_row(window, step, lr, global_batch, train_seconds, dist)
+            history["train"].append(row)
+            if dist.is_main:
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, step)
+                writer.add_scalar("data/errors", sum(position.errors.values()), step)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
+                write_json(out / "metrics.json", {"config": asdict(cfg), "step": step, **history})
+                if bar.disable:  # no terminal: one log line per window instead of the bar
+                    print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+            window = new_window()
+        if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and not stop:
+            grid()
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop:
+            save()
+        if stop:
+            break
+    bar.close()
+
+    # ---- the end: last grid, checkpoint, the pipeline folder (EMA weights)
+    grid()
+    save()
+    errors = distributed.all_gather_object(dict(position.errors))
+    result = {"config": asdict(cfg), "step": step, "train_seconds": round(train_seconds, 2), **history}
+    result["data_errors"] = dict(sum((Counter(e) for e in errors), start=Counter()))
+    result["unet_parameters"] = count_parameters(unet)
+    if dist.is_main:
+        lineage = dict(
+            data=cfg.data,
+            latents=latents.info,
+            train_config=asdict(cfg),
+            step=step,
+            train_seconds=result["train_seconds"],
+        )
+        result["exported"] = export_model(out, ema, vae_ref, te_model, te_pretrained, empty, cfg, lineage)
+        write_json(out / "metrics.json", result)
+        writer.close()
+        if result["data_errors"]:
+            print(f"skipped samples: {result['data_errors']}")
+    distributed.barrier()
+    distributed.cleanup()
+    return result
+
+
+def log_row(window: dict, step: int, lr: float, global_batch: int, train_seconds: float, dist) -> dict:
+    """One log row from a window of steps: loss (all ranks), loss per timestep bucket, samples/s, data-wait share."""
+    if dist.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - window["t"]
+    row = {
+        "step": step,
+        "loss": distributed.mean_over_ranks(float(window["loss"]) / window["steps"], dist.device),
+        "lr": lr,
+        "samples_per_s": global_batch * window["steps"] / elapsed,
+        "data_wait": window["data"] / elapsed,  # fraction of the time spent waiting for batches
+        "train_seconds": round(train_seconds, 2),
+    }
+    sums = distributed.all_gather_object((window["sum"].tolist(), window["n"].tolist()))
+    width = NUM_TRAIN_TIMESTEPS // N_BUCKETS
+    for b in range(N_BUCKETS):
+        n = sum(s[1][b] for s in sums)
+        if n > 0:
+            row[f"loss_t{b * width:03d}_{(b + 1) * width - 1:03d}"] = sum(s[0][b] for s in sums) / n
+    return row
+
+
+def sampling_pipeline(ema, vae_ref: str, encoder, empty: torch.Tensor, prediction: str):
+    """An in-memory :class:`~training.models.pipeline.LdmPipeline` around the EMA U-Net, for the grids."""
+    from training.models.pipeline import LdmPipeline
+    from training.models.vae import downsample_factor, load_vae
+
+    vae = load_vae(vae_ref, device=empty.device)
+    side = int(ema.config.sample_size)
+    return LdmPipeline(
+        ema, vae, encoder, scheduler_config(prediction), prediction, side * downsample_factor(vae.config), empty
+    )
+
+
+def log_sample_grid(writer, step: int, pipe, cfg: LdmTrainConfig, out: Path) -> dict:
+    """Generate the fixed prompts (prompt i with seed i) with the EMA U-Net; log the grid and save it as a PNG."""
+    from training.sample import generate, make_grid, save_grid
+
+    images = generate(pipe, list(cfg.sample_prompts), steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0)
+    meta = dict(
+        prompts=list(cfg.sample_prompts),
+        seed=0,
+        steps=cfg.sample_steps,
+        guidance=cfg.sample_guidance,
+        scheduler="dpm",
+        train_step=step,
+    )
+    path = save_grid(images, out / "samples" / f"step_{step:08d}.png", meta)
+    writer.add_image("samples", np.asarray(make_grid(images)), step, dataformats="HWC")
+    return {"step": step, "path": str(path.relative_to(out))}
+
+
+def export_model(out: Path, ema, vae_ref, te_model, te_pretrained, empty, cfg: LdmTrainConfig, lineage: dict) -> str:
+    """Write the pipeline folder (EMA U-Net) at the top of ``out``; only ``unet/`` and ``scheduler/`` without a VAE."""
+    if vae_ref and te_model:
+        from training.models.pipeline import save_pipeline
+        from training.models.vae import load_vae
+
+        vae = load_vae(vae_ref)
+        sched = scheduler_config(cfg.prediction)
+        save_pipeline(out, ema, vae, te_model, sched, cfg.prediction, lineage, te_pretrained, empty.cpu())
+        return "pipeline"
+    print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): writing unet/ only")
+    ema.save_pretrained(str(out / "unet"), safe_serialization=True)
+    (out / "scheduler").mkdir(exist_ok=True)
+    write_json(out / "scheduler" / "scheduler_config.json", scheduler_config(cfg.prediction))
+    return "unet"
+
+
+def parse_args(argv: list[str] | None = None) -> LdmTrainConfig:
+    """Command-line flags -> config (every config field is a flag: --batch-size, --min-snr-gamma, ...)."""
+    p = argparse.ArgumentParser(prog="training.train_ldm", description="Train a latent diffusion U-Net on latents.")
+    p.add_argument("data")
+    p.add_argument("--out", required=True)
+    for f in fields(LdmTrainConfig):
+        if f.name in ("data", "out"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.name == "betas":
+            p.add_argument(flag, type=float, nargs=2, default=f.default)
+        elif f.name == "sample_prompts":
+            p.add_argument(flag, nargs="+", default=f.default)
+        elif f.name == "storage_options":
+            p.add_argument(flag, type=json.loads, default=None, help="fsspec options as JSON")
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            p.add_argument(flag, type=kind, default=f.default)
+    ns = vars(p.parse_args(argv))
+    ns["betas"], ns["sample_prompts"] = tuple(ns["betas"]), tuple(ns["sample_prompts"])
+    return LdmTrainConfig(**ns)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m training.train_ldm`` and torchrun."""
+    result = train(parse_args(argv))
+    return 0 if result["step"] > 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
