@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import io
 import json
 import math
 import random
@@ -28,10 +27,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline.shards import iter_samples, shard_urls
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan
+from training.latent_data import empty_embedding, inspect_latents, latent_map
 from training.models.unet import build_unet, count_parameters
 from training.objectives import (
     BETA_END,
@@ -41,7 +40,6 @@ from training.objectives import (
     add_noise,
     alphas_cumprod,
     diffusion_loss,
-    sample_noise,
     scaled_linear_betas,
     swap_in_empty,
 )
@@ -159,93 +157,6 @@ def scheduler_config(prediction: str) -> dict:
         "prediction_type": prediction,
         "clip_sample": False,  # latents are not bounded to [-1, 1]
     }
-
-
-# ------------------------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class LatentSet:
-    """What the loop needs to know about a latent dataset: its first sample's fields and its manifest's config."""
-
-    root: str  # the dataset directory (where empty_text_emb.npy lives)
-    latent_shape: tuple[int, ...]  # (C, h, w)
-    text_in_shards: bool  # per-sample text_emb.npy present (else captions are encoded in the loop)
-    text_width: int | None  # D of the stored embeddings
-    has_logvar: bool
-    scaling_factor: float | None  # the VAE's, from the manifest
-    info: dict  # the manifest's config ({} when there is none)
-
-
-def inspect_latents(data: str, storage_options: dict | None = None) -> LatentSet:
-    """Read a latent dataset's manifest config and first sample; raises ``ValueError`` if it holds no latents."""
-    from pipeline.latents import latent_info
-
-    urls = shard_urls(data, storage_options)
-    if not urls:
-        raise FileNotFoundError(f"no shards found in {data}")
-    root = urls[0].rsplit("/", 1)[0]
-    first = next(iter(iter_samples(urls[0], storage_options)), None)
-    if first is None or "latent.npy" not in first:
-        raise ValueError(f"{urls[0]}: no <key>.latent.npy in the first sample: not a latent dataset")
-    try:
-        info = latent_info(root, storage_options)
-    except FileNotFoundError:
-        info = {}
-    scale = info.get("scaling_factor", (info.get("vae") or {}).get("scaling_factor"))
-    has_text = "text_emb.npy" in first
-    width = int(first["text_emb.npy"].shape[-1]) if has_text else None
-    scale = float(scale) if scale is not None else None
-    return LatentSet(root, tuple(first["latent.npy"].shape), has_text, width, "logvar.npy" in first, scale, info)
-
-
-def _npy(data: bytes) -> torch.Tensor:
-    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
-
-
-def latent_map(
-    sample: dict, rng: random.Random, scale: float | None, text: bool, offset: float, flip_p: float
-) -> dict:
-    """Raw latent sample -> {"latent", "noise", "timestep", "drop_u", "text_emb" | "caption"}, drawn from ``rng``.
-
-    The latent is the flipped one with probability ``flip_p`` when stored, and a draw from the posterior
-    ``mean + scale * exp(logvar / 2) * eps`` when the log-variance is stored (the mean is stored already times the
-    VAE's scaling factor ``scale``). ``text``: the shards hold text embeddings (else the caption is passed on).
-    ``offset``: the offset-noise strength.
-    """
-    g = torch.Generator().manual_seed(rng.getrandbits(63))
-    flip = "_flip" if "latent_flip.npy" in sample and rng.random() < flip_p else ""
-    latent = _npy(sample[f"latent{flip}.npy"])
-    if f"logvar{flip}.npy" in sample:
-        std = scale * torch.exp(0.5 * _npy(sample[f"logvar{flip}.npy"]))
-        latent = latent + std * torch.randn(latent.shape, generator=g)
-    out = {
-        "latent": latent,
-        "noise": sample_noise(tuple(latent.shape), offset, g),
-        "timestep": torch.randint(NUM_TRAIN_TIMESTEPS, (), generator=g),
-        "drop_u": torch.rand((), generator=g),  # the sample's conditioning is dropped when drop_u < cond_dropout
-    }
-    if text:
-        out["text_emb"] = _npy(sample["text_emb.npy"])
-    else:
-        out["caption"] = sample["txt"].decode("utf-8")
-    return out
-
-
-def empty_embedding(latents: LatentSet, encoder, storage_options: dict | None) -> torch.Tensor:
-    """The (L, D) empty-prompt embedding: the dataset's ``empty_text_emb.npy``, else the text encoder's."""
-    from pipeline.latents import read_empty_embedding
-
-    try:
-        stored = torch.from_numpy(read_empty_embedding(latents.root, storage_options).astype(np.float32))
-    except FileNotFoundError:
-        if encoder is None:
-            raise ValueError(f"{latents.root}: no empty_text_emb.npy and no text encoder to compute it") from None
-        return encoder.empty().float().cpu()
-    if encoder is not None and (encoder.empty().float().cpu() - stored).norm() > 0.05 * stored.norm():
-        # float16 storage or a bf16 encode differ by well under 5%; another encoder by ~100%
-        raise ValueError("the text encoder's empty-prompt embedding differs from the dataset's: another encoder?")
-    return stored
 
 
 # ------------------------------------------------------------------------------------------------------- loop

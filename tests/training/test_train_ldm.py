@@ -19,12 +19,13 @@ from pipeline.latents import write_empty_embedding
 from pipeline.manifest import build_manifest, write_manifest
 from pipeline.shards import ShardWriter
 from pipeline.stats import StageStats
+from training.latent_data import inspect_latents, latent_map
 from training.models import create_clip, export_open_clip, model_config
 from training.models.pipeline import load_pipeline
 from training.models.text import load_text_encoder
 from training.models.vae import build_vae, save_vae
 from training.sample import generate
-from training.train_ldm import LdmTrainConfig, ema_update, inspect_latents, latent_map, lr_at, parse_args, train
+from training.train_ldm import LdmTrainConfig, ema_update, lr_at, parse_args, train
 
 torch.set_num_threads(1)
 

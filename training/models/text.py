@@ -20,7 +20,9 @@ def token_states(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Per-token hidden states ``(n, context_length, width)`` of an open_clip CLIP text tower for token ids."""
     model = getattr(model, "module", model)
     if not hasattr(model, "token_embedding"):
-        raise ValueError(f"{type(model).__name__}: only open_clip CLIP models with a built-in text tower are supported")
+        raise ValueError(
+            f"{type(model).__name__}: only open_clip CLIP models with a built-in text tower are supported"
+        )
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
     x = x + model.positional_embedding.to(cast_dtype)
