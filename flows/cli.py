@@ -11,6 +11,7 @@ import typer
 from flows import (
     cli_data,
     cli_run,
+    cli_train,
     env,  # noqa: F401  (telemetry off before anything imports prefect)
 )
 from flows.cli_common import fail, run_flow
@@ -220,50 +221,10 @@ def curate(
         typer.echo(f"  review report: {os.path.join(out, 'review', 'index.html')}")
 
 
-@train_app.command(
-    "clip", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-)
-def train_clip(
-    ctx: typer.Context,
-    data: Annotated[str, typer.Argument(help="dataset dir, manifest.json or brace pattern")] = "",
-    out: Annotated[str, typer.Option("--out", help="run directory (checkpoints, logs, the open_clip model)")] = "",
-    config: Annotated[str, typer.Option(help="tiny | tiny-vit | micro | a JSON config | an open_clip name")] = "tiny",
-    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
-    nproc_per_node: Annotated[int, typer.Option(help="processes (GPUs) on this node: >1 launches torchrun")] = 1,
-    nnodes: Annotated[int, typer.Option(help="nodes, for multi-node torchrun")] = 1,
-    rdzv_endpoint: Annotated[str | None, typer.Option(help="host:port of the rendezvous, multi-node")] = None,
-    help_: Annotated[bool, typer.Option("--help", help="show every training option")] = False,
-) -> None:
-    """Train a contrastive image-text (CLIP) model; other flags go to training.train_clip (see --help)."""
-    import subprocess
-
-    if help_:
-        raise typer.Exit(subprocess.call([sys.executable, "-m", "training.train_clip", "--help"]))
-    if not data or not out:
-        fail("usage: altforge train clip DATA --out DIR [--config NAME] [--steps N] [training flags]")
-    if "://" not in data and "{" not in data and not os.path.exists(data):
-        fail(f"dataset not found: {data}")
-    argv = [data, "--out", out, "--config", config, *(["--steps", str(steps)] if steps else []), *ctx.args]
-    if nproc_per_node * nnodes > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
-        if nnodes > 1:
-            if not rdzv_endpoint:
-                fail("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
-            launch += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
-        else:
-            launch += ["--standalone"]
-        raise typer.Exit(subprocess.call([*launch, "-m", "training.train_clip", *argv]))
-    from training.train_clip import main as train_main
-
-    try:
-        code = train_main(argv)
-    except SystemExit as e:  # argparse's own one-line usage errors
-        code = e.code if isinstance(e.code, int) else 2
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    raise typer.Exit(code)
-
-
+train_app.command("clip", context_settings=cli_train.PASS_THROUGH)(cli_train.train_clip)
+train_app.command("vae", context_settings=cli_train.PASS_THROUGH)(cli_train.train_vae)
+train_app.command("ldm", context_settings=cli_train.PASS_THROUGH)(cli_train.train_ldm)
+app.command("generate", context_settings=cli_train.PASS_THROUGH)(cli_train.generate)
 app.command("encode", context_settings=cli_data.PASS_THROUGH)(cli_data.encode)
 app.command("versions")(cli_data.versions)
 app.command("run")(cli_run.run)

@@ -35,13 +35,15 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe end to end as one Prefect flow; a rerun skips the stages already complete."""
-    from flows.run import recipe_flow
+    from flows.run import preflight, recipe_flow
+    from flows.runners import placement_of
     from pipeline.recipe import RecipeError, load_recipe
 
     try:
-        load_recipe(recipe)
-    except RecipeError as e:
-        fail(str(e))
+        r = load_recipe(recipe)
+        preflight(r, out or r.output, placement_of(r.runtime, dask_address))  # before any Prefect start-up
+    except (RecipeError, RuntimeError) as e:
+        fail(str(e).splitlines()[0])
     result = run_flow("run", recipe_flow, os.path.abspath(recipe), out, dask_address)
     print_result(result, "run")
 

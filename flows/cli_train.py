@@ -1,0 +1,88 @@
+"""``altforge train clip|vae|ldm`` and ``altforge generate``: the trainers and the sampler from the command line.
+
+Every trainer flag (``--batch-size``, ``--lr``, ``--eval-data``, ...) passes through to the trainer's own parser;
+``--nproc-per-node``/``--nnodes`` launch it under torchrun.
+"""
+
+
+import importlib
+import os
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from flows import env  # noqa: F401  (telemetry off before anything imports prefect)
+from flows.cli_common import fail
+
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+CONFIG_HELP = {
+    "clip": "tiny | tiny-vit | micro | a JSON config | an open_clip name",
+    "vae": "tiny | sd | a JSON config (diffusers AutoencoderKL)",
+    "ldm": "tiny | small | sd15 | a JSON config (diffusers UNet2DConditionModel)",
+}
+
+
+def run_trainer(module: str, argv: list[str], nproc_per_node: int, nnodes: int, rdzv_endpoint: str | None) -> int:
+    """Run ``module``'s main(argv) here, or under torchrun for several processes; returns the exit code."""
+    from flows.cli_data import torchrun_prefix
+
+    if nproc_per_node * nnodes > 1:
+        return subprocess.call([*torchrun_prefix(nproc_per_node, nnodes, rdzv_endpoint), "-m", module, *argv])
+    trainer = importlib.import_module(module)
+    try:
+        return trainer.main(argv)
+    except SystemExit as e:  # argparse's own one-line usage errors
+        return e.code if isinstance(e.code, int) else 2
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def trainer_command(kind: str, summary: str, default_config: str):
+    """The ``altforge train KIND`` command for ``training.train_KIND``."""
+    module = f"training.train_{kind}"
+
+    def command(
+        ctx: typer.Context,
+        data: Annotated[str, typer.Argument(help="dataset dir, manifest.json or brace pattern")] = "",
+        out: Annotated[str, typer.Option("--out", help="run directory (checkpoints, logs, the model)")] = "",
+        config: Annotated[str, typer.Option(help=CONFIG_HELP[kind])] = default_config,
+        steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+        nproc_per_node: Annotated[int, typer.Option(help="processes (GPUs) on this node: >1 launches torchrun")] = 1,
+        nnodes: Annotated[int, typer.Option(help="nodes, for multi-node torchrun")] = 1,
+        rdzv_endpoint: Annotated[str | None, typer.Option(help="host:port of the rendezvous, multi-node")] = None,
+        help_: Annotated[bool, typer.Option("--help", help="show every training option")] = False,
+    ) -> None:
+        if help_:
+            raise typer.Exit(subprocess.call([sys.executable, "-m", module, "--help"]))
+        if not data or not out:
+            fail(f"usage: altforge train {kind} DATA --out DIR [--config NAME] [--steps N] [training flags]")
+        if "://" not in data and "{" not in data and not os.path.exists(data):
+            fail(f"dataset not found: {data}")
+        argv = [data, "--out", out, "--config", config, *(["--steps", str(steps)] if steps else []), *ctx.args]
+        raise typer.Exit(run_trainer(module, argv, nproc_per_node, nnodes, rdzv_endpoint))
+
+    command.__doc__ = summary + "; other flags go to the trainer (see --help)."
+    return command
+
+
+train_clip = trainer_command("clip", "Train a contrastive image-text (CLIP) model", "tiny")
+train_vae = trainer_command("vae", "Train an image autoencoder (diffusers AutoencoderKL) on image shards", "tiny")
+train_ldm = trainer_command("ldm", "Train a text-conditioned latent diffusion U-Net on latent shards", "tiny")
+
+
+def generate(
+    ctx: typer.Context,
+    help_: Annotated[bool, typer.Option("--help", help="show every sampling option")] = False,
+) -> None:
+    """Generate images: MODEL_DIR "prompt" [--negative T] [--steps 50] [--guidance 7.5] [--seed 0] [-n 4] --out F."""
+    from training.sample import main as sample_main
+
+    if help_ or not ctx.args:
+        raise typer.Exit(subprocess.call([sys.executable, "-m", "training.sample", "--help"]))
+    try:
+        code = sample_main(list(ctx.args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 2
+    raise typer.Exit(code)
