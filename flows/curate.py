@@ -77,8 +77,12 @@ def curate_flow(
     previous: str | None = None,
     recipe: dict | None = None,
     processes: int = 1,
+    submit: bool = False,
 ) -> dict:
-    """Curate the dataset ``src`` into ``dst`` with the CurateSection ``cfg``; returns the new manifest."""
+    """Curate the dataset ``src`` into ``dst`` with the CurateSection ``cfg``; returns the new manifest.
+
+    ``submit`` hands every scoring task to the task runner (Dask, process pools) even with one process per task.
+    """
     log = get_run_logger()
     ccfg = CurateSection.model_validate(cfg)
     cfg_json = ccfg.model_dump_json()
@@ -89,7 +93,7 @@ def curate_flow(
 
     # Pass 1: one task per source shard. Inline (processes=1) the tasks run one after another: the model already
     # uses every core, and a second thread would only contend for them.
-    if processes <= 1:
+    if processes <= 1 and not submit:
         for stem, url in srcs.items():
             score_task(stem, url, emb, cfg_json, storage_options, processes)
     else:

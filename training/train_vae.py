@@ -1,0 +1,443 @@
+"""Image autoencoder (AutoencoderKL) training on shards: one process, or DDP under torchrun. Reads top to bottom.
+
+python -m training.train_vae DATA --out RUN [--config tiny] [--resolution 32] [--steps N] [--eval-data HELDOUT]
+torchrun --nproc-per-node 8 -m training.train_vae DATA --out RUN --config sd --resolution 256 --batch-size 16
+
+Loss: L1 (or MSE) reconstruction of a sample from the posterior, plus a small KL term towards N(0, I) that keeps
+the latent space smooth (Rombach et al. 2022, "KL-reg"). No perceptual or adversarial term: the LPIPS/VGG weights
+such a term needs are not available offline. At the end the scaling factor 1 / std of the posterior-mean latents is
+computed over training images and stored in the model config, and the diffusers folder is written at the top of
+``out`` so ``AutoencoderKL.from_pretrained(out)`` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pipeline.latents import prepare_image
+from pipeline.shards import iter_samples, shard_urls
+from training import distributed
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.data import DataPosition, LoaderConfig, make_loader, make_plan
+from training.models.vae import build_vae, encode_posterior, heldout_psnr, latent_scaling_factor, reconstruct, save_vae
+from training.train_clip import lr_at, resolve_precision, write_json
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class VaeTrainConfig:
+    """Everything a VAE run needs; saved as train_config.json in the run directory."""
+
+    data: str  # image shards: dataset dir, manifest.json or brace pattern
+    out: str  # run directory: the diffusers VAE folder itself, plus checkpoints/, tensorboard/, metrics.json
+    config: str = "tiny"  # architecture: training/models/configs/vae-NAME.json, or a JSON path
+    resolution: int = 32  # pixels, square training image side (shorter side resized, then center crop)
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 32  # images per rank per step
+    lr: float = 2e-3  # peak learning rate (the tiny demo VAE; an SD-sized one wants ~1e-4)
+    min_lr: float = 0.0  # learning rate at the end of the cosine
+    warmup_steps: int = 100  # linear warm-up, optimizer steps
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    loss: str = "l1"  # reconstruction loss: "l1" | "mse" (per pixel, images in [-1, 1])
+    kl_weight: float = 1e-6  # weight of the KL term (summed over the latent, per image pixel element, as in SD)
+    perceptual_weight: float = 0.0  # must stay 0: no perceptual network (LPIPS/VGG weights) is available offline
+    precision: str = "auto"  # auto (bf16 on GPU if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cuda | cpu
+    workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 1000  # samples per worker
+    split: str = "shard"  # "shard" or "sample" (see training.data)
+    seed: int = 0
+    log_every: int = 10  # steps between log lines
+    save_every: int = 500  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # steps between reconstruction grids and held-out PSNR; 0 = only at the end
+    sample_images: int = 8  # images in the reconstruction grid (the first of eval_data, else of data)
+    eval_data: str | None = None  # held-out image shards for PSNR
+    eval_limit: int = 256  # held-out images used for PSNR
+    scale_samples: int = 1024  # training images (in shard order) whose latents set the scaling factor
+    resume: str = "auto"  # "auto" (latest checkpoint in out), "none", or a checkpoint directory
+    max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
+    stop_after: int = 0  # leave (and save) at this step although the schedule runs to ``steps``; 0 = off
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    progress: bool = True  # progress bar when stderr is a terminal
+    storage_options: dict | None = None  # fsspec options for remote shards (plan, eval and scaling reads)
+
+    def __post_init__(self):
+        if self.loss not in ("l1", "mse"):
+            raise ValueError(f"loss must be 'l1' or 'mse', got {self.loss!r}")
+        if self.perceptual_weight != 0:
+            raise ValueError("perceptual_weight must be 0: no perceptual network (LPIPS/VGG) is available offline")
+        if self.resolution < 8 or self.steps < 0 or self.batch_size < 1:
+            raise ValueError("resolution must be >= 8, steps >= 0, batch_size >= 1")
+
+    def to_json(self) -> str:
+        """The config as JSON."""
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> VaeTrainConfig:
+        """Inverse of :meth:`to_json`."""
+        d = json.loads(text)
+        d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------- images
+
+
+def image_tensor(sample: dict, resolution: int) -> torch.Tensor:
+    """The first image field of a raw sample as a (3, r, r) float32 tensor in [-1, 1] (KeyError if none)."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise KeyError("no image field")
+    pixels, _ = prepare_image(sample[ext], resolution)  # shorter side to resolution (bicubic), center crop
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
+
+
+def vae_map(sample: dict, rng: random.Random, resolution: int) -> dict[str, torch.Tensor]:
+    """Raw shard sample -> {"image": (3, r, r) in [-1, 1]} for :mod:`training.data` (no augmentation)."""
+    return {"image": image_tensor(sample, resolution)}
+
+
+def image_batches(
+    source: str,
+    resolution: int,
+    limit: int,
+    batch_size: int,
+    errors: Counter | None = None,
+    storage_options: dict | None = None,
+) -> Iterator[torch.Tensor]:
+    """The first ``limit`` images of ``source`` in shard order, preprocessed, in batches; bad samples counted."""
+    errors = Counter() if errors is None else errors
+    buf: list[torch.Tensor] = []
+    n = 0
+    for url in sorted(shard_urls(source, storage_options)):
+        for sample in iter_samples(url, storage_options, decode=False, errors=errors):
+            try:
+                buf.append(image_tensor(sample, resolution))
+            except KeyError:
+                errors["missing_field"] += 1
+                continue
+            except (OSError, ValueError, SyntaxError):
+                errors["decode_error"] += 1
+                continue
+            n += 1
+            if len(buf) == batch_size or n == limit:
+                yield torch.stack(buf)
+                buf = []
+            if n == limit:
+                return
+    if buf:
+        yield torch.stack(buf)
+
+
+# ------------------------------------------------------------------------------------------------------- loss
+
+
+class _Autoencode(torch.nn.Module):
+    """Encode, draw a reparameterised posterior sample, decode: the training forward as one module for DDP."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator):
+        mean, logvar = encode_posterior(self.vae, images)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        z = mean.float() + torch.exp(0.5 * logvar.float()) * noise
+        return self.vae.decode(z.to(mean.dtype)).sample, mean, logvar
+
+
+def vae_loss(
+    recon: torch.Tensor, images: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, loss: str = "l1"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction loss per pixel element, KL(q(z|x) || N(0, I)) summed over the latent per pixel element).
+
+    Dividing the summed KL by the image's element count keeps ``kl_weight`` on Stable Diffusion's scale, whose
+    loss sums both terms over each image.
+    """
+    diff = recon.float() - images.float()
+    rec = diff.abs().mean() if loss == "l1" else (diff * diff).mean()
+    mean, logvar = mean.float(), logvar.float()
+    kl = 0.5 * (mean * mean + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+    return rec, kl.mean() / images[0].numel()
+
+
+def noise_seed(seed: int, step: int, world_size: int, rank: int) -> int:
+    """The posterior-noise seed of one (step, rank): stateless, so a resumed run draws the same noise."""
+    return (seed << 32) + step * world_size + rank
+
+
+# ------------------------------------------------------------------------------------------------------ train
+
+
+def train(cfg: VaeTrainConfig) -> dict:
+    """Run (or resume) training; returns the metrics written to ``out/metrics.json``."""
+    dist = distributed.init_distributed(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+
+    # ---- model, optimizer, precision
+    vae = build_vae(cfg.config).to(dist.device, memory_format=torch.channels_last)
+    precision = resolve_precision(cfg.precision, dist.device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    generator = torch.Generator(device=dist.device)
+
+    # ---- data
+    loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
+    plan = make_plan(cfg.data, loader_cfg, dist.world_size, cfg.storage_options)
+    position = DataPosition()
+
+    # ---- resume
+    step, history = 0, {"train": [], "eval": []}
+    train_seconds = 0.0
+    ckpt = latest_checkpoint(out) if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
+    if ckpt is not None:
+        doc = load_checkpoint(ckpt, vae, optimizer)
+        step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
+        scaler.load_state_dict(doc["scaler"])
+        same_layout = doc["world_size"] == dist.world_size and doc["workers"] == cfg.workers
+        if same_layout:
+            position = DataPosition.from_dict(doc["data"][dist.rank])
+        else:  # another layout cannot continue mid-epoch exactly: restart the current epoch's data
+            epoch = doc["data"][0]["batches"] // max(1, doc["steps_per_epoch"]) + 1
+            position = DataPosition(epoch=epoch)
+        if dist.is_main:
+            print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (data from epoch {epoch})"))
+    model = _Autoencode(vae)
+    if dist.distributed:
+        ids = [dist.local_rank] if dist.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids)
+    loader = make_loader(plan, loader_cfg, dist.rank, functools.partial(vae_map, resolution=cfg.resolution), position)
+    batches = iter(loader)
+
+    # ---- logging, reconstruction grids and held-out PSNR (rank 0)
+    writer = None
+    grid_images = None
+    read_errors: Counter = Counter()  # bad samples met while reading eval / grid / scaling images
+    if dist.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
+        (out / "train_config.json").write_text(cfg.to_json(), encoding="utf-8")
+        grid_source = cfg.eval_data or cfg.data
+        first = image_batches(
+            grid_source, cfg.resolution, cfg.sample_images, cfg.sample_images, read_errors, cfg.storage_options
+        )
+        grid_images = next(first, None)
+        if grid_images is None:
+            raise ValueError(f"no readable images in {grid_source}")
+
+    def run_eval() -> float | None:
+        """Log a reconstruction grid and the held-out PSNR; returns the PSNR (None without eval_data)."""
+        value = None
+        if dist.is_main:
+            vae.eval()
+            recon = reconstruct(vae, grid_images)
+            grid = torch.cat([grid_images, recon]).add(1).div(2).clamp(0, 1)
+            writer.add_image("reconstructions/top_input_bottom_output", _grid(grid, len(grid_images)), step)
+            if cfg.eval_data:
+                held = image_batches(
+                    cfg.eval_data, cfg.resolution, cfg.eval_limit, cfg.batch_size, read_errors, cfg.storage_options
+                )
+                value, n = heldout_psnr(vae, held)
+                history["eval"].append(
+                    {"step": step, "psnr": value, "images": n, "train_seconds": round(train_seconds, 2)}
+                )
+                writer.add_scalar("eval/psnr", value, step)
+                print(f"eval step {step}: held-out PSNR {value:.2f} dB on {n} images", flush=True)
+            vae.train()
+        distributed.barrier()
+        return value
+
+    def save() -> None:
+        data = distributed.all_gather_object(position.to_dict())
+        if dist.is_main:
+            state = {
+                "config": asdict(cfg),
+                "scheduler": {"step": step, "lr": lr_at(max(0, step - 1), cfg)},
+                "scaler": scaler.state_dict(),
+                "data": data,
+                "world_size": dist.world_size,
+                "workers": cfg.workers,
+                "steps_per_epoch": plan.steps_per_epoch,
+                "metrics": history,
+                "train_seconds": train_seconds,
+            }
+            save_checkpoint(out, step, vae, optimizer, state, cfg.keep_checkpoints)
+        distributed.barrier()
+
+    def new_window() -> dict:
+        zero = torch.zeros((), device=dist.device)
+        return {"t": time.perf_counter(), "data": 0.0, "steps": 0, "loss": zero, "rec": zero, "kl": zero, "mse": zero}
+
+    global_batch = cfg.batch_size * dist.world_size
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
+    window = new_window()
+    model.train()
+    while step < cfg.steps:
+        t_step = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        t_data = time.perf_counter()
+        batch = position.advance(next(batches))
+        window["data"] += time.perf_counter() - t_data
+        images = batch["image"].to(dist.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        generator.manual_seed(noise_seed(cfg.seed, step, dist.world_size, dist.rank))
+        autocast = torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        with autocast:
+            recon, mean, logvar = model(images, generator)
+            rec, kl = vae_loss(recon, images, mean, logvar, cfg.loss)
+            loss = rec + cfg.kl_weight * kl
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        window["loss"] = window["loss"] + loss.detach()
+        window["rec"] = window["rec"] + rec.detach()
+        window["kl"] = window["kl"] + kl.detach()
+        window["mse"] = window["mse"] + (recon.detach().float().clamp(-1, 1) - images).pow(2).mean()
+        step += 1
+        window["steps"] += 1
+        train_seconds += time.perf_counter() - t_step
+        bar.update(1)
+        stop = (cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60) or step == cfg.stop_after
+        if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
+            stop = distributed.all_gather_object(stop)[0]
+
+        if step % cfg.log_every == 0 or step == cfg.steps or stop:
+            if dist.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - window["t"]
+            n = window["steps"]
+            mse = distributed.mean_over_ranks(float(window["mse"]) / n, dist.device)
+            row = {
+                "step": step,
+                "loss": distributed.mean_over_ranks(float(window["loss"]) / n, dist.device),
+                "rec_loss": distributed.mean_over_ranks(float(window["rec"]) / n, dist.device),
+                "kl": distributed.mean_over_ranks(float(window["kl"]) / n, dist.device),
+                "psnr": 10 * math.log10(4.0 / max(mse, 1e-12)),  # training batches, sampled latents; dB
+                "lr": lr,
+                "samples_per_s": global_batch * n / elapsed,
+                "data_wait": window["data"] / elapsed,  # fraction of step time spent waiting for batches
+                "train_seconds": round(train_seconds, 2),
+            }
+            history["train"].append(row)
+            if dist.is_main:
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, step)
+                writer.add_scalar("data/errors", sum(position.errors.values()), step)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f}")
+                write_json(out / "metrics.json", {"config": asdict(cfg), "step": step, **history})
+                if bar.disable:  # no terminal: one log line per window instead of the bar
+                    print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+            window = new_window()
+        if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and not stop:
+            run_eval()
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop:
+            save()
+        if stop:
+            break
+    bar.close()
+
+    # ---- the end: evaluate, checkpoint, scaling factor, the diffusers folder at the top of out
+    final_psnr = run_eval()
+    save()
+    errors = distributed.all_gather_object(dict(position.errors))
+    result = {"config": asdict(cfg), "step": step, "train_seconds": round(train_seconds, 2), **history}
+    result["data_errors"] = dict(sum((Counter(e) for e in errors), start=Counter()))
+    if dist.is_main:
+        vae.eval()
+        scale_images = image_batches(
+            cfg.data, cfg.resolution, cfg.scale_samples, cfg.batch_size, read_errors, cfg.storage_options
+        )
+        factor, std, n_latent = latent_scaling_factor(vae, scale_images)
+        vae.register_to_config(scaling_factor=factor)
+        save_vae(vae, out)
+        result.update(
+            psnr=final_psnr,  # dB, mean per-image PSNR on eval_data (None without it)
+            psnr_images=history["eval"][-1]["images"] if final_psnr is not None else 0,
+            scaling_factor=factor,
+            latent_std=std,
+            latent_elements=n_latent,
+            read_errors=dict(read_errors),
+        )
+        write_json(out / "metrics.json", result)
+        writer.close()
+        if result["data_errors"] or read_errors:
+            print(f"skipped samples: {result['data_errors']} {dict(read_errors)}")
+        print(f"scaling factor {factor:.5f} (latent std {std:.4f}); saved the VAE to {out}", flush=True)
+    distributed.barrier()
+    distributed.cleanup()
+    return result
+
+
+def _grid(images: torch.Tensor, ncol: int) -> torch.Tensor:
+    """(2n, 3, H, W) in [0, 1] -> one (3, 2H, nW) image: inputs on top, reconstructions below."""
+    top, bottom = images[:ncol], images[ncol:]
+    return torch.cat([torch.cat(list(top), dim=2), torch.cat(list(bottom), dim=2)], dim=1)
+
+
+def parse_args(argv: list[str] | None = None) -> VaeTrainConfig:
+    """Command-line flags -> config (every config field is a flag: --batch-size, --eval-data, ...)."""
+    p = argparse.ArgumentParser(prog="training.train_vae", description="Train an AutoencoderKL on image shards.")
+    p.add_argument("data")
+    p.add_argument("--out", required=True)
+    for f in fields(VaeTrainConfig):
+        if f.name in ("data", "out"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.name == "betas":
+            p.add_argument(flag, type=float, nargs=2, default=f.default)
+        elif f.name == "storage_options":
+            p.add_argument(flag, type=json.loads, default=None, help="JSON object of fsspec options")
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            p.add_argument(flag, type=kind, default=f.default)
+    ns = vars(p.parse_args(argv))
+    ns["betas"] = tuple(ns["betas"])
+    try:
+        return VaeTrainConfig(**ns)
+    except ValueError as e:
+        p.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m training.train_vae`` and torchrun."""
+    result = train(parse_args(argv))
+    return 0 if result["step"] > 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
