@@ -4,7 +4,6 @@ Every trainer flag (``--batch-size``, ``--lr``, ``--eval-data``, ...) passes thr
 ``--nproc-per-node``/``--nnodes`` launch it under torchrun.
 """
 
-
 import importlib
 import os
 import subprocess

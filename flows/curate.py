@@ -188,4 +188,5 @@ def run_curate(
         previous,
         recipe,
         placement.worker_processes(processes),
+        submit=placement.kind != "local",
     )

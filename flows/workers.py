@@ -44,7 +44,14 @@ def worker_object(name: str, factory, *args):
     loaded = _worker_state.setdefault("loaded", {})
     if name not in loaded:
         loaded[name] = factory(*args)
+        loads = _worker_state.setdefault("loads", {})
+        loads[name] = loads.get(name, 0) + 1
     return loaded[name]
+
+
+def load_counts() -> dict[str, int]:
+    """How many times this process built each worker object (1 each when reuse works)."""
+    return dict(_worker_state.get("loads", {}))
 
 
 def worker_progress():
