@@ -12,7 +12,7 @@ from flows import (
     env,  # noqa: F401  (before prefect)
     workers,
 )
-from flows.runners import Placement
+from flows.runners import Placement, wait_for_shards
 from pipeline import shards, storage
 from pipeline.curate.report import write_report
 from pipeline.curate.reshard import curate_shard, read_decisions
@@ -58,16 +58,6 @@ def curate_shard_task(name: str, srcs: dict, dst: str, provenance: dict, storage
     return curate_shard(srcs, shards.shard_files(dst, index)["tar"], rows, provenance, storage_options).to_dict()
 
 
-def _wait(futures: dict, what: str) -> None:
-    failed = []
-    for name, fut in futures.items():
-        fut.wait()
-        if not fut.state.is_completed():
-            failed.append(f"{name} ({fut.state.message or fut.state.name})")
-    if failed:
-        raise RuntimeError(f"{len(failed)} {what} failed; rerun to resume: {', '.join(failed[:5])}")
-
-
 @flow(name="curate", log_prints=False)
 def curate_flow(
     src: str,
@@ -97,9 +87,8 @@ def curate_flow(
         for stem, url in srcs.items():
             score_task(stem, url, emb, cfg_json, storage_options, processes)
     else:
-        _wait(
-            {s: score_task.submit(s, u, emb, cfg_json, storage_options, processes) for s, u in srcs.items()}, "score"
-        )
+        futures = {s: score_task.submit(s, u, emb, cfg_json, storage_options, processes) for s, u in srcs.items()}
+        wait_for_shards(futures, "curate (scoring)", "source shard(s)")
 
     # Between the passes: global percentile, dedup across shards, output shard plan.
     table, sel, n_out = decide_task(dst, list(srcs), cfg_json, storage_options)
@@ -108,7 +97,7 @@ def curate_flow(
     shards.clean_temporaries(dst, storage_options)
     provenance = scorer.provenance()
     names = [shards.shard_name(j) for j in range(n_out)]
-    _wait({n: curate_shard_task.submit(n, srcs, dst, provenance, storage_options) for n in names}, "shard(s)")
+    wait_for_shards({n: curate_shard_task.submit(n, srcs, dst, provenance, storage_options) for n in names}, "curate")
 
     manifest = finish(dst, ccfg, sel, model_record, parent_manifest_url(src, storage_options), recipe, storage_options)
     report = write_report(dst, srcs, table, sel, manifest, storage_options, previous) if ccfg.report else None

@@ -23,7 +23,7 @@ from flows import (
     env,  # noqa: F401  (before prefect)
     workers,
 )
-from flows.runners import Placement
+from flows.runners import Placement, wait_for_shards
 from pipeline import shards
 from pipeline.curate.scorer import resolve_device
 from pipeline.latents import (
@@ -149,13 +149,7 @@ def encode_flow(
             encode_shard_task(name, url, *args)
     else:
         futures = {name: encode_shard_task.submit(name, url, *args) for name, url in plan.items()}
-        failed = []
-        for name, fut in futures.items():
-            fut.wait()
-            if not fut.state.is_completed():
-                failed.append(f"{name} ({fut.state.message or fut.state.name})")
-        if failed:
-            raise RuntimeError(f"{len(failed)} shard(s) failed; rerun to resume: {', '.join(failed[:5])}")
+        wait_for_shards(futures, "encode")
     seconds = time.perf_counter() - t0
     manifest = finish_latents(dst, config, parent_manifest_url(src, storage_options), recipe, storage_options)
     publish_artifacts(manifest, dst, seconds)

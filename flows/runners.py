@@ -76,3 +76,25 @@ def check_manifest(url: str, storage_options: dict | None = None, what: str = "d
     manifest = url if url.endswith(".json") else storage.join(url, "manifest.json")
     if not storage.exists(manifest, storage_options):
         raise RuntimeError(f"{what} {url}: no manifest.json there (not a finished altforge dataset)")
+
+
+def wait_for_shards(futures: dict, stage: str, what: str = "shard(s)") -> None:
+    """Wait for per-shard task futures ({name: future}), with a progress artifact and log line per finished shard.
+
+    Raises ``RuntimeError`` naming the failed shards (after every other shard has finished, so a rerun resumes).
+    """
+    from prefect import get_run_logger
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    log = get_run_logger()
+    total = max(1, len(futures))
+    progress = create_progress_artifact(0.0, description=f"{stage}: {what} done")
+    failed = []
+    for done, (name, fut) in enumerate(futures.items(), start=1):
+        fut.wait()
+        if not fut.state.is_completed():
+            failed.append(f"{name} ({fut.state.message or fut.state.name})")
+        update_progress_artifact(progress, 100.0 * done / total)
+        log.info("%s: %d/%d %s finished (%s)", stage, done, total, what, name)
+    if failed:
+        raise RuntimeError(f"{len(failed)} {what} failed; rerun to resume: {', '.join(failed[:5])}")

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import workers  # importing the flows package turns telemetry off before prefect loads (flows/env.py)
-from flows.runners import Placement
+from flows.runners import Placement, wait_for_shards
 from flows.scrape_worker import scrape_partition
 from pipeline import plan as plans
 from pipeline import shards, versions
@@ -128,13 +128,8 @@ def scrape_flow(
         )
         for p in plan["partitions"]
     ]
-    failed = []
-    for p, fut in zip(plan["partitions"], futures, strict=True):
-        fut.wait()
-        if not fut.state.is_completed():
-            failed.append(f"{shards.shard_name(p['index'])} ({fut.state.message or fut.state.name})")
-    if failed:
-        raise RuntimeError(f"{len(failed)} shard(s) failed; rerun to resume: {', '.join(failed[:5])}")
+    names = [shards.shard_name(p["index"]) for p in plan["partitions"]]
+    wait_for_shards(dict(zip(names, futures, strict=True)), "scrape")
     manifest = build_manifest(
         dst,
         "scrape",
