@@ -27,7 +27,7 @@ class DemoSiteSource(_Strict):
 
     kind: Literal["demo_site"]
     seed: int = 0
-    images: int = Field(3000, gt=0)  # content images on the site
+    images: int = Field(3000, ge=20)  # content images on the site (the site needs 20 for its special pages)
     max_pages: int = Field(10_000, gt=0)
 
 

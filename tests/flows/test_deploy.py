@@ -1,7 +1,6 @@
 """Scheduled recipe runs: a cron deployment on a real Prefect server, and one triggered run of it served."""
 
 import importlib
-import os
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ name: nightly
 output: {out}
 sources:
   - kind: demo_site
-    images: 10
+    images: 20
 """
 
 # Stands in for flows.run.recipe_flow: same signature, reads the recipe, leaves a mark.
@@ -46,23 +45,11 @@ def recipe_smoke(recipe_path: str, out: str | None = None) -> str:
     return recipe.name
 """
 
-SERVE = """\
-import sys
-
-from flows.deploy import serve_recipe
-from smoke_flows import recipe_smoke
-
-# the guard matters: served runs start in spawned processes, which import this file again
-if __name__ == "__main__":
-    serve_recipe(sys.argv[1], "0 3 * * *", out=sys.argv[2], flow=recipe_smoke, poll_seconds=1)
-"""
-
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A recipe file and the small flow module, importable here and in subprocesses."""
     (tmp_path / "smoke_flows.py").write_text(SMALL_FLOW)
-    (tmp_path / "serve_it.py").write_text(SERVE)
     recipe = tmp_path / "nightly.yaml"
     recipe.write_text(RECIPE.format(out=tmp_path / "recipe-out"))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -102,41 +89,44 @@ def test_bad_schedules_and_recipes_fail_before_registering(project, tmp_path):
         apply_recipe_deployment(str(tmp_path / "missing.yaml"), "0 3 * * *", flow=small_flow)
 
 
-def test_served_deployment_runs_one_triggered_run(project, api):
-    tmp_path, recipe, small_flow = project
-    out = tmp_path / "served-out"
+def test_altforge_deploy_serves_the_recipe_flow_and_a_triggered_run_scrapes_a_new_version(tmp_path, api):
+    out = tmp_path / "nightly-out"
+    recipe = tmp_path / "nightly.yaml"
+    recipe.write_text(
+        RECIPE.format(out=out)
+        + "scrape: {image_size: 32, processes: 1, shard_size: 20, allow_private_network: true}\n"
+    )
     log = tmp_path / "serve.log"
+    env = {**api.client_env(str(tmp_path / "serve-home")), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     with open(log, "w") as f:
         serving = subprocess.Popen(
-            [sys.executable, str(tmp_path / "serve_it.py"), recipe, str(out)],
+            [sys.executable, "-m", "flows.cli", "deploy", str(recipe), "--cron", "0 3 * * *"],
             cwd=ROOT,
-            env={
-                **api.client_env(str(tmp_path / "serve-home")),
-                "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT]),
-            },
+            env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while "being served" not in log.read_text():  # printed once the deployment is registered
             assert serving.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "serve did not start in 60 s:\n" + log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "serve did not start in 90 s:\n" + log.read_text()[-3000:]
             time.sleep(0.3)
-        d = read_deployment("recipe-smoke/nightly")
+        d = read_deployment("recipe/nightly")
         assert d["paused"] is False
         assert d["schedules"] == [{"cron": "0 3 * * *", "timezone": "UTC", "active": True}]
-        assert d["parameters"] == {"recipe_path": recipe, "out": str(out)}
+        assert d["parameters"] == {"recipe_path": str(recipe), "out": None, "incremental": True}
 
-        flow_run_id = trigger("recipe-smoke/nightly")
-        assert wait_for_flow_run(flow_run_id, timeout=90) == "COMPLETED", log.read_text()[-3000:]
-        assert (out / "ran.txt").read_text() == "nightly"
+        flow_run_id = trigger("recipe/nightly")
+        assert wait_for_flow_run(flow_run_id, timeout=180) == "COMPLETED", log.read_text()[-3000:]
+        from pipeline import versions
+
+        rows = versions.list_versions(str(out / "scraped"))
+        assert [r["version"] for r in rows] == [1] and rows[0]["samples"] > 0  # scheduled scrapes are incremental
+        assert (out / "versions" / "v0001" / "run_report.md").is_file()
         serving.send_signal(signal.SIGTERM)  # how `altforge deploy` is stopped (serve ignores SIGINT in scripts)
         code = serving.wait(timeout=30)
     finally:
         stop(serving)
     assert code == 0
-    assert log.read_text().count("being served") == 1  # the served run did not start a second server
-    # a stopped serve process leaves its deployment paused on the server: no late runs pile up while nobody serves
-    assert read_deployment("recipe-smoke/nightly")["paused"] is True
