@@ -98,6 +98,7 @@ def curate_flow(
     provenance = scorer.provenance()
     names = [shards.shard_name(j) for j in range(n_out)]
     wait_for_shards({n: curate_shard_task.submit(n, srcs, dst, provenance, storage_options) for n in names}, "curate")
+    shards.clean_temporaries(dst, storage_options)  # what writers killed mid-shard left (never visible)
 
     manifest = finish(dst, ccfg, sel, model_record, parent_manifest_url(src, storage_options), recipe, storage_options)
     report = write_report(dst, srcs, table, sel, manifest, storage_options, previous) if ccfg.report else None

@@ -150,6 +150,7 @@ def encode_flow(
     else:
         futures = {name: encode_shard_task.submit(name, url, *args) for name, url in plan.items()}
         wait_for_shards(futures, "encode")
+    shards.clean_temporaries(dst, storage_options)  # what writers killed mid-shard left (never visible)
     seconds = time.perf_counter() - t0
     manifest = finish_latents(dst, config, parent_manifest_url(src, storage_options), recipe, storage_options)
     publish_artifacts(manifest, dst, seconds)

@@ -130,6 +130,7 @@ def scrape_flow(
     ]
     names = [shards.shard_name(p["index"]) for p in plan["partitions"]]
     wait_for_shards(dict(zip(names, futures, strict=True)), "scrape")
+    shards.clean_temporaries(dst, storage_options)  # what writers killed mid-shard left (never visible)
     manifest = build_manifest(
         dst,
         "scrape",

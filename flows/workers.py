@@ -88,7 +88,20 @@ def run(kind: str, processes: int, fn, *args):
         with _lock:
             if _pools.get((kind, processes)) is pool:
                 del _pools[(kind, processes)]
+        _warn(f"{kind}: a worker process died mid-task; its partial shard stays invisible and the task is retried")
         raise
+
+
+def _warn(message: str) -> None:
+    """A warning in the task's Prefect log (shown by the CLI too), or the module logger outside a run."""
+    import logging
+
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().warning(message)
+    except Exception:  # no run context (called outside a flow): plain logging
+        logging.getLogger(__name__).warning(message)
 
 
 @atexit.register

@@ -148,3 +148,30 @@ def test_sigkill_mid_run_resumes_without_loss_or_duplicates(site, tmp_path):
     ok = df[df.status == "success"]
     got = set(zip(ok.sha256, ok.caption, strict=True))
     assert len(want & got) / len(want) >= 0.99 and not (forbidden & got)
+
+
+def test_worker_killed_mid_shard_is_retried_by_prefect(site, tmp_path):
+    import psutil
+
+    out = tmp_path / "retried"
+    p = altforge(
+        "scrape", "--site", site.url, "--allow-private-network", "--out", str(out), "--image-size", "32",
+        "--shard-size", "60", "--processes", "2", "--per-host-rate", "60", start_new_session=True,
+    )  # fmt: skip
+    victim, deadline = None, time.time() + 180
+    while victim is None and time.time() < deadline and p.poll() is None:
+        if any(n.startswith(".tmp-") for n in os.listdir(out) if out.exists()) if out.exists() else False:
+            workers = [c for c in psutil.Process(p.pid).children(recursive=True)
+                       if "spawn_main" in " ".join(c.cmdline())]  # fmt: skip
+            victim = workers[0] if workers else None
+        time.sleep(0.1)
+    assert victim is not None, "no worker process was seen writing a shard"
+    victim.kill()  # SIGKILL one stage worker while a shard is half written
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "a worker process died mid-task" in stderr and "is retried" in stderr  # Prefect retried that task
+    plan = load_plan(str(out))
+    assert shards.done_shards(str(out)) == [shards.shard_name(q["index"]) for q in plan["partitions"]]
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]  # no visible partial shard
+    df = shards.read_parquet(str(out))
+    assert len(df) == plan["records"] and df["key"].is_unique
