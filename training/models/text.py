@@ -1,4 +1,4 @@
-"""The frozen CLIP text encoder that conditions the diffusion model: per-token hidden states of an open_clip text tower.
+"""The frozen CLIP text encoder of the diffusion model: per-token hidden states of an open_clip text tower.
 
 Stable Diffusion 1.x conditions its U-Net on the last hidden states of CLIP's text transformer (after the final
 layer norm, before pooling and projection): one vector per token position, ``(context_length, width)`` per
