@@ -9,19 +9,16 @@ the shapes come first: colours are still washed out (judged near chance), which 
 assert; the full-length figures are in BENCHMARKS.md.
 """
 
-import functools
-
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
-from pipeline.latents import EncodeConfig, Encoders, encode_dataset, latent_config
+from flows.encode import ModelRefs, load_encoders
+from pipeline.latents import EncodeConfig, encode_dataset
 from training.evaluate_ldm import held_out_prompts, judge_accuracy
 from training.judge import JudgeConfig, train_judge
 from training.models import create_clip, export_open_clip, model_config
 from training.models.pipeline import load_pipeline
-from training.models.text import load_text_encoder
-from training.models.unet import build_unet
-from training.models.vae import encode_posterior, load_vae, vae_fingerprint
 from training.sample import generate
 from training.synthetic import write_demo_shards
 from training.train_ldm import LdmTrainConfig
@@ -43,7 +40,6 @@ def run(tmp_path_factory):
     write_demo_shards(str(root / "images"), 1200, seed=0, size=32, p_two=0.0, per_shard=1200)
     torch.manual_seed(0)
     export_open_clip(create_clip("micro"), model_config("micro"), root / "clip")  # frozen, untrained: L=16, D=32
-    text = load_text_encoder(str(root / "clip"), device="cpu")
 
     vae_cfg = VaeTrainConfig(
         data=str(root / "images"),
@@ -60,17 +56,12 @@ def run(tmp_path_factory):
         threads=1,
         progress=False,
     )
-    vae_metrics = train_vae(vae_cfg)
-    vae = load_vae(str(root / "vae"))
-    encoders = Encoders(
-        images=functools.partial(encode_posterior, vae),
-        texts=text.encode,
-        scaling_factor=float(vae.config.scaling_factor),
-    )
+    train_vae(vae_cfg)
+    loaded = load_encoders(ModelRefs(str(root / "vae"), str(root / "clip"), None, "cpu"), "float32")
     enc = EncodeConfig(resolution=32, batch_size=128)
-    record = {**text.provenance, "context_length": text.context_length, "width": text.width}
-    config = latent_config(enc, vae_fingerprint(str(root / "vae")), record, "float32")
-    encode_dataset(str(root / "images"), str(root / "latents"), enc, encoders, config, text.empty())
+    encode_dataset(
+        str(root / "images"), str(root / "latents"), enc, loaded.encoders, loaded.config(enc), loaded.text.empty()
+    )
 
     ldm_cfg = LdmTrainConfig(
         data=str(root / "latents"),
@@ -87,9 +78,9 @@ def run(tmp_path_factory):
         threads=1,
         progress=False,
     )
-    ldm_metrics = train_ldm(ldm_cfg)
+    train_ldm(ldm_cfg)
     judge = train_judge(JudgeConfig(size=32, n_train=6000, n_eval=500, epochs=4))
-    return {"root": root, "vae": vae_metrics, "ldm": ldm_metrics, "judge": judge}
+    return {"root": root, "judge": judge}
 
 
 def accuracy(pipe, judge) -> dict:
@@ -105,7 +96,7 @@ def test_trained_model_clears_the_floor_an_untrained_one_fails(run):
     pipe = load_pipeline(run["root"] / "ldm")
     trained = accuracy(pipe, judge)
     torch.manual_seed(1)
-    pipe.unet = build_unet("tiny", cross_attention_dim=32, sample_size=8).eval()
+    pipe.unet = UNet2DConditionModel.from_config(pipe.unet.config).eval()  # same architecture, fresh weights
     untrained = accuracy(pipe, judge)
     print(f"judge accuracy at guidance 7.5: trained {trained}, untrained {untrained}")
     assert untrained["shape"] < SHAPE_FLOOR
