@@ -30,13 +30,21 @@ def evaluation_grid(model_dir: str, gen: dict, out_png: str, evaluate_with: dict
         seed=gen["seed"],
         n=gen["n"],
         scheduler=gen.get("scheduler", "dpm"),
+        guidance_interval=_interval(gen),
     )
-    meta = {k: gen.get(k) for k in ("prompts", "negative", "steps", "guidance", "seed", "n", "scheduler")}
+    keys = ("prompts", "negative", "steps", "guidance", "guidance_interval", "seed", "n", "scheduler")
+    meta = {k: gen.get(k) for k in keys}
     save_grid(images, out_png, {**meta, "model": os.path.abspath(model_dir)}, cols=gen["n"])
     metrics = {"images": int(images.shape[0]), "grid": out_png}
     if evaluate_with:
         metrics.update(quick_evaluation(pipe, gen, evaluate_with, os.path.dirname(out_png)))
     return metrics
+
+
+def _interval(gen: dict) -> tuple[int, int] | None:
+    """The generate section's guidance interval as a (lo, hi) tuple; None = guidance at every step."""
+    iv = gen.get("guidance_interval")
+    return None if iv is None else (int(iv[0]), int(iv[1]))
 
 
 def quick_evaluation(pipe, gen: dict, evaluate_with: dict, out_dir: str) -> dict:
@@ -52,6 +60,7 @@ def quick_evaluation(pipe, gen: dict, evaluate_with: dict, out_dir: str) -> dict
         scheduler=gen.get("scheduler", "dpm"),
         negative_steps=int(gen["steps"]),
         negative_guidance=float(gen["guidance"]),
+        guidance_interval=_interval(gen),
         **QUICK_EVAL,
     )
     report = evaluate_pipeline(pipe, judge, cfg, clip=clip)

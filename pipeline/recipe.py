@@ -237,7 +237,15 @@ class GenerateSection(_Strict):
     seed: int = 0
     n: int = Field(4, gt=0)
     scheduler: Literal["dpm", "ddim"] = "dpm"
+    guidance_interval: tuple[int, int] | None = None  # [lo, hi]: guide only at timesteps lo..hi; null = every step
     evaluate: bool = True  # prompt accuracy, guidance sweep and the negative-prompt check (demo-site recipes)
+
+    @model_validator(mode="after")
+    def _interval(self) -> GenerateSection:
+        iv = self.guidance_interval
+        if iv is not None and not 0 <= iv[0] <= iv[1]:
+            raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi, got {list(iv)}")
+        return self
 
 
 class Runtime(_Strict):

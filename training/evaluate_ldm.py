@@ -7,7 +7,8 @@
   2017's formula on our CLIP's L2-normalised image embeddings; there are no Inception weights offline, so this is
   not FID and not comparable with published FIDs). A second real set gives the floor the metric reaches.
 - Negative prompts: the share of pixels of a colour in images of colourless prompts ("a circle"), with and without
-  that colour as the negative prompt (same seeds); "halved" means the ratio is <= 0.5.
+  that colour as the negative prompt (same seeds); "halved" means the ratio is <= 0.5. By default the colours
+  tested are the chromatic ones those images show most (a negative can only remove a colour that is there).
 
 ``python -m training.evaluate_ldm MODEL_DIR --out report.json`` runs all of it and writes a JSON report.
 """
@@ -36,6 +37,11 @@ FD_NOTE = (
 )
 PALETTE_BACKGROUNDS = ("gray", "beige", "light blue", "navy", "dark green")  # backgrounds unlike any shape colour
 PIXEL_MATCH = 80.0  # max Euclidean RGB distance for a pixel to count as a palette colour
+NEGATIVE_AUTO = 4  # shape colours the negative check tests by default: the most present in the colourless images
+NEGATIVE_MIN_SHARE = 0.01  # ... among those covering at least this share of their pixels
+# white and black pixels are mostly the white and black backgrounds (the same RGB within PIXEL_MATCH), so the
+# automatic choice leaves them out: their share says little about the shapes' colour
+CHROMATIC = tuple(c for c in COLOURS if c not in ("white", "black"))
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ class LdmEvalConfig:
     steps: tuple[int, ...] = (10, 20, 50)  # sampler steps
     scheduler: str = "dpm"  # "dpm" | "ddim"
     n_per_prompt: int = 4  # images per held-out prompt and setting (60 prompts)
-    negative_colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    negative_colours: tuple[str, ...] = ()  # () = the NEGATIVE_AUTO colours the colourless prompts draw most
     negative_n: int = 16  # images per colourless shape prompt ("a circle"), with and without each negative
     negative_steps: int = 20
     negative_guidance: float = 7.5
@@ -54,6 +60,7 @@ class LdmEvalConfig:
     seed: int = 1234  # generation seeds, prompt backgrounds and real renders derive from it
     batch_size: int = 64  # images per U-Net batch
     precision: str = "auto"  # autocast on CUDA; fp32 on CPU
+    guidance_interval: tuple[int, int] | None = None  # guide only at timesteps lo..hi (training.sample); None = all
 
 
 def _article(word: str) -> str:
@@ -230,8 +237,11 @@ def prompt_accuracy(
         scheduler=cfg.scheduler,
         batch_size=cfg.batch_size,
         precision=cfg.precision,
+        guidance_interval=cfg.guidance_interval,
     )
     row = {"guidance": guidance, "steps": steps, "scheduler": cfg.scheduler}
+    if cfg.guidance_interval is not None:
+        row["guidance_interval"] = list(cfg.guidance_interval)
     row["judge"] = judge_accuracy(judge, images, prompts, cfg.n_per_prompt)
     if clip is not None:
         feats = clip.features(images)
@@ -280,12 +290,19 @@ def negative_prompt_check(pipe, cfg: LdmEvalConfig) -> dict:
     prompts = [_article(s) for s in SHAPES]
     common = {"steps": cfg.negative_steps, "guidance": cfg.negative_guidance, "seed": cfg.seed, "n": cfg.negative_n}
     common.update(scheduler=cfg.scheduler, batch_size=cfg.batch_size, precision=cfg.precision)
+    common.update(guidance_interval=cfg.guidance_interval)
     plain = generate(pipe, prompts, **common)
     out = {"prompts": prompts, "images": len(plain), **{k: common[k] for k in ("steps", "guidance", "scheduler")}}
+    present = {c: pixel_share(plain, c) for c in COLOURS}
+    out["pixel_share_without"] = present
+    shown = sorted((c for c in CHROMATIC if present[c] >= NEGATIVE_MIN_SHARE), key=present.get, reverse=True)
+    tested = cfg.negative_colours or tuple(shown[:NEGATIVE_AUTO])
+    auto = f"the {NEGATIVE_AUTO} most present chromatic colours (share >= {NEGATIVE_MIN_SHARE})"
+    out["tested"] = "given" if cfg.negative_colours else auto
     colours = {}
-    for colour in cfg.negative_colours:
+    for colour in tested:
         neg = generate(pipe, prompts, negative=colour, **common)
-        share = (pixel_share(plain, colour), pixel_share(neg, colour))
+        share = (present[colour], pixel_share(neg, colour))
         row = {"pixel_share_without": share[0], "pixel_share_with": share[1]}
         row["pixel_share_ratio"] = share[1] / share[0] if share[0] > 0 else None
         if colour not in ("white", "black"):
@@ -348,6 +365,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, nargs="+", default=list(LdmEvalConfig.steps))
     p.add_argument("--guidance", type=float, nargs="+", default=list(LdmEvalConfig.guidances))
     p.add_argument("--scheduler", choices=("dpm", "ddim"), default="dpm")
+    p.add_argument(
+        "--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"), default=None, help="as altforge generate"
+    )
     p.add_argument("--n-per-prompt", type=int, default=LdmEvalConfig.n_per_prompt)
     p.add_argument("--n-real", type=int, default=LdmEvalConfig.n_real, help="real renders per prompt for FD")
     p.add_argument("--negative-n", type=int, default=LdmEvalConfig.negative_n, help="images per shape prompt")
@@ -387,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         negative_guidance=args.negative_guidance,
         n_real=args.n_real,
         seed=args.seed,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
     )
     report = evaluate_pipeline(pipe, judge, cfg, clip, args.grids)
     out = Path(args.out)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import yaml
+from PIL import Image
 
 from pipeline.manifest import read_manifest
 
@@ -50,7 +51,13 @@ def tiny_recipe(output: str, **extra) -> dict:
             {"kind": "vae", "config": "tiny", "data": "curated", "steps": 4, "batch_size": 8},
             {"kind": "ldm", "config": "tiny", "data": "latents", "steps": 4, "batch_size": 8},
         ],
-        "generate": {"prompts": ["a red circle", "a blue star"], "steps": 2, "n": 2, "evaluate": False},
+        "generate": {
+            "prompts": ["a red circle", "a blue star"],
+            "steps": 2,
+            "n": 2,
+            "guidance_interval": [200, 999],
+            "evaluate": False,
+        },
         **extra,
     }
 
@@ -111,6 +118,8 @@ def test_run_builds_every_stage_with_lineage(finished_run):
     assert latents["samples"] == report["metrics"]["encode"]["latents"]
     grid = out / "samples.png"
     assert grid.is_file() and str(grid) in stdout
+    with Image.open(grid) as im:
+        assert json.loads(im.text["guidance_interval"]) == [200, 999]
     for what in ("review report", "TensorBoard logs", "sample grid", "metrics:"):
         assert what in stdout or what == "review report"  # the tiny recipe writes no review report
     assert (out / "run_report.md").read_text().startswith("# Run report: tiny")

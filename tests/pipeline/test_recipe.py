@@ -48,6 +48,11 @@ def test_defaults_and_round_trip():
         ),
         (MINIMAL + "runtime: {task_runner: dask}\n", "runtime: task_runner 'dask' needs dask_address"),
         (MINIMAL + "train:\n  - {kind: ldm, config: tiny}\n", "train[0].steps: Field required"),
+        (
+            MINIMAL + "generate: {prompts: [a red circle], guidance_interval: [900, 100]}\n",
+            "generate: guidance_interval must be [lo, hi] with 0 <= lo <= hi, got [900, 100]",
+        ),
+        (MINIMAL + "generate: {prompts: [x], guidance_interval: [1, 2, 3]}\n", "generate.guidance_interval: Tuple"),
         ("name: t\n  output: [\n", "YAML syntax error"),
         ("- just\n- a list\n", "a recipe must be a YAML mapping"),
     ],

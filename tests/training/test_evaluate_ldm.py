@@ -2,12 +2,13 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from pipeline.demo_site import COLOURS, SHAPES
-from pipeline.demo_site.scenes import RGB, backgrounds_for
+from pipeline.demo_site.scenes import BACKGROUND_RGB, RGB, backgrounds_for
 from tests.training.test_pipeline_folder import make_tiny_pipeline
 from training.evaluate_ldm import (
     LdmEvalConfig,
@@ -19,6 +20,7 @@ from training.evaluate_ldm import (
     judge_accuracy,
     load_clip_judge,
     main,
+    negative_prompt_check,
     pixel_share,
     real_renders,
 )
@@ -114,6 +116,29 @@ def tiny(tmp_path_factory):
     return {"pipe": pipe, "judge": judge, "tmp": tmp}
 
 
+def test_negative_check_tests_the_colours_the_images_show(monkeypatch):
+    import training.sample
+
+    def fake_generate(pipe, prompts, negative=None, n=1, **kw):  # 64 pixels: 40 red, 2 blue, 12 white, 10 grey
+        px = [RGB["red"]] * 40 + [RGB["blue"]] * 2 + [RGB["white"]] * 12 + [BACKGROUND_RGB["gray"]] * 10
+        px = [BACKGROUND_RGB["gray"] if negative and RGB.get(negative) == p else p for p in px]
+        img = torch.tensor(px, dtype=torch.uint8).T.reshape(3, 8, 8)
+        return img.expand(len(prompts) * n, 3, 8, 8).clone()
+
+    monkeypatch.setattr(training.sample, "generate", fake_generate)
+    cfg = LdmEvalConfig(negative_n=1)
+    out = negative_prompt_check(object(), cfg)
+    assert list(out["colours"]) == ["red", "blue"]  # most present first; absent colours and white are not tested
+    assert out["pixel_share_without"]["white"] == pytest.approx(12 / 64)
+    assert out["pixel_share_without"]["red"] == pytest.approx(40 / 64) and out["pixel_share_without"]["green"] == 0
+    assert out["colours"]["red"]["pixel_share_with"] == 0 and out["colours"]["blue"]["pixel_share_ratio"] == 0
+    sweep = {"settings": []}
+    assert check_targets(sweep, out, cfg)["negative_halves_colour"] is True
+    given = negative_prompt_check(object(), replace(cfg, negative_colours=("green", "red")))
+    assert list(given["colours"]) == ["green", "red"] and given["colours"]["green"]["pixel_share_ratio"] is None
+    assert check_targets(sweep, given, cfg)["negative_halves_colour"] is False  # nothing green to remove
+
+
 def fractions(d: dict) -> list[float]:
     return [v for k, v in d.items() if k != "n"]
 
@@ -155,9 +180,11 @@ def test_cli_writes_the_report(tiny, tmp_path):
     out = tmp_path / "r" / "report.json"
     argv = [tiny["pipe"].path, "--out", str(out), "--judge", str(tiny["tmp"] / "judge"), "--steps", "2"]
     argv += ["--guidance", "1", "3", "--n-per-prompt", "1", "--negative-n", "1", "--negative-steps", "2"]
-    assert main([*argv, "--n-real", "1", "--device", "cpu"]) == 0
+    assert main([*argv, "--n-real", "1", "--device", "cpu", "--guidance-interval", "200", "999"]) == 0
     report = json.loads(out.read_text())
     assert report["config"]["guidances"] == [1.0, 3.0] and len(report["sweep"]["settings"]) == 2
+    assert report["config"]["guidance_interval"] == [200, 999]
+    assert all(r["guidance_interval"] == [200, 999] for r in report["sweep"]["settings"])
     assert report["clip"]["clip_model"].startswith("local-dir:")
     assert report["checks"]["colour_accuracy_ge_0.95"] is None  # no 20-step setting was run
     assert main([str(tmp_path / "nothing"), "--out", str(out)]) == 2

@@ -95,6 +95,34 @@ def test_negative_prompt_changes_the_output_only_when_guided(pipe):
         generate(pipe, PROMPTS, negative=["blue"], steps=2)
 
 
+def test_guidance_interval_guides_only_inside_it(pipe, monkeypatch):
+    kw = {"steps": 8, "seed": 2, "n": 2, "guidance": 7.5}
+    full = generate(pipe, PROMPTS, **kw)
+    unguided = generate(pipe, PROMPTS, **{**kw, "guidance": 1.0})
+    assert torch.equal(generate(pipe, PROMPTS, guidance_interval=(0, 999), **kw), full)  # every step: plain CFG
+    assert torch.equal(generate(pipe, PROMPTS, guidance_interval=(1000, 2000), **kw), unguided)  # no step inside
+    part = generate(pipe, PROMPTS, guidance_interval=(300, 999), **kw)
+    # guided at 6 of the 8 steps: between the two, nearer plain CFG
+    assert 0 < differs(part, full) < differs(part, unguided) and differs(part, unguided) > 1
+
+    seen = []
+    real = type(pipe.unet).forward
+
+    def spy(self, sample, timestep, encoder_hidden_states, **kw):
+        seen.append((int(timestep), sample.shape[0], encoder_hidden_states.clone()))
+        return real(self, sample, timestep, encoder_hidden_states, **kw)
+
+    monkeypatch.setattr(type(pipe.unet), "forward", spy)
+    generate(pipe, ["a red circle"], negative="blue", steps=8, guidance=4.0, guidance_interval=(300, 999))
+    red = pipe.text_encoder.encode(["a red circle"])[0]
+    assert [t for t, _, _ in seen] == sorted((t for t, _, _ in seen), reverse=True) and len(seen) == 8
+    for t, batch, ctx in seen:  # inside: [negative, prompt]; outside: the prompt alone, no unconditional pass
+        assert batch == (2 if t >= 300 else 1) and torch.equal(ctx[-1], red)
+    assert {b for _, b, _ in seen} == {1, 2}
+    with pytest.raises(ValueError, match="guidance interval"):
+        generate(pipe, PROMPTS, steps=2, guidance_interval=(500, 100))
+
+
 def test_ddim_and_dpm_both_run_on_the_training_schedule(pipe):
     dpm = generate(pipe, PROMPTS, steps=10, scheduler="dpm")
     ddim = generate(pipe, PROMPTS, steps=10, scheduler="ddim")
@@ -130,6 +158,13 @@ def test_cli_writes_a_grid_and_fails_in_one_line(pipe, tmp_path, capsys):
         assert im.size == (2 * 34 + 2, 2 * 34 + 2)
         assert im.text["prompt"] == "a red circle" and im.text["negative"] == "blue" and im.text["steps"] == "3"
         assert im.text["guidance"] == "6.0" and im.text["seed"] == "2" and im.text["scheduler"] == "ddim"
+        assert im.text["guidance_interval"] == "all steps"
+    limited = tmp_path / "limited.png"
+    assert main([*argv, "-n", "1", "--guidance-interval", "200", "999", "--out", str(limited)]) == 0
+    with Image.open(limited) as im:
+        assert im.text["guidance_interval"] == "200 999"
+    assert main([*argv, "--guidance-interval", "900", "100", "--out", str(limited)]) == 2
+    assert "guidance interval" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), "a red circle", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a pipeline folder" in err[0]
