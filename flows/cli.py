@@ -67,8 +67,12 @@ def validate(recipe: Annotated[str, typer.Argument(help="recipe YAML file")]) ->
 
     try:
         r = load_recipe(recipe)
-    except RecipeError as e:
-        fail(str(e))
+        if any(t.options for t in r.train):
+            from flows.launch import check_options
+
+            check_options(r)
+    except (RecipeError, RuntimeError) as e:
+        fail(f"{recipe}: {e}" if isinstance(e, RuntimeError) else str(e))
     kinds = ", ".join(s.kind for s in r.sources)
     stages = ["scrape"] + [s for s in ("curate", "encode") if getattr(r, s)] + [f"train {t.kind}" for t in r.train]
     typer.echo(f"{recipe}: ok — recipe '{r.name}', sources: {kinds}; stages: {', '.join(stages)}; output: {r.output}")

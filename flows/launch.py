@@ -63,13 +63,48 @@ def find_run(recipe: Recipe, kind: str | None = None) -> TrainRun:
     return runs[0]
 
 
+CONFIG_CLASSES = {"clip": "ClipTrainConfig", "vae": "VaeTrainConfig", "ldm": "LdmTrainConfig"}
+
+
+def option_flags(options: dict) -> list[str]:
+    """A run's ``options`` as trainer flags: ``--name value``, ``--name a b`` for lists, ``--[no-]name`` for bools."""
+    flags: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            flags += [flag, *(str(v) for v in value)]
+        else:
+            flags += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return flags
+
+
+def check_options(recipe: Recipe) -> None:
+    """RuntimeError (one line) when a training run's ``options`` names a setting its trainer does not have."""
+    import dataclasses
+    import importlib
+
+    for i, run in enumerate(recipe.train):
+        if not run.options:
+            continue
+        cls = getattr(importlib.import_module(TRAINERS[run.kind]), CONFIG_CLASSES[run.kind])
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in run.options:
+            if key not in known:
+                raise RuntimeError(f"train[{i}].options: the {run.kind} trainer has no setting {key!r}")
+
+
 def trainer_args(run: TrainRun, data: str, run_dir: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The trainer's own arguments (``DATA --out DIR --config NAME --steps N ...``) for a recipe's run."""
+    """The trainer's own arguments (``DATA --out DIR --config NAME --steps N ...``) for a recipe's run.
+
+    The run's ``options`` come last, so they win over the stage's own flags (``--workers``, ...).
+    """
     args = [data, "--out", run_dir, "--config", run.config, "--steps", str(run.steps)]
     args += ["--batch-size", str(run.batch_size), "--lr", repr(run.lr)]
     if run.max_minutes > 0:
         args += ["--max-minutes", repr(run.max_minutes)]
-    return [*args, *extra]
+    return [*args, *extra, *option_flags(run.options)]
 
 
 def rendezvous_flags(run: TrainRun, rdzv_id: str | None = None) -> list[str]:

@@ -132,6 +132,8 @@ def models_dir(recipe: Recipe, out: str) -> str:
 
 def preflight(recipe: Recipe, out: str, placement: Placement) -> None:
     """Fail at the start, with one line, on what would otherwise fail halfway: storage, Dask, named inputs."""
+    from flows.launch import check_options
+
     so = recipe.storage_options or None
     check_output(out, so)
     if placement.kind == "dask":
@@ -139,6 +141,7 @@ def preflight(recipe: Recipe, out: str, placement: Placement) -> None:
     for run in recipe.train:
         if run.data and run.data not in DATA_KINDS:
             check_manifest(run.data, so, what=f"train {run.kind} data")
+    check_options(recipe)
     if recipe.curate is not None and recipe.curate.previous:
         check_manifest(recipe.curate.previous, so, what="curate.previous")
 

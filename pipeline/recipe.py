@@ -225,6 +225,19 @@ class TrainRun(_Strict):
     nproc_per_node: int = Field(1, gt=0)
     nnodes: int = Field(1, gt=0)
     rdzv_endpoint: str | None = None  # host:port for multi-node
+    # more trainer settings by their config field names, passed as flags: {latent_noise: 0.3} (vae),
+    # {min_snr_gamma: 5, ema_decay: 0.9995} (ldm); `python -m training.train_<kind> --help` lists them
+    options: dict[str, bool | int | float | str | list[int | float | str]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _options(self) -> TrainRun:
+        own = {"data", "out", *type(self).model_fields} - {"options"}
+        for key in self.options:
+            if key in own:
+                raise ValueError(f"options.{key}: set {key} on the run itself, not in options")
+            if not key.isidentifier():
+                raise ValueError(f"options: {key!r} is not a trainer setting name")
+        return self
 
 
 class GenerateSection(_Strict):

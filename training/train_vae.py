@@ -58,6 +58,10 @@ class VaeTrainConfig:
     loss: str = "l1"  # reconstruction loss: "l1" | "mse" (per pixel, images in [-1, 1])
     kl_weight: float = 1e-6  # weight of the KL term (summed over the latent, per image pixel element, as in SD)
     perceptual_weight: float = 0.0  # must stay 0: no perceptual network (LPIPS/VGG weights) is available offline
+    # decoder robustness: each image's latent gets extra Gaussian noise of std u * latent_noise * (the batch's
+    # posterior-mean std), u ~ U(0, 1), before decoding, so the decoder draws the same image for nearby latents
+    # and a diffusion model's small latent errors do not blur shapes; 0 = off
+    latent_noise: float = 0.0
     precision: str = "auto"  # auto (bf16 on GPU if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cuda | cpu
     workers: int = 2  # DataLoader workers per rank
@@ -86,6 +90,8 @@ class VaeTrainConfig:
             raise ValueError("perceptual_weight must be 0: no perceptual network (LPIPS/VGG) is available offline")
         if self.resolution < 8 or self.steps < 0 or self.batch_size < 1:
             raise ValueError("resolution must be >= 8, steps >= 0, batch_size >= 1")
+        if self.latent_noise < 0:
+            raise ValueError(f"latent_noise must be >= 0, got {self.latent_noise}")
 
     def to_json(self) -> str:
         """The config as JSON."""
@@ -154,14 +160,19 @@ def image_batches(
 class _Autoencode(torch.nn.Module):
     """Encode, draw a reparameterised posterior sample, decode: the training forward as one module for DDP."""
 
-    def __init__(self, vae: torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, latent_noise: float = 0.0):
         super().__init__()
         self.vae = vae
+        self.latent_noise = latent_noise
 
     def forward(self, images: torch.Tensor, generator: torch.Generator):
         mean, logvar = encode_posterior(self.vae, images)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
         z = mean.float() + torch.exp(0.5 * logvar.float()) * noise
+        if self.latent_noise > 0:  # relative to the latents' own scale, so the encoder cannot outgrow it
+            level = torch.rand((len(z), 1, 1, 1), generator=generator, device=z.device) * self.latent_noise
+            extra = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
+            z = z + level * mean.detach().float().std() * extra
         return self.vae.decode(z.to(mean.dtype)).sample, mean, logvar
 
 
@@ -228,7 +239,7 @@ def train(cfg: VaeTrainConfig) -> dict:
             position = DataPosition(epoch=epoch)
         if dist.is_main:
             print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (data from epoch {epoch})"))
-    model = _Autoencode(vae)
+    model = _Autoencode(vae, cfg.latent_noise)
     if dist.distributed:
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)

@@ -5,12 +5,22 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
 import textwrap
 
 import pytest
 from prefect import flow
 
-from flows.launch import LOG_MARK, LaunchError, launch_training, print_launch, run_paths
+from flows.launch import (
+    LOG_MARK,
+    LaunchError,
+    check_options,
+    launch_training,
+    option_flags,
+    print_launch,
+    run_paths,
+    trainer_args,
+)
 from pipeline.recipe import TrainRun, parse_recipe
 from tests.flows.test_scrape_flow import ROOT
 from training.synthetic import write_demo_shards
@@ -289,3 +299,46 @@ def test_run_paths_follow_the_recipe_layout(tmp_path):
     recipe = parse_recipe({**MULTI_NODE, "output": str(tmp_path)})
     assert run_paths(recipe, recipe.train[1]) == (str(tmp_path / "scraped"), str(tmp_path / "clip"))
     assert run_paths(recipe, recipe.train[0], "s3://b/x") == ("s3://b/x/curated", "s3://b/x/vae")
+
+
+def test_run_options_become_trainer_flags_after_the_stage_flags():
+    opts = {"latent_noise": 0.3, "compile": False, "progress": True, "betas": [0.9, 0.99], "split": "sample"}
+    assert option_flags(opts) == [
+        "--latent-noise",
+        "0.3",
+        "--no-compile",
+        "--progress",
+        "--betas",
+        "0.9",
+        "0.99",
+        "--split",
+        "sample",
+    ]
+    run = TrainRun(kind="ldm", config="tiny", steps=5, options={"workers": 3, "min_snr_gamma": 5})
+    args = trainer_args(run, "LAT", "RUN", ["--workers", "1"])
+    assert args[-6:] == ["--workers", "1", "--workers", "3", "--min-snr-gamma", "5"]  # argparse: the last one wins
+
+
+def test_unknown_or_misplaced_options_fail_in_one_line(tmp_path):
+    bad = {**MULTI_NODE, "train": [{"kind": "ldm", "config": "tiny", "steps": 5, "options": {"min_snr_gama": 5}}]}
+    with pytest.raises(RuntimeError, match=r"train\[0\].options: the ldm trainer has no setting 'min_snr_gama'"):
+        check_options(parse_recipe(bad))
+    check_options(parse_recipe({**bad, "train": [{**bad["train"][0], "options": {"min_snr_gamma": 5}}]}))
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(bad))
+    p = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == f"error: {path}: train[0].options: the ldm trainer has no setting 'min_snr_gama'"
+    misplaced = {**bad, "train": [{**bad["train"][0], "options": {"steps": 9}}]}
+    with pytest.raises(ValueError, match="options.steps: set steps on the run itself"):
+        parse_recipe(misplaced)
+
+
+def test_launch_passes_the_options_to_the_trainer(tmp_path, shards, launch_env):
+    run = TrainRun(kind="vae", config="tiny", steps=2, batch_size=8, options={"latent_noise": 0.25, "resolution": 32})
+    metrics = train_flow(run, shards, str(tmp_path / "vae"))
+    assert metrics["step"] == 2
+    config = json.loads((tmp_path / "vae" / "train_config.json").read_text())
+    assert config["latent_noise"] == 0.25 and config["resolution"] == 32

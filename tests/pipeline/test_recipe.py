@@ -53,6 +53,10 @@ def test_defaults_and_round_trip():
             "generate: guidance_interval must be [lo, hi] with 0 <= lo <= hi, got [900, 100]",
         ),
         (MINIMAL + "generate: {prompts: [x], guidance_interval: [1, 2, 3]}\n", "generate.guidance_interval: Tuple"),
+        (
+            MINIMAL + "train:\n  - {kind: vae, config: tiny, steps: 5, options: {'latent noise': 0.3}}\n",
+            "train[0]: options: 'latent noise' is not a trainer setting name",
+        ),
         ("name: t\n  output: [\n", "YAML syntax error"),
         ("- just\n- a list\n", "a recipe must be a YAML mapping"),
     ],

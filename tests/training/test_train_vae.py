@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline.shards import iter_samples, shard_urls
 from training.models.vae import build_vae, heldout_psnr
 from training.synthetic import write_demo_shards
-from training.train_vae import VaeTrainConfig, image_batches, image_tensor, parse_args, train
+from training.train_vae import VaeTrainConfig, _Autoencode, image_batches, image_tensor, parse_args, train
 
 torch.set_num_threads(1)
 
@@ -134,6 +134,24 @@ def test_config_flags_round_trip_and_bad_values_fail():
     assert (cfg.config, cfg.resolution, cfg.loss, cfg.kl_weight, cfg.progress) == ("sd", 256, "mse", 1e-5, False)
     assert cfg.storage_options == {"anon": True} and cfg.eval_data == "EV"
     assert VaeTrainConfig.from_json(cfg.to_json()) == cfg
-    for bad in (["--loss", "l3"], ["--perceptual-weight", "0.1"]):
+    for bad in (["--loss", "l3"], ["--perceptual-weight", "0.1"], ["--latent-noise", "-0.1"]):
         with pytest.raises(SystemExit):
             parse_args(["DATA", "--out", "OUT", *bad])
+
+
+def test_latent_noise_perturbs_the_decoder_input_relative_to_the_latent_scale():
+    torch.manual_seed(0)
+    vae = build_vae("tiny").eval()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    seen = []
+    hook = vae.post_quant_conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        out = {noise: _Autoencode(vae, noise)(images, torch.Generator().manual_seed(7)) for noise in (0.0, 0.5)}
+        again, mean, _ = _Autoencode(vae, 0.0)(images, torch.Generator().manual_seed(7))
+    hook.remove()
+    assert torch.equal(out[0.0][0], again)  # off: the plain posterior sample, as before
+    assert (out[0.5][0] - out[0.0][0]).abs().mean() > 1e-3
+    plain, noisy, _ = seen
+    assert not torch.equal(plain, noisy)
+    ratio = float((noisy - plain).std() / mean.std())  # u * 0.5 * N(0, 1), u ~ U(0, 1) per image
+    assert 0.02 < ratio < 0.5
