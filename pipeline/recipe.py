@@ -231,7 +231,7 @@ class TrainRun(_Strict):
 
     @model_validator(mode="after")
     def _options(self) -> TrainRun:
-        own = {"data", "out", *type(self).model_fields} - {"options"}
+        own = {"out", *type(self).model_fields} - {"options"}
         for key in self.options:
             if key in own:
                 raise ValueError(f"options.{key}: set {key} on the run itself, not in options")

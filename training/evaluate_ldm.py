@@ -305,7 +305,7 @@ def negative_prompt_check(pipe, cfg: LdmEvalConfig) -> dict:
         share = (present[colour], pixel_share(neg, colour))
         row = {"pixel_share_without": share[0], "pixel_share_with": share[1]}
         row["pixel_share_ratio"] = share[1] / share[0] if share[0] > 0 else None
-        if colour not in ("white", "black"):
+        if colour in CHROMATIC:  # white and black have no hue
             row["hue_mass_without"], row["hue_mass_with"] = hue_mass(plain, colour), hue_mass(neg, colour)
         colours[colour] = row
     out["colours"] = colours
