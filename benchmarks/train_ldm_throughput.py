@@ -3,11 +3,15 @@
     python benchmarks/train_ldm_throughput.py                         # tiny U-Net, 8x8x4 latents, CPU, 1 thread
     python benchmarks/train_ldm_throughput.py --gpu                   # SD-1.x U-Net, 32x32x4 latents, bf16, images/s
     python benchmarks/train_ldm_throughput.py --gpu --config small --device cpu --steps 2 --batch-size 2   # smoke
+    python benchmarks/train_ldm_throughput.py --config sd15 --device cuda --latent-side 32 --text-shape 77 768 \
+        --batch-size 128 --workers 6 --samples 6000 --steps 40    # the whole loop (loader, pinned memory) on a GPU
 
 CPU mode writes synthetic latent shards (random latents and text embeddings in the shard format of
 pipeline/latents.py), runs ``training.train_ldm.train`` for ``--steps`` steps through the streaming loader, and
 reports the mean of the logged windows after the first (warm-up): samples/s, steps/s and the data-wait fraction.
-It also times the bare U-Net step (no loader) with and without channels_last.
+On the CPU it also times the bare U-Net step (no loader) with and without channels_last. ``--device cuda`` runs the
+same loop on a GPU (bf16 autocast, pinned host memory), with ``--latent-side``/``--text-shape`` for SD-sized
+samples, so the data wait at GPU speed is measured rather than assumed.
 
 GPU mode times the loop's training step on synthetic device tensors: the same U-Net, noising, loss, AdamW,
 gradient clipping and EMA update as train_ldm, under bf16 autocast, channels_last, PyTorch SDPA attention, with
@@ -38,6 +42,7 @@ from pipeline.latents import write_empty_embedding  # noqa: E402
 from pipeline.manifest import build_manifest, write_manifest  # noqa: E402
 from pipeline.shards import ShardWriter  # noqa: E402
 from pipeline.stats import StageStats  # noqa: E402
+from training.distributed import fast_cuda_settings  # noqa: E402
 from training.models.unet import build_unet, count_parameters  # noqa: E402
 from training.objectives import add_noise, alphas_cumprod, diffusion_loss, scaled_linear_betas  # noqa: E402
 from training.train_ldm import LdmTrainConfig, ema_update, param_groups, train  # noqa: E402
@@ -67,7 +72,7 @@ def write_synthetic_latents(dst: str, n: int, shape=(4, 8, 8), text=(16, 32), pe
 
 def bare_step_rate(
     config: str,
-    batch: int,
+    batches: list[int],
     shape,
     text,
     steps: int,
@@ -75,9 +80,12 @@ def bare_step_rate(
     channels_last: bool,
     precision: str = "fp32",
     compile_model: bool = False,
-) -> float:
-    """Training steps/s of the U-Net alone on synthetic device tensors (the train_ldm step without the loader)."""
+) -> tuple[dict[int, float], int]:
+    """Training steps/s per batch size of the U-Net alone on synthetic device tensors (the train_ldm step without
+    the loader), and the U-Net's parameter count. The model, EMA and optimizer are built once for all sizes."""
     dev = torch.device(device)
+    if dev.type == "cuda":
+        fast_cuda_settings()  # what init_distributed sets for the training loop
     torch.manual_seed(0)
     unet = build_unet(config, cross_attention_dim=text[1], sample_size=shape[-1]).to(dev)
     if not channels_last:
@@ -89,12 +97,10 @@ def bare_step_rate(
     abar = alphas_cumprod(scaled_linear_betas()).float().to(dev)
     model = torch.compile(unet) if compile_model else unet
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    x0 = torch.randn(batch, *shape, device=dev)
-    emb = torch.randn(batch, *text, device=dev)
 
-    def step() -> None:
+    def step(x0, emb) -> None:
         noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (batch,), device=dev)
+        t = torch.randint(0, 1000, (x0.shape[0],), device=dev)
         noisy = add_noise(x0, noise, t, abar)
         if channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
@@ -107,17 +113,22 @@ def bare_step_rate(
         opt.step()
         ema_update(ema, unet, 0.999)
 
-    warm = 3 if compile_model or dev.type == "cuda" else 1
-    for _ in range(warm):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t0), count_parameters(unet)
+    rates = {}
+    for batch in batches:
+        x0 = torch.randn(batch, *shape, device=dev)
+        emb = torch.randn(batch, *text, device=dev)
+        warm = 3 if compile_model or dev.type == "cuda" else 1
+        for _ in range(warm):
+            step(x0, emb)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(x0, emb)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        rates[batch] = steps / (time.perf_counter() - t0)
+    return rates, count_parameters(unet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="the SD-1.x step on 32x32x4 latents in bf16 (images/s)")
     p.add_argument("--config", default=None, help="U-Net config (default: tiny on CPU, sd15 with --gpu)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 (CPU), 128 (--gpu)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="--gpu: several, one model build")
     p.add_argument("--steps", type=int, default=None, help="default: 60 (CPU loop), 20 (--gpu)")
     p.add_argument("--samples", type=int, default=8000, help="synthetic latents written (CPU mode)")
     p.add_argument("--log-every", type=int, default=10)
@@ -133,40 +145,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--device", default=None, help="default: cpu, or cuda with --gpu")
     p.add_argument("--precision", default=None, help="--gpu: bf16 (default) | fp16 | fp32")
-    p.add_argument("--compile", action="store_true", help="--gpu: torch.compile the U-Net")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    p.add_argument("--latent-side", type=int, default=8, help="loop mode: side of the synthetic 4xSxS latents")
+    p.add_argument("--text-shape", type=int, nargs=2, default=(16, 32), help="loop mode: (tokens, width) of the text")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
     if args.gpu:
         device = args.device or "cuda"
-        config, batch, steps = args.config or "sd15", args.batch_size or 128, args.steps or 20
+        config, steps = args.config or "sd15", args.steps or 20
+        batches = args.batch_sizes or [args.batch_size or 128]
         precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
-        rate, n_params = bare_step_rate(
-            config, batch, (4, 32, 32), (77, 768), steps, device, True, precision, args.compile
+        rates, n_params = bare_step_rate(
+            config, batches, (4, 32, 32), (77, 768), steps, device, True, precision, args.compile
         )
         name = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu"
-        result = {
-            "mode": "gpu_step",
-            "config": config,
-            "parameters": n_params,
-            "device": name,
-            "precision": precision,
-            "compile": args.compile,
-            "batch_size": batch,
-            "latent": [4, 32, 32],
-            "steps_per_s": round(rate, 3),
-            "images_per_s": round(rate * batch, 1),
-        }
-        print(json.dumps(result))
+        for batch, rate in rates.items():
+            result = {
+                "mode": "gpu_step",
+                "config": config,
+                "parameters": n_params,
+                "device": name,
+                "precision": precision,
+                "compile": args.compile,
+                "batch_size": batch,
+                "latent": [4, 32, 32],
+                "steps_per_s": round(rate, 3),
+                "images_per_s": round(rate * batch, 1),
+            }
+            if device.startswith("cuda"):
+                result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            print(json.dumps(result), flush=True)
         return 0
 
     config, batch, steps = args.config or "tiny", args.batch_size or 64, args.steps or 60
+    shape, text = (4, args.latent_side, args.latent_side), tuple(args.text_shape)
+    device = args.device or "cpu"
     work = tempfile.mkdtemp(prefix="altforge-ldm-bench-")
     data = os.path.join(work, "latents")
     t0 = time.perf_counter()
-    write_synthetic_latents(data, args.samples)
-    print(f"wrote {args.samples} synthetic 4x8x8 latents in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    write_synthetic_latents(data, args.samples, shape, text, per_shard=min(2000, max(1, args.samples // 8)))
+    print(f"wrote {args.samples} synthetic {shape} latents in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     cfg = LdmTrainConfig(
         data=data,
         out=os.path.join(work, "run"),
@@ -177,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         log_every=args.log_every,
         save_every=0,
-        device=args.device or "cpu",
+        device=device,
         threads=args.threads,
+        compile=args.compile,
         progress=False,
     )
     try:
@@ -186,23 +207,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = logged[1:] or logged  # the first window holds the warm-up
-    bare = {cl: bare_step_rate(config, batch, (4, 8, 8), (16, 32), 20, "cpu", cl)[0] for cl in (True, False)}
     sps = statistics.mean(r["samples_per_s"] for r in rows)
+    gpu = device.startswith("cuda")
     result = {
-        "mode": "cpu_loop",
+        "mode": "gpu_loop" if gpu else "cpu_loop",
         "config": config,
-        "device": platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "batch_size": batch,
+        "latent": list(shape),
+        "text": list(text),
         "workers": args.workers,
         "samples_per_s": round(sps, 1),
         "steps_per_s": round(sps / batch, 2),
         "data_wait": round(statistics.mean(r["data_wait"] for r in rows), 4),
-        "bare_step_per_s_channels_last": round(bare[True], 2),
-        "bare_step_per_s_contiguous": round(bare[False], 2),
         "windows": len(rows),
         "load_avg": os.getloadavg()[0],
     }
+    if not gpu:
+        bare = {cl: bare_step_rate(config, [batch], shape, text, 20, "cpu", cl)[0][batch] for cl in (True, False)}
+        result["bare_step_per_s_channels_last"] = round(bare[True], 2)
+        result["bare_step_per_s_contiguous"] = round(bare[False], 2)
     print(json.dumps(result))
     return 0
 
