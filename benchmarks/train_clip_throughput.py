@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if data is None:
         data = os.path.join(work, "data")
         t0 = time.perf_counter()
-        write_demo_shards(data, args.samples, seed=0, size=size, per_shard=2000, mismatch_rate=0.2)
+        # at least two shards per loader worker: with fewer shards than workers every worker reads all of them
+        per_shard = max(100, min(2000, args.samples // (2 * max(1, args.workers))))
+        write_demo_shards(data, args.samples, seed=0, size=size, per_shard=per_shard, mismatch_rate=0.2)
         print(f"wrote {args.samples} demo samples at {size}px in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     cfg = ClipTrainConfig(
         data=data,

@@ -80,9 +80,10 @@ def bare_step_rate(
     channels_last: bool,
     precision: str = "fp32",
     compile_model: bool = False,
-) -> tuple[dict[int, float], int]:
+) -> tuple[dict[int, float | None], int]:
     """Training steps/s per batch size of the U-Net alone on synthetic device tensors (the train_ldm step without
-    the loader), and the U-Net's parameter count. The model, EMA and optimizer are built once for all sizes."""
+    the loader), and the U-Net's parameter count. The model, EMA and optimizer are built once for all sizes; a size
+    that runs out of memory gets None and ends the sweep."""
     dev = torch.device(device)
     if dev.type == "cuda":
         fast_cuda_settings()  # what init_distributed sets for the training loop
@@ -114,20 +115,24 @@ def bare_step_rate(
         ema_update(ema, unet, 0.999)
 
     rates = {}
-    for batch in batches:
-        x0 = torch.randn(batch, *shape, device=dev)
-        emb = torch.randn(batch, *text, device=dev)
-        warm = 3 if compile_model or dev.type == "cuda" else 1
-        for _ in range(warm):
-            step(x0, emb)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step(x0, emb)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        rates[batch] = steps / (time.perf_counter() - t0)
+    for batch in sorted(batches):
+        try:
+            x0 = torch.randn(batch, *shape, device=dev)
+            emb = torch.randn(batch, *text, device=dev)
+            warm = 3 if compile_model or dev.type == "cuda" else 1
+            for _ in range(warm):
+                step(x0, emb)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(x0, emb)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            rates[batch] = steps / (time.perf_counter() - t0)
+        except torch.OutOfMemoryError:  # report it and stop: larger batches will not fit either
+            rates[batch] = None
+            break
     return rates, count_parameters(unet)
 
 
@@ -171,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
                 "compile": args.compile,
                 "batch_size": batch,
                 "latent": [4, 32, 32],
-                "steps_per_s": round(rate, 3),
-                "images_per_s": round(rate * batch, 1),
+                "steps_per_s": round(rate, 3) if rate else None,
+                "images_per_s": round(rate * batch, 1) if rate else None,
             }
+            if rate is None:
+                result["error"] = "out of memory"
             if device.startswith("cuda"):
                 result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             print(json.dumps(result), flush=True)

@@ -115,6 +115,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (Adam's moments) its parameter's strides.
+
+    Checkpoints store tensors contiguous; a channels_last parameter then gets contiguous moments back, which the
+    fused CUDA AdamW refuses ("params, grads, exp_avgs, and exp_avg_sqs must have same dtype, device, and layout").
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load weights (and optimizer state, and RNG states) from a checkpoint directory; returns its state.json."""
     path = Path(path)
@@ -124,5 +137,6 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if optimizer is not None:
         tensors = load_file(str(path / "optimizer.safetensors"), device="cpu")
         optimizer.load_state_dict(optimizer_from_flat(doc["optimizer"], tensors))
+        match_param_layout(optimizer)
         set_rng_state(doc["rng"], load_file(str(path / "rng.safetensors"), device="cpu"))
     return doc
