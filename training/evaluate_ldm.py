@@ -53,7 +53,7 @@ class LdmEvalConfig:
     scheduler: str = "dpm"  # "dpm" | "ddim"
     n_per_prompt: int = 4  # images per held-out prompt and setting (60 prompts)
     negative_colours: tuple[str, ...] = ()  # () = the NEGATIVE_AUTO colours the colourless prompts draw most
-    negative_n: int = 16  # images per colourless shape prompt ("a circle"), with and without each negative
+    negative_n: int = 16  # images per colourless shape prompt ("a circle"), with and without each negative; 0 = skip
     negative_steps: int = 20
     negative_guidance: float = 7.5
     n_real: int = 2  # real renders per prompt for the Frechet distance (and again for the real-vs-real floor)
@@ -61,6 +61,16 @@ class LdmEvalConfig:
     batch_size: int = 64  # images per U-Net batch
     precision: str = "auto"  # autocast on CUDA; fp32 on CPU
     guidance_interval: tuple[int, int] | None = None  # guide only at timesteps lo..hi (training.sample); None = all
+
+    def __post_init__(self):
+        counts = {"n_per_prompt": self.n_per_prompt, "n_real": self.n_real, "negative_steps": self.negative_steps}
+        counts["batch_size"] = self.batch_size
+        bad = [f"{k} = {v}" for k, v in counts.items() if v < 1]
+        bad += [f"steps = {v}" for v in self.steps if v < 1] + [f"guidance = {g}" for g in self.guidances if g <= 0]
+        if self.negative_n < 0:
+            bad.append(f"negative_n = {self.negative_n}")
+        if bad or not self.steps or not self.guidances:
+            raise ValueError(f"evaluation settings out of range: {', '.join(bad) or 'no steps or guidances'}")
 
 
 def _article(word: str) -> str:
@@ -287,6 +297,8 @@ def negative_prompt_check(pipe, cfg: LdmEvalConfig) -> dict:
     """Pixel share and hue mass of each colour in "a <shape>" images, without and with "<colour>" as the negative."""
     from training.sample import generate
 
+    if cfg.negative_n == 0:
+        return {"skipped": "negative_n = 0", "colours": {}, "mean_pixel_share_ratio": None}
     prompts = [_article(s) for s in SHAPES]
     common = {"steps": cfg.negative_steps, "guidance": cfg.negative_guidance, "seed": cfg.seed, "n": cfg.negative_n}
     common.update(scheduler=cfg.scheduler, batch_size=cfg.batch_size, precision=cfg.precision)
@@ -327,8 +339,13 @@ def check_targets(sweep: dict, negative: dict, cfg: LdmEvalConfig) -> dict:
     out["colour_accuracy_ge_0.95"] = None if r is None else r["colour"] >= 0.95
     out["shape_accuracy_ge_0.90"] = None if r is None else r["shape"] >= 0.90
     ratio = negative.get("mean_pixel_share_ratio")
-    out["negative_halves_colour"] = ratio is not None and all(
-        r["pixel_share_ratio"] is not None and r["pixel_share_ratio"] <= 0.5 for r in negative["colours"].values()
+    out["negative_halves_colour"] = (
+        None
+        if "skipped" in negative
+        else ratio is not None
+        and all(
+            r["pixel_share_ratio"] is not None and r["pixel_share_ratio"] <= 0.5 for r in negative["colours"].values()
+        )
     )
     return out
 
@@ -389,6 +406,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        cfg = LdmEvalConfig(
+            guidances=tuple(args.guidance),
+            steps=tuple(args.steps),
+            scheduler=args.scheduler,
+            n_per_prompt=args.n_per_prompt,
+            negative_n=args.negative_n,
+            negative_steps=args.negative_steps,
+            negative_guidance=args.negative_guidance,
+            n_real=args.n_real,
+            seed=args.seed,
+            guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         pipe = load_pipeline(args.model_dir, device=args.device)
         judge = load_judge(args.judge) if args.judge else train_judge(JudgeConfig(size=pipe.resolution))
         clip = load_clip_judge(args.clip or str(Path(args.model_dir) / "text_encoder"), device=str(pipe.device))
@@ -397,18 +430,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.save_judge and not args.judge:
         save_judge(judge, args.save_judge)
-    cfg = LdmEvalConfig(
-        guidances=tuple(args.guidance),
-        steps=tuple(args.steps),
-        scheduler=args.scheduler,
-        n_per_prompt=args.n_per_prompt,
-        negative_n=args.negative_n,
-        negative_steps=args.negative_steps,
-        negative_guidance=args.negative_guidance,
-        n_real=args.n_real,
-        seed=args.seed,
-        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-    )
     report = evaluate_pipeline(pipe, judge, cfg, clip, args.grids)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

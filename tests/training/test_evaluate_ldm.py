@@ -188,3 +188,32 @@ def test_cli_writes_the_report(tiny, tmp_path):
     assert report["clip"]["clip_model"].startswith("local-dir:")
     assert report["checks"]["colour_accuracy_ge_0.95"] is None  # no 20-step setting was run
     assert main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_cli_negative_n_zero_skips_the_negative_check(tiny, tmp_path):
+    out = tmp_path / "report.json"
+    argv = [tiny["pipe"].path, "--out", str(out), "--judge", str(tiny["tmp"] / "judge"), "--steps", "2"]
+    argv += ["--guidance", "1", "3", "--n-per-prompt", "1", "--n-real", "1", "--negative-n", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["negative"]["skipped"] == "negative_n = 0" and report["negative"]["colours"] == {}
+    assert report["checks"]["negative_halves_colour"] is None  # not measured, so neither passed nor failed
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--negative-n", "-1"], "negative_n = -1"),
+        (["--n-per-prompt", "0"], "n_per_prompt = 0"),
+        (["--steps", "20", "0"], "steps = 0"),
+        (["--guidance", "0"], "guidance = 0"),
+        (["--n-real", "0"], "n_real = 0"),
+    ],
+)
+def test_cli_refuses_bad_settings_in_one_line_before_loading(tmp_path, capsys, flags, named):
+    # the model folder does not exist: the settings are checked first, so the error names them, not the folder
+    assert main([str(tmp_path / "no-model"), "--out", str(tmp_path / "r.json"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: evaluation settings out of range") and named in err and "\n" not in err
+    with pytest.raises(ValueError, match="out of range"):
+        LdmEvalConfig(n_per_prompt=0)
