@@ -15,6 +15,7 @@ from tests.training.test_pipeline_folder import make_tiny_parts
 from tests.training.test_train_clip import base_cfg as clip_cfg
 from tests.training.test_train_ldm import base_cfg as ldm_cfg
 from tests.training.test_train_ldm import write_latents
+from tests.training.test_train_vae import base_cfg as vae_cfg
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan
 from training.latent_data import latent_map
 from training.models import create_clip, export_open_clip, model_config
@@ -24,6 +25,7 @@ from training.sample import generate
 from training.synthetic import write_demo_shards
 from training.train_clip import train as train_clip
 from training.train_ldm import train as train_ldm
+from training.train_vae import train as train_vae
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -70,6 +72,21 @@ def test_clip_trains_and_resumes_on_cuda_bf16(tmp_path):
     assert [r["loss"] for r in resumed["train"]] == pytest.approx(losses, rel=2e-2)
     weights = load_file(str(tmp_path / "full" / "open_clip_model.safetensors"))
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_vae_trains_and_resumes_on_cuda_bf16(tmp_path):
+    data = tmp_path / "data"
+    write_demo_shards(str(data / "train"), 160, seed=0, size=32, per_shard=40)
+    write_demo_shards(str(data / "eval"), 48, seed=1, size=32, per_shard=48)
+    kw = {"device": "cuda", "precision": "bf16"}
+    full = train_vae(vae_cfg(data, tmp_path / "full", **kw))
+    train_vae(vae_cfg(data, tmp_path / "cut", stop_after=3, **kw))
+    resumed = train_vae(vae_cfg(data, tmp_path / "cut", **kw))  # channels_last weights, restored AdamW moments
+    assert full["step"] == resumed["step"] == 6
+    losses = [r["loss"] for r in full["train"]]
+    assert all(math.isfinite(x) for x in losses)
+    assert [r["loss"] for r in resumed["train"]] == pytest.approx(losses, rel=2e-2)
+    assert resumed["scaling_factor"] == pytest.approx(full["scaling_factor"], rel=2e-2)
 
 
 def test_loader_batches_arrive_pinned(latents):
