@@ -67,6 +67,7 @@ class LdmTrainConfig:
     config: str = "tiny"  # U-Net config name (training/models/configs/unet-NAME.json) or a JSON path
     text_encoder: str | None = None  # open_clip model / exported dir; None = the one the latent manifest records
     text_pretrained: str | None = None  # its pretrained tag or weights file (with an open_clip architecture name)
+    text_in_loop: bool = False  # encode the captions with text_encoder in the loop, ignoring stored embeddings
     vae: str | None = None  # VAE folder / pipeline folder / hub id for grids and the pipeline; None = the manifest's
     steps: int = 2000  # optimizer steps
     batch_size: int = 64  # samples per rank per micro-step
@@ -181,14 +182,27 @@ def train(cfg: LdmTrainConfig) -> dict:
         (cfg.text_encoder, cfg.text_pretrained) if cfg.text_encoder else (te.get("model"), te.get("pretrained"))
     )
     encoder = None
-    if not latents.text_in_shards or (dist.is_main and cfg.sample_every > 0 and te_model):
+    stored_text = latents.text_in_shards and not cfg.text_in_loop  # the shards' embeddings condition the U-Net
+    if cfg.text_in_loop and not cfg.text_encoder:
+        raise ValueError("--text-in-loop needs --text-encoder: the encoder to run on the captions")
+    # a named encoder is always loaded: with stored embeddings, its empty-prompt embedding must match theirs, or
+    # the pipeline folder would pair the U-Net with a text encoder it never saw
+    if not stored_text or cfg.text_encoder or (dist.is_main and cfg.sample_every > 0 and te_model):
         if te_model is None:
             raise ValueError("the shards hold captions only: give --text-encoder (the manifest names none)")
         from training.models.text import load_text_encoder
 
         encoder = load_text_encoder(te_model, te_pretrained, device=str(dist.device))
-    empty = empty_embedding(latents, encoder, cfg.storage_options).to(dist.device)
-    width = latents.text_width or encoder.width
+    if not cfg.text_in_loop:  # the dataset's empty embedding, checked against the encoder when one is loaded
+        try:
+            empty = empty_embedding(latents, encoder, cfg.storage_options).to(dist.device)
+        except ValueError as e:
+            hint = " (re-encode the latents with it, or add --text-in-loop)" if cfg.text_encoder else ""
+            raise ValueError(f"{e}{hint}") from None
+        width = latents.text_width or encoder.width
+    else:
+        empty = encoder.empty().float().to(dist.device)
+        width = encoder.width
 
     # ---- model, EMA, optimizer, precision
     torch.manual_seed(cfg.seed)  # the same init on every rank, and whether or not a text encoder was loaded above
@@ -228,7 +242,7 @@ def train(cfg: LdmTrainConfig) -> dict:
     map_fn = functools.partial(
         latent_map,
         scale=latents.scaling_factor,
-        text=latents.text_in_shards,
+        text=stored_text,
         offset=cfg.offset_noise,
         flip_p=cfg.flip_p,
     )
@@ -293,7 +307,7 @@ def train(cfg: LdmTrainConfig) -> dict:
             x0 = batch["latent"].to(dist.device, non_blocking=True)
             noise = batch["noise"].to(dist.device, non_blocking=True)
             t = batch["timestep"].to(dist.device, non_blocking=True)
-            if latents.text_in_shards:
+            if stored_text:
                 emb = batch["text_emb"].to(dist.device, non_blocking=True)
             else:  # the frozen encoder, outside autograd (clone: inference tensors cannot be saved for backward)
                 emb = encoder.encode(batch["caption"]).clone()

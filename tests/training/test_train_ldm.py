@@ -152,6 +152,35 @@ def test_text_encoded_in_the_loop_matches_stored_embeddings(env, tmp_path):
     assert config["cross_attention_dim"] == 32 and config["sample_size"] == 8
 
 
+def test_another_text_encoder_than_the_latents_is_refused_or_run_in_the_loop(env, tmp_path):
+    other = tmp_path / "other_clip"
+    torch.manual_seed(7)
+    export_open_clip(create_clip("micro"), model_config("micro"), other)  # same shape, other weights
+    data = env["root"] / "lat"
+    kw = {"steps": 2, "workers": 0, "log_every": 1}
+    # the stored embeddings come from env["clip"]: pairing the U-Net with another encoder would be silent nonsense
+    with pytest.raises(ValueError, match="differs from the dataset's.*--text-in-loop"):
+        train(base_cfg(data, tmp_path / "refused", text_encoder=str(other), **kw))
+    with pytest.raises(ValueError, match="needs --text-encoder"):
+        train(base_cfg(data, tmp_path / "none", text_in_loop=True, **kw))
+    # the same encoder as the stored embeddings is accepted
+    assert train(base_cfg(data, tmp_path / "same", text_encoder=str(env["clip"]), **kw))["step"] == 2
+    # --text-in-loop encodes the captions with the named encoder, and the pipeline records its empty embedding
+    save_vae(build_vae("tiny"), tmp_path / "vae")  # with a VAE the run exports a whole pipeline folder
+    looped = train(
+        base_cfg(
+            data, tmp_path / "looped", text_encoder=str(other), text_in_loop=True, vae=str(tmp_path / "vae"), **kw
+        )
+    )
+    assert looped["step"] == 2 and looped["exported"] == "pipeline"
+    stored = train(base_cfg(data, tmp_path / "stored", **kw))
+    assert looped["train"][0]["loss"] != stored["train"][0]["loss"]  # other conditioning, same batches and noise
+    encoder = load_text_encoder(str(other), device="cpu")
+    empty = np.load(tmp_path / "looped" / "empty_text_emb.npy")
+    assert np.allclose(empty, encoder.empty().numpy(), atol=1e-6)
+    assert parse_args([str(data), "--out", "o", "--text-in-loop", "--text-encoder", "x"]).text_in_loop is True
+
+
 def test_gradient_accumulation_matches_the_larger_batch(env, tmp_path):
     # one loader stream without shuffling: micro-batches 8 + 8 hold the samples of one batch of 16, with the same
     # per-sample noise and timesteps, so the two runs differ only in float summation order
