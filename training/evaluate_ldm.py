@@ -350,6 +350,40 @@ def check_targets(sweep: dict, negative: dict, cfg: LdmEvalConfig) -> dict:
     return out
 
 
+def _word_states(encoder, template: str, words: tuple[str, ...]) -> torch.Tensor:
+    """(len(words), D): each word's mean hidden state over its own token positions in ``template.format(word)``."""
+
+    def length(text: str) -> int:  # tokens including start and end (padding is id 0)
+        return int((encoder.tokenizer([text])[0] != 0).sum())
+
+    start = length(template.split("{}")[0].strip()) - 1  # after the start token and the words before the slot
+    bare = length(template.format("").replace("  ", " ").strip())
+    texts = [template.format(w) for w in words]
+    states = encoder.encode(texts).float().cpu()
+    return torch.stack([states[i, start : start + length(t) - bare].mean(0) for i, t in enumerate(texts)])
+
+
+def text_separation(encoder) -> dict:
+    """How far apart the text tower puts the demo's shape words and colour words: cosine of their hidden states.
+
+    Each word's state is the mean over its own token positions in "a blue <shape>" / "a <colour> circle", at the
+    layer the U-Net reads. Words whose states are nearly parallel are words the U-Net's cross-attention can hardly
+    tell apart: a tower that merges "circle", "square" and "hexagon" caps shape accuracy, whatever the U-Net.
+    """
+    out = {}
+    for name, template, words in (("shape", "a blue {}", SHAPES), ("colour", "a {} circle", COLOURS)):
+        v = torch.nn.functional.normalize(_word_states(encoder, template, tuple(words)), dim=1)
+        cos = v @ v.T
+        off = ~torch.eye(len(words), dtype=torch.bool)
+        i, j = divmod(int(torch.where(off, cos, torch.tensor(-2.0)).argmax()), len(words))
+        out[name] = {
+            "mean_cosine": round(float(cos[off].mean()), 4),
+            "max_cosine": round(float(cos[i, j]), 4),
+            "closest": [words[i], words[j]],
+        }
+    return out
+
+
 def evaluate_pipeline(pipe, judge, cfg: LdmEvalConfig = LdmEvalConfig(), clip=None, grid_dir=None) -> dict:
     """Run the sweep, the Frechet distances and the negative check; a JSON-able report."""
     t0 = time.perf_counter()
@@ -363,6 +397,7 @@ def evaluate_pipeline(pipe, judge, cfg: LdmEvalConfig = LdmEvalConfig(), clip=No
         "notes": [FD_NOTE],
         "sweep": sweep,
         "negative": negative,
+        "text_separation": text_separation(pipe.text_encoder) if pipe.text_encoder is not None else None,
         "checks": check_targets(sweep, negative, cfg),
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -1,5 +1,6 @@
 """LDM evaluation: the measures on cases known by construction, and the whole report on a tiny untrained model."""
 
+import copy
 import json
 import math
 from dataclasses import replace
@@ -23,6 +24,7 @@ from training.evaluate_ldm import (
     negative_prompt_check,
     pixel_share,
     real_renders,
+    text_separation,
 )
 from training.judge import Judge, JudgeConfig, JudgeNet, save_judge
 
@@ -173,7 +175,26 @@ def test_report_on_an_untrained_model(tiny):
     assert any("Inception" in n for n in report["notes"])
     assert set(report["checks"]) >= {"guidance_raises_accuracy", "colour_accuracy_ge_0.95", "negative_halves_colour"}
     assert report["checks"]["colour_accuracy_ge_0.95"] is False  # an untrained model fails the targets
+    assert set(report["text_separation"]) == {"shape", "colour"}
     assert len(list((tiny["tmp"] / "grids").glob("heldout_*.png"))) == 4
+
+
+def test_text_separation_finds_the_words_a_tower_merges(tiny):
+    enc = copy.deepcopy(tiny["pipe"].text_encoder)
+    sep = text_separation(enc)
+    for k in ("shape", "colour"):
+        assert -1 <= sep[k]["mean_cosine"] <= sep[k]["max_cosine"] <= 1 + 1e-6
+        assert len(set(sep[k]["closest"])) == 2
+    assert sep["shape"]["max_cosine"] < 0.999  # a random tower keeps the shape words apart
+    # give "square" the token embedding of "circle": the tower can no longer tell them apart
+    circle, square = (int(enc.tokenizer([w])[0][1]) for w in ("circle", "square"))
+    with torch.no_grad():
+        enc.model.token_embedding.weight[square] = enc.model.token_embedding.weight[circle]
+    merged = text_separation(enc)
+    assert merged["shape"]["closest"] in (["circle", "square"], ["square", "circle"])
+    assert merged["shape"]["max_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert merged["shape"]["mean_cosine"] > sep["shape"]["mean_cosine"]
+    assert merged["colour"] == sep["colour"]  # the colour words are untouched
 
 
 def test_cli_writes_the_report(tiny, tmp_path):
