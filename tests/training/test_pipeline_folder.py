@@ -1,6 +1,7 @@
 """The pipeline folder: save, load, same outputs; model_index.json; the parts load in their own ecosystems."""
 
 import json
+import logging
 
 import numpy as np
 import open_clip
@@ -126,3 +127,11 @@ def test_saving_again_overwrites_and_bad_folders_fail_in_one_line(saved, tmp_pat
     with pytest.raises(ValueError, match="cross_attention_dim"):
         save_pipeline(tmp_path / "y", wide, vae, clip_dir)
     assert not (tmp_path / "y" / "model_index.json").exists()  # an incomplete folder never has an index
+
+
+def test_loading_prints_no_warning_about_accelerate(saved, capfd, caplog):
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        load_pipeline(saved["dir"])
+    out = capfd.readouterr()
+    assert "accelerate" not in caplog.text + out.err + out.out  # the plain load asks for no optional package

@@ -190,8 +190,10 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
         raise ValueError(f"{path}: {MODEL_INDEX} is for {index.get('_class_name')!r}, not {PIPELINE_CLASS}")
     dev = resolve_device(str(device))
     try:
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype)
+        # low_cpu_mem_usage=False: the plain load, without the warning about the optional `accelerate` package
+        kw = {"torch_dtype": dtype, "low_cpu_mem_usage": False}
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kw)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot load the U-Net/VAE: {str(e).strip().splitlines()[0]}") from e
     unet = unet.to(dev, memory_format=torch.channels_last).eval().requires_grad_(False)
