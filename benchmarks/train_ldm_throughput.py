@@ -115,11 +115,11 @@ def bare_step_rate(
         ema_update(ema, unet, 0.999)
 
     rates = {}
+    warm = 3 if compile_model or dev.type == "cuda" else 1
     for batch in sorted(batches):
         try:
             x0 = torch.randn(batch, *shape, device=dev)
             emb = torch.randn(batch, *text, device=dev)
-            warm = 3 if compile_model or dev.type == "cuda" else 1
             for _ in range(warm):
                 step(x0, emb)
             if dev.type == "cuda":

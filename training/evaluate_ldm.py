@@ -63,9 +63,8 @@ class LdmEvalConfig:
     guidance_interval: tuple[int, int] | None = None  # guide only at timesteps lo..hi (training.sample); None = all
 
     def __post_init__(self):
-        counts = {"n_per_prompt": self.n_per_prompt, "n_real": self.n_real, "negative_steps": self.negative_steps}
-        counts["batch_size"] = self.batch_size
-        bad = [f"{k} = {v}" for k, v in counts.items() if v < 1]
+        counts = ("n_per_prompt", "n_real", "negative_steps", "batch_size")
+        bad = [f"{k} = {getattr(self, k)}" for k in counts if getattr(self, k) < 1]
         bad += [f"steps = {v}" for v in self.steps if v < 1] + [f"guidance = {g}" for g in self.guidances if g <= 0]
         if self.negative_n < 0:
             bad.append(f"negative_n = {self.negative_n}")
@@ -338,14 +337,12 @@ def check_targets(sweep: dict, negative: dict, cfg: LdmEvalConfig) -> dict:
     r = rows.get((default, 20))  # the setting; None when the sweep did not run it
     out["colour_accuracy_ge_0.95"] = None if r is None else r["colour"] >= 0.95
     out["shape_accuracy_ge_0.90"] = None if r is None else r["shape"] >= 0.90
+    if "skipped" in negative:  # not measured: neither passed nor failed
+        out["negative_halves_colour"] = None
+        return out
     ratio = negative.get("mean_pixel_share_ratio")
-    out["negative_halves_colour"] = (
-        None
-        if "skipped" in negative
-        else ratio is not None
-        and all(
-            r["pixel_share_ratio"] is not None and r["pixel_share_ratio"] <= 0.5 for r in negative["colours"].values()
-        )
+    out["negative_halves_colour"] = ratio is not None and all(
+        r["pixel_share_ratio"] is not None and r["pixel_share_ratio"] <= 0.5 for r in negative["colours"].values()
     )
     return out
 
