@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.
 python3 -c "import sys, torch, diffusers, open_clip, webdataset, pydantic; print(sys.version.split()[0], torch.__version__,
 torch.version.cuda, torch.cuda.get_device_name(0), diffusers.__version__, open_clip.__version__)" | tee -a "$OUT/gpu.txt"
 
-step ldm_step 170 python3 benchmarks/train_ldm_throughput.py --gpu --batch-sizes 32 64 96 --steps 15
+step ldm_step 170 python3 benchmarks/train_ldm_throughput.py --gpu --batch-sizes 32 64 128 160 --steps 12
 step pytest_gpu 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu tests/pipeline/test_latents.py
 [ "${1:-}" = quick ] && exit 0
 step sample 150 python3 benchmarks/sample_throughput.py --gpu --images 192 --batch-size 64 --variants fp32 bf16 fp16
@@ -38,5 +38,7 @@ step clip 150 python3 benchmarks/train_clip_throughput.py --model ViT-B-32 --bat
 step encode 150 python3 benchmarks/encode_throughput.py --gpu --images 2048 --workers 12
 step ldm_loop 150 python3 benchmarks/train_ldm_throughput.py --config small --device cuda --latent-side 32 \
     --text-shape 77 768 --batch-size 128 --workers 8 --samples 6000 --steps 40 --log-every 10 --threads 0
+step ldm_loop_sd15 230 python3 benchmarks/train_ldm_throughput.py --config sd15 --device cuda --latent-side 32 \
+    --text-shape 77 768 --batch-size 128 --workers 8 --samples 6000 --steps 50 --log-every 10 --threads 0
 step ldm_compile 240 python3 benchmarks/train_ldm_throughput.py --gpu --batch-sizes 64 --steps 15 --compile
 log done

@@ -80,10 +80,10 @@ def bare_step_rate(
     channels_last: bool,
     precision: str = "fp32",
     compile_model: bool = False,
-) -> tuple[dict[int, float | None], int]:
-    """Training steps/s per batch size of the U-Net alone on synthetic device tensors (the train_ldm step without
-    the loader), and the U-Net's parameter count. The model, EMA and optimizer are built once for all sizes; a size
-    that runs out of memory gets None and ends the sweep."""
+) -> tuple[dict[int, float | None], dict[int, float], int]:
+    """Training steps/s and peak GPU memory (GiB, CUDA only) per batch size of the U-Net alone on synthetic device
+    tensors (the train_ldm step without the loader), and the U-Net's parameter count. The model, EMA and optimizer
+    are built once for all sizes; a size that runs out of memory gets None and ends the sweep."""
     dev = torch.device(device)
     if dev.type == "cuda":
         fast_cuda_settings()  # what init_distributed sets for the training loop
@@ -114,9 +114,11 @@ def bare_step_rate(
         opt.step()
         ema_update(ema, unet, 0.999)
 
-    rates = {}
+    rates, peaks = {}, {}
     warm = 3 if compile_model or dev.type == "cuda" else 1
     for batch in sorted(batches):
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # the peak reported is this size's
         try:
             x0 = torch.randn(batch, *shape, device=dev)
             emb = torch.randn(batch, *text, device=dev)
@@ -130,10 +132,12 @@ def bare_step_rate(
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             rates[batch] = steps / (time.perf_counter() - t0)
+            if dev.type == "cuda":
+                peaks[batch] = torch.cuda.max_memory_allocated() / 2**30
         except torch.OutOfMemoryError:  # report it and stop: larger batches will not fit either
             rates[batch] = None
             break
-    return rates, count_parameters(unet)
+    return rates, peaks, count_parameters(unet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         config, steps = args.config or "sd15", args.steps or 20
         batches = args.batch_sizes or [args.batch_size or 128]
         precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
-        rates, n_params = bare_step_rate(
+        rates, peaks, n_params = bare_step_rate(
             config, batches, (4, 32, 32), (77, 768), steps, device, True, precision, args.compile
         )
         name = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu"
@@ -181,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             if rate is None:
                 result["error"] = "out of memory"
-            if device.startswith("cuda"):
-                result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            if batch in peaks:
+                result["peak_gib"] = round(peaks[batch], 1)
             print(json.dumps(result), flush=True)
         return 0
 
