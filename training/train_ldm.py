@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -68,6 +69,7 @@ class LdmTrainConfig:
     text_encoder: str | None = None  # open_clip model / exported dir; None = the one the latent manifest records
     text_pretrained: str | None = None  # its pretrained tag or weights file (with an open_clip architecture name)
     text_in_loop: bool = False  # encode the captions with text_encoder in the loop, ignoring stored embeddings
+    train_text_encoder: bool = False  # fine-tune text_encoder's token states with the U-Net (implies text_in_loop)
     vae: str | None = None  # VAE folder / pipeline folder / hub id for grids and the pipeline; None = the manifest's
     steps: int = 2000  # optimizer steps
     batch_size: int = 64  # samples per rank per micro-step
@@ -140,6 +142,32 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+TEXT_STATE_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final")  # what token_states reads
+
+
+def trainable_text_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (an open_clip CLIP whose image tower may be gone) in train mode, with only the parts that make the
+    per-token states trainable: DDP needs every trainable parameter to get a gradient, and the pooled projection
+    and the logit scale get none."""
+    model.train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".", 1)[0] in TEXT_STATE_PARTS)
+    return model
+
+
+class TextTunedUNet(torch.nn.Module):
+    """The U-Net behind a trainable text tower (``--train-text-encoder``): tokens in, the U-Net's output out."""
+
+    def __init__(self, unet: torch.nn.Module, text: torch.nn.Module):
+        super().__init__()
+        self.unet, self.text = unet, text
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor):
+        from training.models.text import token_states
+
+        return self.unet(noisy, t, encoder_hidden_states=token_states(self.text, tokens))
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``ema = decay * ema + (1 - decay) * model``, parameter by parameter (buffers copied)."""
@@ -182,18 +210,20 @@ def train(cfg: LdmTrainConfig) -> dict:
         (cfg.text_encoder, cfg.text_pretrained) if cfg.text_encoder else (te.get("model"), te.get("pretrained"))
     )
     encoder = None
-    stored_text = latents.text_in_shards and not cfg.text_in_loop  # the shards' embeddings condition the U-Net
+    in_loop = cfg.text_in_loop or cfg.train_text_encoder
+    stored_text = latents.text_in_shards and not in_loop  # the shards' embeddings condition the U-Net
     if cfg.text_in_loop and not cfg.text_encoder:
         raise ValueError("--text-in-loop needs --text-encoder: the encoder to run on the captions")
     # a named encoder is always loaded: with stored embeddings, its empty-prompt embedding must match theirs, or
     # the pipeline folder would pair the U-Net with a text encoder it never saw
     if not stored_text or cfg.text_encoder or (dist.is_main and cfg.sample_every > 0 and te_model):
         if te_model is None:
-            raise ValueError("the shards hold captions only: give --text-encoder (the manifest names none)")
+            need = "--train-text-encoder needs a tower" if cfg.train_text_encoder else "the shards hold captions only"
+            raise ValueError(f"{need}: give --text-encoder (the latent manifest names none)")
         from training.models.text import load_text_encoder
 
         encoder = load_text_encoder(te_model, te_pretrained, device=str(dist.device))
-    if not cfg.text_in_loop:  # the dataset's empty embedding, checked against the encoder when one is loaded
+    if not in_loop:  # the dataset's empty embedding, checked against the encoder when one is loaded
         try:
             empty = empty_embedding(latents, encoder, cfg.storage_options).to(dist.device)
         except ValueError as e:
@@ -209,10 +239,19 @@ def train(cfg: LdmTrainConfig) -> dict:
     unet = build_unet(cfg.config, cross_attention_dim=width, sample_size=latents.latent_shape[-1]).to(dist.device)
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
     both = torch.nn.ModuleDict({"unet": unet, "ema": ema})  # one checkpoint file holds both, written atomically
+    groups = param_groups(unet, cfg.weight_decay)
+    text = ema_text = None
+    if cfg.train_text_encoder:  # the tower learns with the U-Net; its EMA goes into the pipeline folder
+        text = trainable_text_tower(encoder.model)
+        ema_text = copy.deepcopy(text).requires_grad_(False).eval()
+        both.update({"text": text, "ema_text": ema_text})
+        # no decay: the tower starts from trained weights, and decay would pull its embeddings toward zero
+        groups.append({"params": [p for p in text.parameters() if p.requires_grad], "weight_decay": 0.0})
+    trainable = [p for g in groups for p in g["params"]]
     precision = resolve_precision(cfg.precision, dist.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     fused = dist.device.type == "cuda"  # one kernel for all parameters
-    optimizer = torch.optim.AdamW(param_groups(unet, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=fused)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     abar = alphas_cumprod(scaled_linear_betas()).float().to(dist.device)
 
@@ -236,9 +275,10 @@ def train(cfg: LdmTrainConfig) -> dict:
         if dist.is_main:
             print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (epoch {position.epoch})"))
     ddp = None
+    net = unet if text is None else TextTunedUNet(unet, text)  # one module: DDP averages both towers' gradients
     if dist.distributed:
-        ddp = DistributedDataParallel(unet, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    model = torch.compile(ddp or unet) if cfg.compile else (ddp or unet)
+        ddp = DistributedDataParallel(net, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    model = torch.compile(ddp or net) if cfg.compile else (ddp or net)
     map_fn = functools.partial(
         latent_map,
         scale=latents.scaling_factor,
@@ -260,12 +300,15 @@ def train(cfg: LdmTrainConfig) -> dict:
     pipe = None
     if dist.is_main and cfg.sample_every > 0:
         if vae_ref and encoder is not None:
-            pipe = sampling_pipeline(ema, vae_ref, encoder, empty, cfg.prediction)
+            grid_encoder = encoder if ema_text is None else dataclasses.replace(encoder, model=ema_text)
+            pipe = sampling_pipeline(ema, vae_ref, grid_encoder, empty, cfg.prediction)
         else:
             print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): no image grids")
 
     def grid() -> None:
         if pipe is not None:
+            if ema_text is not None:  # the tuned tower's own empty prompt
+                pipe.empty_emb = pipe.text_encoder.empty().float()
             history["samples"].append(log_sample_grid(writer, step, pipe, cfg, out))
         distributed.barrier()
 
@@ -307,18 +350,23 @@ def train(cfg: LdmTrainConfig) -> dict:
             x0 = batch["latent"].to(dist.device, non_blocking=True)
             noise = batch["noise"].to(dist.device, non_blocking=True)
             t = batch["timestep"].to(dist.device, non_blocking=True)
-            if stored_text:
-                emb = batch["text_emb"].to(dist.device, non_blocking=True)
-            else:  # the frozen encoder, outside autograd (clone: inference tensors cannot be saved for backward)
-                emb = encoder.encode(batch["caption"]).clone()
-            emb = swap_in_empty(emb, empty, batch["drop_u"].to(dist.device) < cfg.cond_dropout)
+            drop = batch["drop_u"] < cfg.cond_dropout
+            if text is not None:  # the tower in autograd; dropped captions become the empty prompt it is learning
+                captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist(), strict=True)]
+                cond = {"tokens": encoder.tokenizer(captions).to(dist.device)}
+            else:
+                if stored_text:
+                    emb = batch["text_emb"].to(dist.device, non_blocking=True)
+                else:  # the frozen encoder, outside autograd (clone: inference tensors cannot be saved for backward)
+                    emb = encoder.encode(batch["caption"]).clone()
+                cond = {"encoder_hidden_states": swap_in_empty(emb, empty, drop.to(dist.device))}
             noisy = add_noise(x0, noise, t, abar).contiguous(memory_format=torch.channels_last)
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or ddp is None else ddp.no_sync()
             autocast = torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
             with sync:
                 with autocast:
-                    pred = model(noisy, t, encoder_hidden_states=emb).sample
+                    pred = model(noisy, t, **cond).sample
                 loss, per_sample = diffusion_loss(pred, x0, noise, t, abar, cfg.prediction, cfg.min_snr_gamma)
                 scaler.scale(loss / cfg.grad_accum).backward()
             window["loss"] += loss.detach() / cfg.grad_accum
@@ -327,10 +375,12 @@ def train(cfg: LdmTrainConfig) -> dict:
             window["n"].index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float64))
         scaler.unscale_(optimizer)
         if cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.clip_grad)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         ema_update(ema, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        if text is not None:
+            ema_update(ema_text, text, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
@@ -375,7 +425,13 @@ def train(cfg: LdmTrainConfig) -> dict:
             step=step,
             train_seconds=result["train_seconds"],
         )
-        result["exported"] = export_model(out, ema, vae_ref, te_model, te_pretrained, empty, cfg, lineage)
+        text_state = None
+        if ema_text is not None:  # the tuned tower and the empty prompt it ended with
+            text_state = {k: v.detach().cpu() for k, v in ema_text.state_dict().items()}
+            empty = dataclasses.replace(encoder, model=ema_text).empty().float()
+        result["exported"] = export_model(
+            out, ema, vae_ref, te_model, te_pretrained, empty, cfg, lineage, text_state=text_state
+        )
         write_json(out / "metrics.json", result)
         writer.close()
         if result["data_errors"]:
@@ -437,15 +493,29 @@ def log_sample_grid(writer, step: int, pipe, cfg: LdmTrainConfig, out: Path) -> 
     return {"step": step, "path": str(path.relative_to(out))}
 
 
-def export_model(out: Path, ema, vae_ref, te_model, te_pretrained, empty, cfg: LdmTrainConfig, lineage: dict) -> str:
-    """Write the pipeline folder (EMA U-Net) at the top of ``out``; only ``unet/`` and ``scheduler/`` without a VAE."""
+def export_model(
+    out: Path,
+    ema,
+    vae_ref,
+    te_model,
+    te_pretrained,
+    empty,
+    cfg: LdmTrainConfig,
+    lineage: dict,
+    text_state: dict | None = None,
+) -> str:
+    """Write the pipeline folder (EMA U-Net) at the top of ``out``; only ``unet/`` and ``scheduler/`` without a VAE.
+
+    ``text_state``: the tuned text tower's weights (``--train-text-encoder``), written over the copied tower's."""
     if vae_ref and te_model:
         from training.models.pipeline import save_pipeline
         from training.models.vae import load_vae
 
         vae = load_vae(vae_ref)
         sched = scheduler_config(cfg.prediction)
-        save_pipeline(out, ema, vae, te_model, sched, cfg.prediction, lineage, te_pretrained, empty.cpu())
+        save_pipeline(
+            out, ema, vae, te_model, sched, cfg.prediction, lineage, te_pretrained, empty.cpu(), text_state=text_state
+        )
         return "pipeline"
     print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): writing unet/ only")
     ema.save_pretrained(str(out / "unet"), safe_serialization=True)

@@ -89,6 +89,23 @@ def _copy_text_encoder(src: str | Path, pretrained: str | None, dst: Path) -> No
     export_open_clip(model, open_clip.get_model_config(str(src)), dst)
 
 
+def _write_text_state(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` over the matching tensors of the open_clip export in ``folder`` (safetensors, atomically)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / OPEN_CLIP_WEIGHT_FILES[0]
+    if not weights.is_file():
+        raise ValueError(f"{folder}: a tuned text tower needs {OPEN_CLIP_WEIGHT_FILES[0]} to write into")
+    stored = load_file(str(weights))
+    unknown = sorted(set(state) - set(stored))
+    if unknown:
+        raise ValueError(f"{folder}: the tuned text tower has weights the export lacks: {', '.join(unknown[:3])}")
+    stored.update({k: v.detach().to("cpu", stored[k].dtype).contiguous() for k, v in state.items()})
+    tmp = weights.with_suffix(".tmp")
+    save_file(stored, str(tmp))
+    tmp.replace(weights)
+
+
 def save_pipeline(
     out: str | Path,
     unet: UNet2DConditionModel,
@@ -99,6 +116,7 @@ def save_pipeline(
     lineage: dict | None = None,  # where it came from: data manifest, training config, steps, ...
     text_encoder_pretrained: str | None = None,  # pretrained tag or file when text_encoder_dir is a model name
     empty_emb: torch.Tensor | np.ndarray | None = None,  # (L, D) unconditional embedding; None: encode ""
+    text_state: dict[str, torch.Tensor] | None = None,  # tuned text-tower weights that replace the copied ones
 ) -> Path:
     """Write the pipeline folder (see the module docstring); ``model_index.json`` last. Returns ``out``."""
     if prediction_type not in PREDICTION_TYPES:
@@ -109,6 +127,8 @@ def save_pipeline(
     unet = getattr(unet, "module", unet)
     vae = getattr(vae, "module", vae)
     _copy_text_encoder(text_encoder_dir, text_encoder_pretrained, out / "text_encoder")
+    if text_state is not None:
+        _write_text_state(out / "text_encoder", text_state)
     encoder = load_text_encoder(str(out / "text_encoder"), device="cpu")
     if empty_emb is None:
         empty_emb = encoder.empty()
@@ -138,6 +158,7 @@ def save_pipeline(
             "pretrained": text_encoder_pretrained,
             "context_length": encoder.context_length,
             "width": encoder.width,
+            "tuned_with_unet": text_state is not None,
         },
         "empty_text_emb": EMPTY_EMB,
         "lineage": lineage or {},
