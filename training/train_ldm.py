@@ -70,6 +70,7 @@ class LdmTrainConfig:
     text_pretrained: str | None = None  # its pretrained tag or weights file (with an open_clip architecture name)
     text_in_loop: bool = False  # encode the captions with text_encoder in the loop, ignoring stored embeddings
     train_text_encoder: bool = False  # fine-tune text_encoder's token states with the U-Net (implies text_in_loop)
+    text_lr_scale: float = 1.0  # the tuned text tower's learning rate as a multiple of lr
     vae: str | None = None  # VAE folder / pipeline folder / hub id for grids and the pipeline; None = the manifest's
     steps: int = 2000  # optimizer steps
     batch_size: int = 64  # samples per rank per micro-step
@@ -112,6 +113,8 @@ class LdmTrainConfig:
             raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {self.prediction!r}")
         if not 0.0 <= self.cond_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("cond_dropout and ema_decay must be in [0, 1)")
+        if self.text_lr_scale <= 0:
+            raise ValueError(f"text_lr_scale must be > 0, got {self.text_lr_scale}")
         if self.grad_accum < 1 or self.steps < 1:
             raise ValueError("steps and grad_accum must be >= 1")
 
@@ -246,7 +249,8 @@ def train(cfg: LdmTrainConfig) -> dict:
         ema_text = copy.deepcopy(text).requires_grad_(False).eval()
         both.update({"text": text, "ema_text": ema_text})
         # no decay: the tower starts from trained weights, and decay would pull its embeddings toward zero
-        groups.append({"params": [p for p in text.parameters() if p.requires_grad], "weight_decay": 0.0})
+        tower = [p for p in text.parameters() if p.requires_grad]
+        groups.append({"params": tower, "weight_decay": 0.0, "lr_scale": cfg.text_lr_scale})
     trainable = [p for g in groups for p in g["params"]]
     precision = resolve_precision(cfg.precision, dist.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -341,7 +345,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         t_step = time.perf_counter()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         for micro in range(cfg.grad_accum):
             t_data = time.perf_counter()

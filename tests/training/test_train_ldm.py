@@ -274,6 +274,19 @@ def test_text_tower_tuned_with_the_unet(env, tmp_path):
     assert frozen_index["text_encoder_info"]["tuned_with_unet"] is False
     assert parse_args([str(data), "--out", "o", "--train-text-encoder", "--text-encoder", "x"]).train_text_encoder
 
+    # --text-lr-scale: Adam's first step moves each weight by about its learning rate, so the tower's largest step
+    # scales with it, while the U-Net's first step (taken before the tower changed) is the same
+    one = {"steps": 1, "warmup": 1, "workers": 0, "cond_dropout": 0.0, "train_text_encoder": True}
+    w, moved = {}, {}
+    for scale in (1.0, 0.25):
+        train(base_cfg(data, tmp_path / f"s{scale}", text_lr_scale=scale, **one))
+        w[scale] = load_file(str(tmp_path / f"s{scale}" / "checkpoints" / "step_00000001" / "model.safetensors"))
+        moved[scale] = float((w[scale]["text.token_embedding.weight"] - source["token_embedding.weight"]).abs().max())
+    assert moved[1.0] > 1e-3 and moved[0.25] == pytest.approx(0.25 * moved[1.0], rel=0.05)
+    assert all(torch.equal(w[1.0][k], w[0.25][k]) for k in w[1.0] if k.startswith("unet."))
+    with pytest.raises(ValueError, match="text_lr_scale must be > 0"):
+        base_cfg(data, tmp_path / "bad", text_lr_scale=0.0)
+
 
 @pytest.mark.parametrize("tuned", [False, True], ids=["unet", "unet+text"])
 def test_two_gloo_processes_match_one(env, tmp_path, tuned):
