@@ -58,6 +58,25 @@ def test_ldm_trains_and_resumes_on_cuda(latents, tmp_path, precision):
     assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in a.values())  # fp32 master weights
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_ldm_with_the_text_tower_tuned_on_cuda(latents, tmp_path, precision):
+    kw = {"device": "cuda", "precision": precision, "train_text_encoder": True}  # the manifest's tower
+    full = train_ldm(ldm_cfg(latents, tmp_path / "full", **kw))
+    train_ldm(ldm_cfg(latents, tmp_path / "cut", stop_after=3, **kw))
+    resumed = train_ldm(ldm_cfg(latents, tmp_path / "cut", **kw))
+    assert resumed["step"] == full["step"] == 6
+    losses = [r["loss"] for r in full["train"]]
+    assert all(math.isfinite(x) and x > 0 for x in losses)
+    assert [r["loss"] for r in resumed["train"]] == pytest.approx(losses, rel=2e-2)
+    ckpts = [tmp_path / d / "checkpoints" / "step_00000006" / "model.safetensors" for d in ("full", "cut")]
+    a, b = (load_file(str(c)) for c in ckpts)
+    text_keys = [k for k in a if k.startswith(("text.", "ema_text."))]
+    assert text_keys and max(float((a[k] - b[k]).abs().max()) for k in text_keys) < 2e-2
+    source = load_file(str(latents.parent / "clip" / "open_clip_model.safetensors"))
+    assert not torch.allclose(a["text.token_embedding.weight"], source["token_embedding.weight"], atol=1e-4)
+    assert all(a[k].dtype == torch.float32 for k in text_keys)  # fp32 master weights under autocast
+
+
 def test_clip_trains_and_resumes_on_cuda_bf16(tmp_path):
     data = tmp_path / "data"
     write_demo_shards(str(data / "train"), 160, seed=0, size=32, per_shard=40, mismatch_rate=0.2)
