@@ -242,6 +242,13 @@ def dist_device(device: str) -> str:
     return "cpu" if device == "cpu" else "cuda" if device.startswith("cuda") else "auto"
 
 
+def say(line: str) -> None:
+    """One stdout line in one write: the ranks of a torchrun share the stream, and print() writes the text and its
+    newline separately when stdout is unbuffered, so another rank's line could land between them."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def encode_ranks(
     src: str, dst: str, refs: ModelRefs, cfg: EncodeConfig, info, storage_options: dict | None = None
 ) -> dict:
@@ -263,13 +270,13 @@ def encode_ranks(
             mine = {"assignment": urls, "config": config, "all": list(plan)}
         mine = all_gather_object(mine)[0]  # rank 0's plan, the same on every rank
         work = mine["assignment"][info.rank]  # [name, source URL] pairs: this rank's and no other's
-        print(f"rank {info.rank}/{info.world_size} on {device}: {len(work)} shard(s)", flush=True)
+        say(f"rank {info.rank}/{info.world_size} on {device}: {len(work)} shard(s)")
         total = StageStats()
         for name, src_url in work:
             dst_url = shards.shard_files(dst, int(name))["tar"]
             stats = encode_latents_shard(src_url, dst_url, cfg, loaded.encoders, storage_options)
             total += stats
-            print(f"rank {info.rank}: {src_url} -> {dst_url}: kept {stats.kept} of {stats.seen}", flush=True)
+            say(f"rank {info.rank}: {src_url} -> {dst_url}: kept {stats.kept} of {stats.seen}")
         # Whoever publishes last sees every shard done (its check follows its own publish) and writes the manifest.
         wrote = all(shards.is_done(dst, int(n), storage_options) for n in mine["all"])
         if wrote:
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         info = init_distributed(dist_device(a.device))  # torchrun's environment; sets nothing up when alone
         if info.distributed:
             out = encode_ranks(a.src, a.out, ModelRefs(a.vae, a.text_encoder, a.pretrained, a.device), cfg, info)
-            print(json.dumps(out), flush=True)
+            say(json.dumps(out))
             return 0
         m = run_encode(a.src, a.out, a.vae, a.text_encoder, a.pretrained, cfg, a.device, processes=a.processes)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input: one line, non-zero exit
