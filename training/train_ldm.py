@@ -32,6 +32,7 @@ from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan
 from training.latent_data import empty_embedding, inspect_latents, latent_map
+from training.models.text import TextTunedUNet, trainable_text_tower
 from training.models.unet import build_unet, count_parameters
 from training.objectives import (
     BETA_END,
@@ -145,32 +146,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-TEXT_STATE_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final")  # what token_states reads
-
-
-def trainable_text_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` (an open_clip CLIP whose image tower may be gone) in train mode, with only the parts that make the
-    per-token states trainable: DDP needs every trainable parameter to get a gradient, and the pooled projection
-    and the logit scale get none."""
-    model.train()
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.split(".", 1)[0] in TEXT_STATE_PARTS)
-    return model
-
-
-class TextTunedUNet(torch.nn.Module):
-    """The U-Net behind a trainable text tower (``--train-text-encoder``): tokens in, the U-Net's output out."""
-
-    def __init__(self, unet: torch.nn.Module, text: torch.nn.Module):
-        super().__init__()
-        self.unet, self.text = unet, text
-
-    def forward(self, noisy: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor):
-        from training.models.text import token_states
-
-        return self.unet(noisy, t, encoder_hidden_states=token_states(self.text, tokens))
-
-
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``ema = decay * ema + (1 - decay) * model``, parameter by parameter (buffers copied)."""
@@ -243,10 +218,11 @@ def train(cfg: LdmTrainConfig) -> dict:
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
     both = torch.nn.ModuleDict({"unet": unet, "ema": ema})  # one checkpoint file holds both, written atomically
     groups = param_groups(unet, cfg.weight_decay)
-    text = ema_text = None
+    text = ema_text = tuned = None
     if cfg.train_text_encoder:  # the tower learns with the U-Net; its EMA goes into the pipeline folder
         text = trainable_text_tower(encoder.model)
         ema_text = copy.deepcopy(text).requires_grad_(False).eval()
+        tuned = dataclasses.replace(encoder, model=ema_text)  # the tower the grids and the pipeline folder use
         both.update({"text": text, "ema_text": ema_text})
         # no decay: the tower starts from trained weights, and decay would pull its embeddings toward zero
         tower = [p for p in text.parameters() if p.requires_grad]
@@ -304,8 +280,7 @@ def train(cfg: LdmTrainConfig) -> dict:
     pipe = None
     if dist.is_main and cfg.sample_every > 0:
         if vae_ref and encoder is not None:
-            grid_encoder = encoder if ema_text is None else dataclasses.replace(encoder, model=ema_text)
-            pipe = sampling_pipeline(ema, vae_ref, grid_encoder, empty, cfg.prediction)
+            pipe = sampling_pipeline(ema, vae_ref, tuned or encoder, empty, cfg.prediction)
         else:
             print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): no image grids")
 
@@ -432,7 +407,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         text_state = None
         if ema_text is not None:  # the tuned tower and the empty prompt it ended with
             text_state = {k: v.detach().cpu() for k, v in ema_text.state_dict().items()}
-            empty = dataclasses.replace(encoder, model=ema_text).empty().float()
+            empty = tuned.empty().float()
         result["exported"] = export_model(
             out, ema, vae_ref, te_model, te_pretrained, empty, cfg, lineage, text_state=text_state
         )

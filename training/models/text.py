@@ -76,3 +76,27 @@ def load_text_encoder(model: str, pretrained: str | None = None, device: str = "
         net.visual = None  # the image tower is not needed; free its memory
     provenance = {"model": scorer.model_id, "pretrained": scorer.pretrained, "sha256": scorer.checkpoint_sha256}
     return TextEncoder(model=net, tokenizer=scorer.tokenizer, device=scorer.device, provenance=provenance)
+
+
+TEXT_STATE_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final")  # what token_states reads
+
+
+def trainable_text_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (an open_clip CLIP whose image tower may be gone) in train mode, with only the parts that make the
+    per-token states trainable: DDP needs every trainable parameter to get a gradient, and the pooled projection
+    and the logit scale get none."""
+    model.train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".", 1)[0] in TEXT_STATE_PARTS)
+    return model
+
+
+class TextTunedUNet(torch.nn.Module):
+    """The U-Net behind a trainable text tower (``--train-text-encoder``): tokens in, the U-Net's output out."""
+
+    def __init__(self, unet: torch.nn.Module, text: torch.nn.Module):
+        super().__init__()
+        self.unet, self.text = unet, text
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor):
+        return self.unet(noisy, t, encoder_hidden_states=token_states(self.text, tokens))
