@@ -239,7 +239,13 @@ def run_logged(
     env: dict | None = None,
     tail_lines: int = TAIL_LINES,
 ) -> None:
-    """Run ``argv`` with stdout+stderr appended to ``log_path`` and streamed to ``logger``; LaunchError on failure."""
+    """Run ``argv`` with stdout+stderr appended to ``log_path`` and streamed to ``logger``; LaunchError on failure.
+
+    All ranks share one pipe, so each must write whole lines: PYTHONUNBUFFERED is dropped from the children's
+    environment, since it makes Python write a traceback (and every print) in pieces that another rank's lines
+    can split. Without it stderr is line-buffered and the trainers flush their own step lines.
+    """
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONUNBUFFERED"}
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     cause = None  # the last exception line a worker printed

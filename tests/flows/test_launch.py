@@ -268,6 +268,7 @@ import os
 import sys
 
 rank = int(os.environ["RANK"])
+print(f"rank {rank} PYTHONUNBUFFERED={os.environ.get('PYTHONUNBUFFERED')}", flush=True)
 for i in range(60):
     print(f"rank {rank} line {i}", flush=True)
 if rank == 1:
@@ -275,7 +276,9 @@ if rank == 1:
 """
 
 
-def test_failed_launch_raises_with_the_log_tail(tmp_path, launch_env):
+def test_failed_launch_raises_with_the_log_tail(tmp_path, launch_env, monkeypatch):
+    # unbuffered workers write a traceback in pieces that the other rank's lines split (seen once in CI)
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     (tmp_path / "fail_on_rank_1.py").write_text(FAIL_ON_RANK_1)
     run = TrainRun(kind="clip", config="micro", steps=2, nproc_per_node=2)
     with pytest.raises(LaunchError) as err:
@@ -291,6 +294,7 @@ def test_failed_launch_raises_with_the_log_tail(tmp_path, launch_env):
     assert tail in log
     assert "ChildFailedError" in tail  # torchrun's report of the failed rank ends the log
     assert "rank 0 line 0" in log and "rank 1 line 59" in log  # everything was captured
+    assert "rank 1 PYTHONUNBUFFERED=None" in log  # the launcher kept whole-line writes
     assert "rank 0 line 0\n" not in tail
     assert log.rstrip().endswith("end: exited with code 1")
 
