@@ -7,6 +7,16 @@ import typer
 from flows import env  # noqa: F401  (telemetry off before anything imports prefect)
 
 
+def start_prefect_server_early() -> None:
+    """Start Prefect's temporary server now (``flows.tempserver``), so its start-up overlaps the command's imports.
+
+    Call it before the command imports prefect and after its cheap input checks; ``run_flow`` waits for it.
+    """
+    from flows import tempserver
+
+    tempserver.start()
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit non-zero."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -17,9 +27,13 @@ def run_flow(title: str, fn, *args, progress: bool = True, **kwargs):
     """Run a flow (with a live display fed by the stage workers when ``progress``); one-line error on failure."""
     import contextlib
 
-    from flows import workers
+    from flows import tempserver, workers
     from flows.progress import ProgressDisplay
 
+    try:
+        tempserver.wait()  # a flow's client must not find the server half-started
+    except tempserver.ServerStartError as e:
+        fail(str(e), code=1)
     with ProgressDisplay(title) if progress else contextlib.nullcontext() as display:
         workers.set_progress_queue(display.queue if display else None)
         try:

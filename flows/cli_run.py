@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from flows import env  # noqa: F401  (telemetry off before anything imports prefect)
-from flows.cli_common import fail, run_flow
+from flows.cli_common import fail, run_flow, start_prefect_server_early
 
 
 def print_result(result: dict, title: str) -> None:
@@ -35,6 +35,7 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe end to end as one Prefect flow; a rerun skips the stages already complete."""
+    start_prefect_server_early()  # before flows.run imports prefect; a preflight failure stops it at exit
     from flows.run import preflight, recipe_flow
     from flows.runners import placement_of
     from pipeline.recipe import RecipeError, load_recipe
@@ -52,6 +53,7 @@ def demo(
     out: Annotated[str, typer.Option(help="where the demo's datasets, models and reports go")] = "demo-output",
 ) -> None:
     """Run the whole demo recipe on the built-in demo web site (served on a free loopback port meanwhile)."""
+    start_prefect_server_early()
     from flows.run import DEMO_RECIPE, recipe_flow
 
     result = run_flow("demo", recipe_flow, DEMO_RECIPE, out)
