@@ -1,0 +1,88 @@
+"""What the diffusion trainer writes besides checkpoints: the grids at fixed prompts and the pipeline folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from training.objectives import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
+from training.train_clip import write_json
+
+if TYPE_CHECKING:
+    from training.train_ldm import LdmTrainConfig
+
+
+def scheduler_config(prediction: str) -> dict:
+    """The diffusers DDPMScheduler config of the training schedule (what the pipeline folder records)."""
+    return {
+        "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+        "beta_start": BETA_START,
+        "beta_end": BETA_END,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": prediction,
+        "clip_sample": False,  # latents are not bounded to [-1, 1]
+    }
+
+
+def sampling_pipeline(ema, vae_ref: str, encoder, empty: torch.Tensor, prediction: str):
+    """An in-memory :class:`~training.models.pipeline.LdmPipeline` around the EMA U-Net, for the grids."""
+    from training.models.pipeline import LdmPipeline
+    from training.models.vae import downsample_factor, load_vae
+
+    vae = load_vae(vae_ref, device=empty.device)
+    side = int(ema.config.sample_size)
+    return LdmPipeline(
+        ema, vae, encoder, scheduler_config(prediction), prediction, side * downsample_factor(vae.config), empty
+    )
+
+
+def log_sample_grid(writer, step: int, pipe, cfg: LdmTrainConfig, out: Path) -> dict:
+    """Generate the fixed prompts (prompt i with seed i) with the EMA U-Net; log the grid and save it as a PNG."""
+    from training.sample import generate, make_grid, save_grid
+
+    images = generate(pipe, list(cfg.sample_prompts), steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0)
+    meta = dict(
+        prompts=list(cfg.sample_prompts),
+        seed=0,
+        steps=cfg.sample_steps,
+        guidance=cfg.sample_guidance,
+        scheduler="dpm",
+        train_step=step,
+    )
+    path = save_grid(images, out / "samples" / f"step_{step:08d}.png", meta)
+    writer.add_image("samples", np.asarray(make_grid(images)), step, dataformats="HWC")
+    return {"step": step, "path": str(path.relative_to(out))}
+
+
+def export_model(
+    out: Path,
+    ema,
+    vae_ref,
+    te_model,
+    te_pretrained,
+    empty,
+    cfg: LdmTrainConfig,
+    lineage: dict,
+    text_state: dict | None = None,
+) -> str:
+    """Write the pipeline folder (EMA U-Net) at the top of ``out``; only ``unet/`` and ``scheduler/`` without a VAE.
+
+    ``text_state``: the tuned text tower's weights (``--train-text-encoder``), written over the copied tower's."""
+    if vae_ref and te_model:
+        from training.models.pipeline import save_pipeline
+        from training.models.vae import load_vae
+
+        vae = load_vae(vae_ref)
+        sched = scheduler_config(cfg.prediction)
+        save_pipeline(
+            out, ema, vae, te_model, sched, cfg.prediction, lineage, te_pretrained, empty.cpu(), text_state=text_state
+        )
+        return "pipeline"
+    print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): writing unet/ only")
+    ema.save_pretrained(str(out / "unet"), safe_serialization=True)
+    (out / "scheduler").mkdir(exist_ok=True)
+    write_json(out / "scheduler" / "scheduler_config.json", scheduler_config(cfg.prediction))
+    return "unet"
