@@ -49,3 +49,23 @@ def s3_bucket(s3_server, request):
     )
     client.create_bucket(Bucket=name)
     yield f"s3://{name}", s3_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_prefect_temporary_server():
+    """Stop the temporary server that in-process flows started, while pytest's streams are still open.
+
+    Prefect's own exit handler stops it later and logs to a stream pytest has closed by then ("Logging error"), and
+    log and event batches still queued then fail against the stopped server ("Error logging to API").
+    """
+    yield
+    import sys
+
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for worker in (APILogWorker, EventsWorker):  # what is still queued goes to the server before it stops
+            worker.drain_all(timeout=10)
+        SubprocessASGIServer().stop()
