@@ -35,13 +35,19 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe end to end as one Prefect flow; a rerun skips the stages already complete."""
-    start_prefect_server_early()  # before flows.run imports prefect; a preflight failure stops it at exit
-    from flows.run import preflight, recipe_flow
-    from flows.runners import placement_of
+    from flows import tempserver
     from pipeline.recipe import RecipeError, load_recipe
 
     try:
         r = load_recipe(recipe)
+    except RecipeError as e:
+        fail(str(e).splitlines()[0])
+    if not tempserver.uses_dask(r.runtime, dask_address):  # Dask workers may be elsewhere: not a loopback server
+        start_prefect_server_early()  # before flows.run imports prefect; a preflight failure stops it at exit
+    from flows.run import preflight, recipe_flow
+    from flows.runners import placement_of
+
+    try:
         preflight(r, out or r.output, placement_of(r.runtime, dask_address))  # before any Prefect start-up
     except (RecipeError, RuntimeError) as e:
         fail(str(e).splitlines()[0])

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -89,42 +90,50 @@ def test_loopback_is_refused_without_the_flag(site, tmp_path):
     assert m["extraction"].get("page_refused_address", 0) >= 1
 
 
-def temporary_servers(prefect_home) -> list[int]:
-    """Live Prefect temporary servers (uvicorn running the server app) whose PREFECT_HOME is ``prefect_home``."""
-    pids = []
+def temporary_servers(prefect_home) -> dict[int, bytes]:
+    """Live Prefect temporary servers (uvicorn running the server app) of ``prefect_home``: pid -> command line."""
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"prefect.server.api.server:create_app" not in f.read():
-                    continue
+                cmdline = f.read()
+            if b"prefect.server.api.server:create_app" not in cmdline:
+                continue
             with open(f"/proc/{pid}/environ", "rb") as f:
                 environ = f.read().split(b"\0")
         except OSError:  # gone meanwhile
             continue
         if f"PREFECT_HOME={prefect_home}".encode() in environ:
-            pids.append(int(pid))
-    return pids
+            found[int(pid)] = cmdline
+    return found
 
 
 def test_the_early_temporary_server_never_outlives_the_command(site, tmp_path):
-    # no PREFECT_API_URL: the command starts Prefect's temporary server in a thread before its imports
+    # no PREFECT_API_URL: the command spawns Prefect's temporary server before it imports prefect
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
     out = tmp_path / "o"
     args = ("scrape", "--site", site.url, "--allow-private-network", "--out", str(out), "--image-size", "32")
     p = altforge(*args, env=env)
-    _, stderr = p.communicate(timeout=240)
+    outputs = []
+    reader = threading.Thread(target=lambda: outputs.append(p.communicate(timeout=240)))
+    reader.start()
+    seen = {}
+    while reader.is_alive():  # the server the run uses is the early one: handed a bound socket (--fd)
+        seen.update(temporary_servers(home))
+        time.sleep(0.1)
+    ((_, stderr),) = outputs
     assert p.returncode == 0, stderr[-2000:]
     assert read_manifest(str(out))["samples"] > 0
-    assert (home / "prefect.db").is_file()  # the flow ran against this home's server
-    assert temporary_servers(home) == []
+    assert len(seen) == 1 and b"--fd" in next(iter(seen.values()))
+    assert temporary_servers(home) == {}
     # a command that fails after the early start still gives one line, and leaves no server behind
     p = altforge(*args, "--incremental", env=env)
     _, stderr = p.communicate(timeout=120)
     assert p.returncode == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "is a plain dataset" in lines[0], stderr
-    assert temporary_servers(home) == []
+    assert temporary_servers(home) == {}
 
 
 def test_bad_input_fails_with_one_line(tmp_path):
