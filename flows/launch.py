@@ -243,7 +243,7 @@ def run_logged(
 
     All ranks share one pipe, so each must write whole lines: PYTHONUNBUFFERED is dropped from the children's
     environment, since it makes Python write a traceback (and every print) in pieces that another rank's lines
-    can split. Without it stderr is line-buffered and the trainers flush their own step lines.
+    can split. Without it stderr is line-buffered, and the trainers make their stdout line-buffered too.
     """
     env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONUNBUFFERED"}
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)

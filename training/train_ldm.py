@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
@@ -456,6 +457,8 @@ def parse_args(argv: list[str] | None = None) -> LdmTrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m training.train_ldm`` and torchrun."""
+    if hasattr(sys.stdout, "reconfigure"):  # whole lines, as they happen, into the launcher's shared pipe
+        sys.stdout.reconfigure(line_buffering=True)
     result = train(parse_args(argv))
     return 0 if result["step"] > 0 else 1
 
