@@ -13,8 +13,9 @@ from flows import (
     cli_run,
     cli_train,
     env,  # noqa: F401  (telemetry off before anything imports prefect)
+    tempserver,
 )
-from flows.cli_common import fail, run_flow, start_prefect_server_early
+from flows.cli_common import fail, run_flow
 
 app = typer.Typer(
     name="altforge",
@@ -169,7 +170,7 @@ def scrape(
         ]
     else:
         sources = []
-    start_prefect_server_early()
+    tempserver.start()  # before prefect is imported; run_flow waits for it
     from flows.scrape import run_scrape
 
     if incremental:
@@ -204,7 +205,7 @@ def curate(
         fail("--keep-fraction must be in (0, 1]")
     if "://" not in in_dir and not os.path.isdir(in_dir):
         fail(f"dataset not found: {in_dir}")
-    start_prefect_server_early()
+    tempserver.start()  # before prefect is imported; run_flow waits for it
     from flows.curate import run_curate
 
     typer.echo(f"curating {in_dir} with {clip} ...", err=True)

@@ -7,16 +7,6 @@ import typer
 from flows import env  # noqa: F401  (telemetry off before anything imports prefect)
 
 
-def start_prefect_server_early() -> None:
-    """Start Prefect's temporary server now (``flows.tempserver``), so its start-up overlaps the command's imports.
-
-    Call it before the command imports prefect and after its cheap input checks; ``run_flow`` waits for it.
-    """
-    from flows import tempserver
-
-    tempserver.start()
-
-
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit non-zero."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)

@@ -7,8 +7,11 @@ from typing import Annotated
 
 import typer
 
-from flows import env  # noqa: F401  (telemetry off before anything imports prefect)
-from flows.cli_common import fail, run_flow, start_prefect_server_early
+from flows import (
+    env,  # noqa: F401  (telemetry off before anything imports prefect)
+    tempserver,
+)
+from flows.cli_common import fail, run_flow
 
 
 def print_result(result: dict, title: str) -> None:
@@ -35,7 +38,6 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe end to end as one Prefect flow; a rerun skips the stages already complete."""
-    from flows import tempserver
     from pipeline.recipe import RecipeError, load_recipe
 
     try:
@@ -43,7 +45,7 @@ def run(
     except RecipeError as e:
         fail(str(e).splitlines()[0])
     if not tempserver.uses_dask(r.runtime, dask_address):  # Dask workers may be elsewhere: not a loopback server
-        start_prefect_server_early()  # before flows.run imports prefect; a preflight failure stops it at exit
+        tempserver.start()  # before flows.run imports prefect; a preflight failure stops it at exit
     from flows.run import preflight, recipe_flow
     from flows.runners import placement_of
 
@@ -59,7 +61,7 @@ def demo(
     out: Annotated[str, typer.Option(help="where the demo's datasets, models and reports go")] = "demo-output",
 ) -> None:
     """Run the whole demo recipe on the built-in demo web site (served on a free loopback port meanwhile)."""
-    start_prefect_server_early()
+    tempserver.start()  # before prefect is imported; run_flow waits for it
     from flows.run import DEMO_RECIPE, recipe_flow
 
     result = run_flow("demo", recipe_flow, DEMO_RECIPE, out)

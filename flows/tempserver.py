@@ -18,22 +18,17 @@ always does.
 from __future__ import annotations
 
 import atexit
-import http.client
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import tomllib
-import urllib.error
-import urllib.request
 
 START_TIMEOUT_S = 90.0  # a fresh PREFECT_HOME migrates its database first (about 15 s on 2 cores)
 _FALSE = ("0", "false", "no", "off")
 _EPHEMERAL_KEYS = ("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "PREFECT_SERVER_EPHEMERAL_ENABLED")
 
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 _proc: subprocess.Popen | None = None
 _port: int | None = None
 
@@ -48,6 +43,8 @@ def _ephemeral_off(settings: dict) -> bool:
 
 def _profile_decides() -> bool:
     """True when the active profile sets an API URL or turns ephemeral mode off (or cannot be read)."""
+    import tomllib
+
     home = os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect")
     path = os.environ.get("PREFECT_PROFILES_PATH") or os.path.join(home, "profiles.toml")
     try:
@@ -142,13 +139,18 @@ def wait(timeout: float = START_TIMEOUT_S) -> None:
     """Block until the server answers /health; ServerStartError (one line) when it exits or stays silent."""
     if _proc is None:
         return
+    import http.client  # here, not at the top: every CLI command imports this module, --help included
+    import urllib.error
+    import urllib.request
+
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
     deadline = time.monotonic() + timeout
     while True:
         code = _proc.poll()
         if code is not None:
             raise ServerStartError(f"Prefect's temporary server exited with code {code} while starting")
         try:
-            with _DIRECT.open(f"http://127.0.0.1:{_port}/api/health", timeout=2) as r:
+            with direct.open(f"http://127.0.0.1:{_port}/api/health", timeout=2) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, OSError, http.client.HTTPException):

@@ -8,23 +8,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from training.objectives import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
+from training.models.pipeline import default_scheduler_config
 from training.train_clip import write_json
 
 if TYPE_CHECKING:
     from training.train_ldm import LdmTrainConfig
-
-
-def scheduler_config(prediction: str) -> dict:
-    """The diffusers DDPMScheduler config of the training schedule (what the pipeline folder records)."""
-    return {
-        "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
-        "beta_start": BETA_START,
-        "beta_end": BETA_END,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": prediction,
-        "clip_sample": False,  # latents are not bounded to [-1, 1]
-    }
 
 
 def sampling_pipeline(ema, vae_ref: str, encoder, empty: torch.Tensor, prediction: str):
@@ -35,7 +23,13 @@ def sampling_pipeline(ema, vae_ref: str, encoder, empty: torch.Tensor, predictio
     vae = load_vae(vae_ref, device=empty.device)
     side = int(ema.config.sample_size)
     return LdmPipeline(
-        ema, vae, encoder, scheduler_config(prediction), prediction, side * downsample_factor(vae.config), empty
+        ema,
+        vae,
+        encoder,
+        default_scheduler_config(prediction),
+        prediction,
+        side * downsample_factor(vae.config),
+        empty,
     )
 
 
@@ -76,7 +70,7 @@ def export_model(
         from training.models.vae import load_vae
 
         vae = load_vae(vae_ref)
-        sched = scheduler_config(cfg.prediction)
+        sched = default_scheduler_config(cfg.prediction)
         save_pipeline(
             out, ema, vae, te_model, sched, cfg.prediction, lineage, te_pretrained, empty.cpu(), text_state=text_state
         )
@@ -84,5 +78,5 @@ def export_model(
     print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): writing unet/ only")
     ema.save_pretrained(str(out / "unet"), safe_serialization=True)
     (out / "scheduler").mkdir(exist_ok=True)
-    write_json(out / "scheduler" / "scheduler_config.json", scheduler_config(cfg.prediction))
+    write_json(out / "scheduler" / "scheduler_config.json", default_scheduler_config(cfg.prediction))
     return "unet"

@@ -38,13 +38,13 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from training.models.text import TextEncoder, load_text_encoder
+from training.objectives import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, PREDICTION_TYPES
 
 MODEL_INDEX = "model_index.json"
 EMPTY_EMB = "empty_text_emb.npy"
 PIPELINE_CLASS = "AltforgeLatentDiffusion"
 OPEN_CLIP_FILES = ("open_clip_config.json",)
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def default_scheduler_config(prediction_type: str = "epsilon") -> dict:
@@ -52,10 +52,10 @@ def default_scheduler_config(prediction_type: str = "epsilon") -> dict:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     return {
-        "num_train_timesteps": 1000,
+        "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
         "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
+        "beta_start": BETA_START,
+        "beta_end": BETA_END,
         "prediction_type": prediction_type,
         "clip_sample": False,  # latents are not bounded to [-1, 1]
     }
