@@ -1,6 +1,8 @@
 """Test-wide setup: no telemetry, no hub, a private Prefect home, loopback-only servers."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Before anything imports prefect or huggingface_hub.
@@ -9,7 +11,9 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="altforge-prefect-"))
+if "PREFECT_HOME" not in os.environ:  # a bare `pytest` run (make and .ci/run set it): a home that goes with the run
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="altforge-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 os.environ["no_proxy"] = "127.0.0.1,localhost"
 # Dummy credentials for the loopback S3 server; never real ones.
