@@ -27,7 +27,7 @@ from pipeline import storage
 from pipeline.recipe import Recipe, TrainRun
 
 TRAINERS = {"clip": "training.train_clip", "vae": "training.train_vae", "ldm": "training.train_ldm"}
-DEFAULT_DATA = {"clip": "scraped", "vae": "curated", "ldm": "latents"}  # dataset a run reads unless it says
+PHASES = ("scraped", "curated", "latents", "external")  # the order `altforge run` trains in, by the data read
 DEFAULT_RDZV_PORT = 29500  # torchrun's usual rendezvous port, for Slurm jobs whose recipe names none
 LOG_NAME = "launch.log"  # in the run directory; every attempt is appended
 LOG_MARK = "[altforge launch]"  # starts the lines the launcher adds to the log (each attempt's start and end)
@@ -43,12 +43,44 @@ class LaunchError(RuntimeError):
     """A training launch that exited non-zero; the message ends with the tail of its log."""
 
 
+def _phase(recipe: Recipe, run: TrainRun) -> int:
+    from flows.run import default_data
+
+    data = default_data(run, recipe)
+    return PHASES.index(data if data in PHASES else "external")
+
+
 def run_paths(recipe: Recipe, run: TrainRun, out: str | None = None) -> tuple[str, str]:
-    """The dataset a training run reads and its run directory, under ``out`` (default: the recipe's output)."""
+    """The dataset a training run reads and its run directory, where ``altforge run`` puts them.
+
+    Datasets live under ``out`` (default: the recipe's output), run directories under the recipe's ``models:``
+    (default: the output when it is local, else ``./runs/<recipe name>``).
+    """
+    from flows.run import DATA_KINDS, default_data, models_dir
+    from flows.stages import run_name
+
     base = out or recipe.output
-    data = run.data or DEFAULT_DATA[run.kind]
-    data_url = storage.join(base, data) if data in DEFAULT_DATA.values() else data  # else the URL a recipe named
-    return data_url, storage.join(base, run.kind)
+    data = default_data(run, recipe)
+    data_url = storage.join(base, data) if data in DATA_KINDS else data  # else the URL the recipe named
+    return data_url, os.path.join(models_dir(recipe, base), run_name(recipe, run))
+
+
+def stage_flags(recipe: Recipe, run: TrainRun, out: str | None = None) -> list[str]:
+    """The flags ``altforge run`` adds to this run's trainer: checkpoints, evaluation data, the text encoder and
+    VAE that ``train:<kind>`` names (the run directories of the runs trained before it), storage options."""
+    from types import SimpleNamespace
+
+    from flows.run import has_demo_site, models_dir
+    from flows.stages import StageContext, run_name, trainer_flags
+
+    base = out or recipe.output
+    models = models_dir(recipe, base)
+    order = sorted(recipe.train, key=lambda t: _phase(recipe, t))  # stable: file order within a phase
+    runs = {t.kind: os.path.join(models, run_name(recipe, t)) for t in order[: order.index(run)]}  # last one wins
+    heldout = storage.join(base, "heldout") if has_demo_site(recipe) and storage.is_local(base) else None
+    so = recipe.storage_options or None
+    ctx = StageContext(recipe, base, so, None, None, SimpleNamespace(models=models), "", runs=runs, heldout=heldout)
+    return trainer_flags(ctx, run, run_paths(recipe, run, out)[0])
 
 
 def find_run(recipe: Recipe, kind: str | None = None) -> TrainRun:
@@ -157,6 +189,7 @@ def shell_command(argv: list[str]) -> str:
 def torchrun_command(recipe: Recipe, run: TrainRun, out: str | None = None, extra: tuple[str, ...] = ()) -> str:
     """The torchrun command of a recipe's training run, to paste on each node of a user's cluster."""
     data, run_dir = run_paths(recipe, run, out)
+    extra = (*stage_flags(recipe, run, out), *extra)
     argv = torchrun_argv(run, data, run_dir, extra, rdzv_id=f"{recipe.name}-{run.kind}")
     where = f"on each of the {run.nnodes} nodes" if run.nnodes > 1 else "on the training machine"
     return f"# {recipe.name}: {run.kind} training, {run.nnodes} x {run.nproc_per_node} processes; run {where}\n" + (
@@ -177,6 +210,7 @@ def sbatch_script(
     which Slurm decides here); its port is the recipe's, else 29500.
     """
     data, run_dir = run_paths(recipe, run, out)
+    extra = (*stage_flags(recipe, run, out), *extra)
     port = run.rdzv_endpoint.rsplit(":", 1)[-1] if run.rdzv_endpoint and ":" in run.rdzv_endpoint else None
     port = port or str(DEFAULT_RDZV_PORT)
     job = f"altforge-{recipe.name}-{run.kind}"

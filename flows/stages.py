@@ -201,11 +201,15 @@ def encode_stage(ctx: StageContext, fps: dict) -> str:
 # ------------------------------------------------------------------------------------------------- training
 
 
+def run_name(recipe: Recipe, run: TrainRun) -> str:
+    """``<kind>``, or ``<kind>-2``, ... for a recipe's later runs of the same kind."""
+    same = [t for t in recipe.train if t.kind == run.kind]
+    return run.kind if same.index(run) == 0 else f"{run.kind}-{same.index(run) + 1}"
+
+
 def run_dir(ctx: StageContext, run: TrainRun) -> str:
-    """``MODELS/<kind>`` (``<kind>-2``, ... for a recipe's later runs of the same kind)."""
-    same = [t for t in ctx.recipe.train if t.kind == run.kind]
-    suffix = "" if same.index(run) == 0 else f"-{same.index(run) + 1}"
-    return os.path.join(ctx.result.models, f"{run.kind}{suffix}")
+    """``MODELS/<run name>``: where a training run writes."""
+    return os.path.join(ctx.result.models, run_name(ctx.recipe, run))
 
 
 def trainer_flags(ctx: StageContext, run: TrainRun, data: str) -> list[str]:

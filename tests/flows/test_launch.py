@@ -60,6 +60,18 @@ TRAINER_ARGS = [
     "0.0005",
     "--max-minutes",
     "30.0",
+    # what `altforge run` adds: checkpoints, no progress bar, the demo recipe's held-out scenes
+    "--save-every",
+    "200",
+    "--no-progress",
+    "--workers",
+    "1",
+    "--warmup-steps",
+    "100",
+    "--eval-data",
+    "/data/big/heldout",
+    "--eval-every",
+    "250",
 ]
 
 
@@ -94,7 +106,8 @@ def test_printed_torchrun_for_one_node_stays_on_loopback(tmp_path):
         "--local-addr=127.0.0.1",
         "--rdzv-id=big-vae",
     ]
-    assert words[7:] == ["-m", "training.train_vae", "/elsewhere/curated", "--out", "/elsewhere/vae"] + [
+    # no curate stage in this recipe: `altforge run` trains the VAE on the scrape, and so does the printed command
+    assert words[7:] == ["-m", "training.train_vae", "/elsewhere/scraped", "--out", "/elsewhere/vae"] + [
         "--config",
         "tiny",
         "--steps",
@@ -103,6 +116,13 @@ def test_printed_torchrun_for_one_node_stays_on_loopback(tmp_path):
         "64",
         "--lr",
         "0.001",
+        "--save-every",
+        "100",
+        "--no-progress",
+        "--workers",
+        "1",
+        "--eval-data",
+        "/elsewhere/heldout",
     ]
 
 
@@ -302,7 +322,37 @@ def test_failed_launch_raises_with_the_log_tail(tmp_path, launch_env, monkeypatc
 def test_run_paths_follow_the_recipe_layout(tmp_path):
     recipe = parse_recipe({**MULTI_NODE, "output": str(tmp_path)})
     assert run_paths(recipe, recipe.train[1]) == (str(tmp_path / "scraped"), str(tmp_path / "clip"))
-    assert run_paths(recipe, recipe.train[0], "s3://b/x") == ("s3://b/x/curated", "s3://b/x/vae")
+    # run directories never go to object storage: the recipe's models: folder, else ./runs/<name>, as for `run`
+    assert run_paths(recipe, recipe.train[0], "s3://b/x") == ("s3://b/x/scraped", os.path.join("runs", "big", "vae"))
+    curated = parse_recipe({**MULTI_NODE, "curate": {"clip": {"model": "micro"}}, "models": str(tmp_path / "models")})
+    assert run_paths(curated, curated.train[0], "s3://b/x") == ("s3://b/x/curated", str(tmp_path / "models" / "vae"))
+    two = parse_recipe({**MULTI_NODE, "train": [*MULTI_NODE["train"], {"kind": "vae", "config": "tiny", "steps": 9}]})
+    assert run_paths(two, two.train[2])[1] == os.path.join("/data/big", "vae-2")
+
+
+def test_printed_ldm_command_carries_what_altforge_run_adds():
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(os.path.join(ROOT, "manifests", "web-scale.example.yaml"))
+    words = command_words(print_launch(recipe, "torchrun", kind="ldm"))
+    args = words[words.index("-m") + 2 :]
+    models = recipe.models or os.path.join("runs", recipe.name)
+    assert args[:3] == [f"{recipe.output}/latents", "--out", os.path.join(models, "ldm")]
+    flag = {a: b for a, b in zip(args, args[1:], strict=False) if a.startswith("--")}
+    assert flag["--text-encoder"] == recipe.encode.text_encoder.model and flag["--vae"] == recipe.encode.vae
+    assert flag["--text-pretrained"] == recipe.encode.text_encoder.pretrained
+    # a recipe whose encoder is its own CLIP run: the printed command names that run's directory
+    demo = load_recipe(os.path.join(ROOT, "manifests", "demo.yaml"))
+    words = command_words(print_launch(demo, "torchrun", kind="ldm", out="/w/out"))
+    flag = {a: b for a, b in zip(words, words[1:], strict=False) if a.startswith("--")}
+    assert flag["--text-encoder"] == "/w/out/clip" and flag["--vae"] == "/w/out/vae"
+    assert "--train-text-encoder" in words  # the run's options, as before
+    # object storage: the storage options travel with the command
+    so = {"endpoint_url": "http://127.0.0.1:9"}
+    remote = parse_recipe({**MULTI_NODE, "storage_options": so, "models": "/shared/runs"})
+    words = command_words(print_launch(remote, "torchrun", kind="vae", out="s3://b/x"))
+    assert json.loads(words[words.index("--storage-options") + 1]) == so
+    assert words[words.index("--out") + 1] == "/shared/runs/vae"
 
 
 def test_run_options_become_trainer_flags_after_the_stage_flags():
