@@ -15,7 +15,7 @@ from flows import (
     env,  # noqa: F401  (telemetry off before anything imports prefect)
     tempserver,
 )
-from flows.cli_common import fail, run_flow
+from flows.cli_common import STORAGE_OPTIONS_HELP, fail, parse_storage_options, run_flow
 
 app = typer.Typer(
     name="altforge",
@@ -88,6 +88,19 @@ def _print_manifest_summary(manifest: dict, dst: str) -> None:
         typer.echo("  dropped: " + ", ".join(f"{k} {v}" for k, v in st["dropped"].items()))
 
 
+_FLAG_OF = {"resize_mode": "resize", "paths": "warc", "urls": "site", "path": "url-list"}  # field -> CLI option
+
+
+def _option_error(e) -> str:
+    """One line for a pydantic error of settings built from CLI options: the option's name and the message."""
+    err = e.errors(include_url=False)[0]
+    msg = err["msg"].removeprefix("Value error, ")
+    fields = [p for p in err["loc"] if isinstance(p, str) and p not in ("site", "warc", "url_list", "demo_site")]
+    if not fields:  # a check across fields: its message names them
+        return msg
+    return f"--{_FLAG_OF.get(fields[0], fields[0].replace('_', '-'))}: {msg}"
+
+
 @app.command()
 def scrape(
     out: Annotated[str, typer.Option("--out", help="output dataset directory or fsspec URL (s3://...)")],
@@ -120,12 +133,14 @@ def scrape(
         bool,
         typer.Option(help="--out is a versioned dataset: write its next version with only records not seen before"),
     ] = False,
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
 ) -> None:
     """Scrape image/alt-text pairs from web pages, WARC/WAT archives or URL lists into WebDataset shards."""
     from pydantic import ValidationError
 
-    from pipeline.recipe import ScrapeConfig
+    from pipeline.recipe import ScrapeConfig, parse_source
 
+    so = parse_storage_options(storage_options)
     given = [bool(site), bool(warc), bool(url_list)]
     if sum(given) > 1:
         fail("give one of --site, --warc or --url-list")
@@ -152,8 +167,7 @@ def scrape(
             allow_private_network=allow_private_network,
         )
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
+        fail(_option_error(e))
     if site:
         sources = [{"kind": "site", "urls": list(site), "max_pages": max_pages, "max_depth": max_depth}]
     elif warc:
@@ -170,6 +184,11 @@ def scrape(
         ]
     else:
         sources = []
+    for src in sources:  # the crawl budgets and list settings, checked now rather than inside the flow
+        try:
+            parse_source(src)
+        except ValidationError as e:
+            fail(_option_error(e))
     tempserver.start()  # before prefect is imported; run_flow waits for it
     from flows.scrape import run_scrape
 
@@ -177,10 +196,11 @@ def scrape(
         from pipeline import versions
 
         try:
-            versions.next_version(out)
+            versions.next_version(out, so)
         except ValueError as e:
             fail(str(e).splitlines()[0])
-    manifest = run_flow("scrape", run_scrape, out, sources, cfg, retry_failed=retry_failed, incremental=incremental)
+    kw = {"retry_failed": retry_failed, "incremental": incremental, "storage_options": so}
+    manifest = run_flow("scrape", run_scrape, out, sources, cfg, **kw)
     _print_manifest_summary(manifest, manifest.get("dataset", out))
     if incremental:
         typer.echo(f"  version {manifest.get('version')} of {out} (parent: {manifest.get('parent') or 'none'})")
@@ -195,16 +215,28 @@ def curate(
     min_score: Annotated[float | None, typer.Option(help="keep pairs with CLIP cosine >= X")] = None,
     keep_fraction: Annotated[float | None, typer.Option(help="keep the top F of pairs by score (global)")] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="write review/index.html")] = False,
-    previous: Annotated[str | None, typer.Option(help="earlier curated version, for the report's diff")] = None,
+    previous: Annotated[
+        str | None, typer.Option(help="earlier curated version, for the report's diff (implies --report)")
+    ] = None,
     processes: Annotated[int, typer.Option(help="scoring worker processes")] = 1,
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
 ) -> None:
     """Score pairs with CLIP, filter, dedup and tag them, reshard the kept ones, and write a review report."""
+    so = parse_storage_options(storage_options)
     if min_score is not None and keep_fraction is not None:
         fail("give --min-score or --keep-fraction, not both")
     if keep_fraction is not None and not 0 < keep_fraction <= 1:
         fail("--keep-fraction must be in (0, 1]")
     if "://" not in in_dir and not os.path.isdir(in_dir):
         fail(f"dataset not found: {in_dir}")
+    if previous:  # the diff lives in the report: check the old version now, not after the scoring
+        from flows.runners import check_manifest
+
+        try:
+            check_manifest(previous, so, what="--previous")
+        except RuntimeError as e:
+            fail(str(e))
+        report = True
     tempserver.start()  # before prefect is imported; run_flow waits for it
     from flows.curate import run_curate
 
@@ -222,6 +254,7 @@ def curate(
         previous=previous,
         processes=processes,
         progress=False,
+        storage_options=so,
     )
     _print_manifest_summary(manifest, out)
     if report:

@@ -6,6 +6,23 @@ import typer
 
 from flows import env  # noqa: F401  (telemetry off before anything imports prefect)
 
+STORAGE_OPTIONS_HELP = 'fsspec options for s3:// (or other) paths, as JSON: \'{"endpoint_url": "https://..."}\''
+
+
+def parse_storage_options(text: str | None) -> dict | None:
+    """``--storage-options`` JSON as a dict (None when not given); a one-line failure when it is not a JSON object."""
+    if not text:
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"--storage-options: not JSON ({e.msg} at column {e.colno})")
+    if not isinstance(value, dict):
+        fail(f"--storage-options: give a JSON object, not {type(value).__name__}")
+    return value
+
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit non-zero."""

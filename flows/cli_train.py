@@ -59,7 +59,9 @@ def trainer_command(kind: str, summary: str, default_config: str):
             fail(f"usage: altforge train {kind} DATA --out DIR [--config NAME] [--steps N] [training flags]")
         if "://" not in data and "{" not in data and not os.path.exists(data):
             fail(f"dataset not found: {data}")
-        argv = [data, "--out", out, "--config", config, *(["--steps", str(steps)] if steps else []), *ctx.args]
+        if steps is not None and steps < 1:
+            fail(f"--steps must be at least 1, got {steps}")
+        argv = [data, "--out", out, "--config", config, *([] if steps is None else ["--steps", str(steps)]), *ctx.args]
         raise typer.Exit(run_trainer(module, argv, nproc_per_node, nnodes, rdzv_endpoint))
 
     command.__doc__ = summary + "; other flags go to the trainer (see --help)."

@@ -306,6 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-size", type=int, default=d.min_size, help="px; smaller images are dropped")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: each rank its LOCAL_RANK GPU)")
     p.add_argument("--processes", type=int, default=1, help="worker processes without torchrun (CPU)")
+    p.add_argument("--storage-options", default=None, help="fsspec options for s3:// paths, as a JSON object")
     return p.parse_args(argv)
 
 
@@ -315,18 +316,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = EncodeConfig(a.resolution, a.latent_mode, a.flip, not a.no_text_embeddings, a.dtype, a.batch_size,
                            a.workers, a.min_size)  # fmt: skip
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        so = json.loads(a.storage_options) if a.storage_options else None
+        if so is not None and not isinstance(so, dict):
+            raise ValueError(f"--storage-options: give a JSON object, not {type(so).__name__}")
+    except ValueError as e:  # json.JSONDecodeError is one
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     from training.distributed import init_distributed
 
     try:
         info = init_distributed(dist_device(a.device))  # torchrun's environment; sets nothing up when alone
         if info.distributed:
-            out = encode_ranks(a.src, a.out, ModelRefs(a.vae, a.text_encoder, a.pretrained, a.device), cfg, info)
+            out = encode_ranks(a.src, a.out, ModelRefs(a.vae, a.text_encoder, a.pretrained, a.device), cfg, info, so)
             say(json.dumps(out))
             return 0
-        m = run_encode(a.src, a.out, a.vae, a.text_encoder, a.pretrained, cfg, a.device, processes=a.processes)
+        m = run_encode(
+            a.src, a.out, a.vae, a.text_encoder, a.pretrained, cfg, a.device, processes=a.processes, storage_options=so
+        )
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input: one line, non-zero exit
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ def evaluation_grid(model_dir: str, gen: dict, out_png: str, evaluate_with: dict
     from training.models.pipeline import load_pipeline
     from training.sample import generate, save_grid
 
-    pipe = load_pipeline(model_dir)
+    pipe = load_pipeline(model_dir, device="auto")  # as `altforge generate`: the GPU when there is one
     images = generate(
         pipe,
         gen["prompts"],
@@ -53,7 +53,7 @@ def quick_evaluation(pipe, gen: dict, evaluate_with: dict, out_dir: str) -> dict
     from training.judge import JudgeConfig, train_judge
 
     judge = train_judge(JudgeConfig(size=pipe.resolution))
-    clip = load_clip_judge(evaluate_with["clip"], device="cpu") if evaluate_with.get("clip") else None
+    clip = load_clip_judge(evaluate_with["clip"], device="auto") if evaluate_with.get("clip") else None
     cfg = LdmEvalConfig(
         guidances=(1.0, float(gen["guidance"])),
         steps=(int(gen["steps"]),),

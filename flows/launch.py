@@ -133,7 +133,10 @@ def trainer_args(run: TrainRun, data: str, run_dir: str, extra: list[str] | tupl
     The run's ``options`` come last, so they win over the stage's own flags (``--workers``, ...).
     """
     args = [data, "--out", run_dir, "--config", run.config, "--steps", str(run.steps)]
-    args += ["--batch-size", str(run.batch_size), "--lr", repr(run.lr)]
+    if run.batch_size is not None:  # else the trainer's own default, as for `altforge train`
+        args += ["--batch-size", str(run.batch_size)]
+    if run.lr is not None:
+        args += ["--lr", repr(run.lr)]
     if run.max_minutes > 0:
         args += ["--max-minutes", repr(run.max_minutes)]
     return [*args, *extra, *option_flags(run.options)]

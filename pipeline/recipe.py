@@ -219,8 +219,8 @@ class TrainRun(_Strict):
     data: str | None = None  # "scraped" | "curated" | "latents" | a dataset URL; default: latents for ldm, else
     # curated when the recipe curates, else scraped
     steps: int = Field(gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    batch_size: int | None = Field(None, gt=0)  # per process; None: the trainer's default, as `altforge train`
+    lr: float | None = Field(None, gt=0)  # peak learning rate; None: the trainer's default
     max_minutes: float = Field(0.0, ge=0)  # stop (and save) after this much training time; 0 = no limit
     nproc_per_node: int = Field(1, gt=0)
     nnodes: int = Field(1, gt=0)
@@ -237,6 +237,8 @@ class TrainRun(_Strict):
                 raise ValueError(f"options.{key}: set {key} on the run itself, not in options")
             if not key.isidentifier():
                 raise ValueError(f"options: {key!r} is not a trainer setting name")
+        if self.nnodes > 1 and not self.rdzv_endpoint:  # caught here, not after hours of data stages
+            raise ValueError(f"nnodes {self.nnodes} needs rdzv_endpoint (host:port of the first node)")
         return self
 
 

@@ -41,3 +41,18 @@ def test_train_clip_bad_input_is_one_line(tmp_path):
     assert p.returncode != 0
     assert "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_train_steps_zero_is_refused_not_dropped(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    p = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "vae", str(data), "--out", str(tmp_path / "r"), "--steps", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == ["error: --steps must be at least 1, got 0"]
+    assert not (tmp_path / "r").exists()  # nothing started

@@ -60,3 +60,29 @@ def test_curate_flow_writes_manifest_report_and_artifacts(harness, data):
     # a rerun reuses the stored scores and the done shards: same decisions, same shards
     m2 = run_curate(src, dst, model, keep_fraction=0.6, report=False)
     assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in m["shards"]]
+
+
+def test_cli_previous_writes_the_report_and_a_bad_one_fails_before_scoring(data):
+    import subprocess
+    import sys
+
+    from tests.flows.test_scrape_flow import ROOT
+
+    root, src, model = data
+
+    def curate(*args):
+        cmd = [sys.executable, "-m", "flows.cli", "curate", src, "--clip", f"local-dir:{model}", *args]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    p = curate("--out", str(root / "cli-v2"), "--previous", str(root / "missing"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--previous" in lines[0] and "no manifest.json" in lines[0], p.stderr
+    assert not os.path.exists(root / "cli-v2" / "manifest.json")  # refused before anything was scored
+    p = curate("--out", str(root / "cli-v1"), "--keep-fraction", "0.5")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not os.path.exists(root / "cli-v1" / "review" / "index.html")  # the CLI's default: no report
+    p = curate("--out", str(root / "cli-v2"), "--previous", str(root / "cli-v1"))  # no --report given
+    assert p.returncode == 0, p.stderr[-2000:]
+    html = open(root / "cli-v2" / "review" / "index.html", encoding="utf-8").read()
+    assert "No previous version given" not in html and "data-stat='diff.entered'" in html

@@ -112,10 +112,7 @@ def test_printed_torchrun_for_one_node_stays_on_loopback(tmp_path):
         "tiny",
         "--steps",
         "50",
-        "--batch-size",
-        "64",
-        "--lr",
-        "0.001",
+        # no batch size or learning rate in the recipe: the trainer's defaults, as `altforge train vae` gets
         "--save-every",
         "100",
         "--no-progress",

@@ -136,12 +136,47 @@ def test_the_early_temporary_server_never_outlives_the_command(site, tmp_path):
     assert temporary_servers(home) == {}
 
 
+def test_cli_writes_to_object_storage_with_storage_options(site, s3_bucket, tmp_path):
+    url, so = s3_bucket
+    out = f"{url}/scraped"
+    args = ("scrape", "--site", site.url, "--allow-private-network", "--out", out, "--image-size", "32")
+    p = altforge(*args, "--shard-size", "500", "--storage-options", json.dumps(so))
+    _, stderr = p.communicate(timeout=240)
+    assert p.returncode == 0, stderr[-2000:]
+    import fsspec
+
+    m = read_manifest(out, so)  # on the loopback S3 API, through the endpoint the option named
+    tars = fsspec.filesystem("s3", **so).glob(out.removeprefix("s3://") + "/*.tar")
+    assert m["samples"] > 0 and len(tars) == len(m["shards"]) > 0
+    for bad, msg in (("{nope", "not JSON"), ("[1]", "give a JSON object")):
+        for cmd in (("scrape", "--site", site.url), ("curate", str(tmp_path), "--clip", "micro")):
+            p = altforge(*cmd, "--out", str(tmp_path / "x"), "--storage-options", bad)
+            _, stderr = p.communicate(timeout=60)
+            lines = stderr.strip().splitlines()
+            assert p.returncode == 2 and len(lines) == 1 and f"--storage-options: {msg}" in lines[0], stderr
+    enc = subprocess.run(
+        [sys.executable, "-m", "flows.encode", out, "--out", str(tmp_path / "lat"), "--vae", "v"]
+        + ["--text-encoder", "t", "--storage-options", "[1]"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert enc.returncode == 2 and enc.stderr.strip().splitlines() == [
+        "error: --storage-options: give a JSON object, not list"
+    ]
+
+
 def test_bad_input_fails_with_one_line(tmp_path):
     for args, msg in [
         (["scrape", "--out", str(tmp_path)], "give an input"),
         (["scrape", "--url-list", str(tmp_path / "none.parquet"), "--out", str(tmp_path)], "URL list not found"),
         (["scrape", "--site", "http://x.test/", "--warc", "a.warc", "--out", str(tmp_path)], "give one of"),
         (["scrape", "--site", "http://x.test/", "--out", str(tmp_path), "--image-size", "0"], "--image-size"),
+        (["scrape", "--site", "http://x.test/", "--out", str(tmp_path), "--resize", "big"], "--resize: Input"),
+        (["scrape", "--site", "http://x.test/", "--out", str(tmp_path), "--max-pages", "0"], "--max-pages: Input"),
+        # a check across settings has no single field: its own message, not a crash
+        (["scrape", "--site", "http://x.test/", "--out", str(tmp_path), "--max-aspect-ratio", "0.5"], "at least 1"),
     ]:
         p = altforge(*args)
         _, stderr = p.communicate(timeout=60)

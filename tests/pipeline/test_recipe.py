@@ -95,3 +95,12 @@ def test_cli_reports_bad_recipe_in_one_line_without_traceback(tmp_path):
         cwd=ROOT,
     )
     assert ok.returncode == 0 and "ok" in ok.stdout
+
+
+def test_multi_node_runs_need_a_rendezvous_and_unset_batch_and_lr_stay_unset():
+    base = {"name": "t", "output": "o", "sources": [{"kind": "demo_site"}]}
+    with pytest.raises(RecipeError, match=r"train\[0\]: nnodes 2 needs rdzv_endpoint") as err:
+        parse_recipe({**base, "train": [{"kind": "clip", "config": "micro", "steps": 1, "nnodes": 2}]})
+    assert "\n" not in str(err.value)
+    run = parse_recipe({**base, "train": [{"kind": "vae", "config": "tiny", "steps": 1}]}).train[0]
+    assert run.batch_size is None and run.lr is None  # the trainer's defaults, as for `altforge train vae`
