@@ -139,11 +139,14 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
         orig_w, orig_h = (raw_h, raw_w) if swapped else (raw_w, raw_h)
         out = _resize(rgb, orig_w, orig_h, cfg)
         buf = io.BytesIO()
-        if cfg.encode_format == "png":
-            out.save(buf, "PNG")
-        else:  # JPEG: no optimize pass (slow), Pillow's default 4:2:0 subsampling
-            out.save(buf, ENCODE_FORMATS[cfg.encode_format], quality=cfg.encode_quality)
-        image_hash = phash(out)
+        try:
+            if cfg.encode_format == "png":
+                out.save(buf, "PNG")
+            else:  # JPEG: no optimize pass (slow), Pillow's default 4:2:0 subsampling
+                out.save(buf, ENCODE_FORMATS[cfg.encode_format], quality=cfg.encode_quality)
+            image_hash = phash(out)
+        except (OSError, ValueError, MemoryError) as e:  # e.g. a side past JPEG's 65,500 or WebP's 16,383 px
+            raise ImageRejected("encode_error", f"{out.width}x{out.height}: {type(e).__name__}: {e}"[:200]) from e
     finally:
         img.close()
     return ProcessedImage(

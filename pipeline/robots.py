@@ -49,16 +49,35 @@ class RobotsRule:
 
     allow: bool
     pattern: str
-    regex: re.Pattern
+    parts: tuple[str, ...]  # the literal pieces between the pattern's ``*``s
+    anchored: bool  # the pattern ended in ``$``: the path must end where the pattern does
 
     @classmethod
     def make(cls, allow: bool, pattern: str) -> RobotsRule:
-        """Compile ``pattern`` (``*`` wildcard, trailing ``$`` anchor) into a rule."""
+        """Parse ``pattern`` (``*`` wildcard, trailing ``$`` anchor) into a rule."""
         pattern = _normalize(pattern if pattern.startswith(("/", "*")) else "/" + pattern)
         anchored = pattern.endswith("$")
         body = pattern[:-1] if anchored else pattern
-        regex = ".*".join(re.escape(part) for part in body.split("*")) + ("$" if anchored else "")
-        return cls(allow, pattern, re.compile(regex, re.DOTALL))
+        return cls(allow, pattern, tuple(body.split("*")), anchored)
+
+    def matches(self, path: str) -> bool:
+        """Whether ``path`` matches, in linear time: each literal piece is found left to right (the leftmost match
+        leaves the most room for the rest), so a hostile ``/*a*a*a*...*b`` costs no backtracking."""
+        first, *rest = self.parts
+        if not path.startswith(first):
+            return False
+        pos = len(first)
+        if not rest:
+            return pos == len(path) if self.anchored else True
+        *middle, last = rest
+        for piece in middle:
+            found = path.find(piece, pos)
+            if found < 0:
+                return False
+            pos = found + len(piece)
+        if self.anchored:
+            return path.endswith(last) and len(path) - len(last) >= pos
+        return path.find(last, pos) >= 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +97,7 @@ class RobotsRules:
         path = _normalize(path)
         best: RobotsRule | None = None
         for rule in self.rules:
-            if rule.regex.match(path) is None:
+            if not rule.matches(path):
                 continue
             longer = best is None or len(rule.pattern) > len(best.pattern)
             if longer or (len(rule.pattern) == len(best.pattern) and rule.allow):

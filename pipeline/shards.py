@@ -232,6 +232,19 @@ def _sort_tar(path: str) -> None:
     os.replace(sorted_path, path)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _array(values: list, type=None) -> pa.Array:
+    """``pa.array``, with strings that hold lone surrogates (undecodable header bytes a server sent, kept by
+    surrogateescape) written with U+FFFD in their place instead of failing the whole shard."""
+    try:
+        return pa.array(values, type=type)
+    except UnicodeEncodeError:
+        clean = [_LONE_SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v for v in values]
+        return pa.array(clean, type=type)
+
+
 def write_parquet(rows: list[dict], path: str) -> None:
     """Write rows with the base columns first (typed) and any stage columns after them."""
     extra: list[str] = []
@@ -241,12 +254,12 @@ def write_parquet(rows: list[dict], path: str) -> None:
                 extra.append(k)
     columns = {}
     for field in BASE_COLUMNS:
-        columns[field.name] = pa.array([r.get(field.name) for r in rows], type=field.type)
+        columns[field.name] = _array([r.get(field.name) for r in rows], field.type)
     for k in extra:
         values = [r.get(k) for r in rows]
         if any(isinstance(v, dict | list) for v in values):
             values = [None if v is None else json.dumps(v, sort_keys=True) for v in values]
-        columns[k] = pa.array(values)
+        columns[k] = _array(values)
     pq.write_table(pa.table(columns), path, compression="zstd")
 
 

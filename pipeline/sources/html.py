@@ -108,9 +108,10 @@ def _codec(label: str | None) -> str | None:
     label = label.strip().strip("\"'").lower()
     label = _ENCODING_ALIASES.get(label, label)
     try:
-        return codecs.lookup(label).name
+        info = codecs.lookup(label)
     except LookupError:
         return None
+    return info.name if info._is_text_encoding else None  # "hex", "base64", "zlib": bytes-to-bytes, not a charset
 
 
 def charset_from_content_type(value: str | None) -> str | None:

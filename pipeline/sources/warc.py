@@ -194,7 +194,7 @@ def iter_warc(
             rec_drops: Counter = Counter()  # merged only if the record turns out complete
             try:
                 out = _records_of(record, rec_drops, cfg, seen)
-            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, zlib.error, OSError):
+            except (ValueError, KeyError, TypeError, AttributeError, LookupError, UnicodeError, zlib.error, OSError):
                 out = None
             while record.raw_stream.read(READ_BYTES):  # drain, so a short record shows in its byte count
                 pass

@@ -444,3 +444,12 @@ def test_bad_kind_and_closed_fetcher_are_programming_errors():
             await f.fetch("http://127.0.0.1:1/")
 
     asyncio.run(go())
+
+
+def test_retry_after_reads_only_ascii_seconds_or_a_date():
+    from pipeline.fetch import _retry_after
+
+    assert _retry_after("120") == 120.0 and _retry_after(" 7 ") == 7.0
+    assert _retry_after("²") is None and _retry_after("١٢") is None  # digits to str.isdigit, not to float
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
+    assert _retry_after("soon") is None and _retry_after(None) is None

@@ -423,3 +423,15 @@ def test_config_round_trips_through_json():
 def test_bad_config_fails_loudly(bad):
     with pytest.raises(ValueError):
         ImageConfig(**bad)
+
+
+@pytest.mark.parametrize("fmt, size", [("jpg", (10, 70000)), ("webp", (300, 20000))])
+def test_an_output_the_format_cannot_hold_is_a_counted_rejection(fmt, size):
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, "PNG")  # a few KB: deflate squeezes the flat colour
+    cfg = ImageConfig(image_size=256, encode_format=fmt, max_pixels=50_000_000)
+    with pytest.raises(ImageRejected) as err:
+        process_image(buf.getvalue(), cfg)  # the short side is under 256: kept, so a side stays past the limit
+    assert err.value.reason == "encode_error"
+    w, h = (int(v) for v in str(err.value).split(": ")[1].split("x"))  # the output size that could not be written
+    assert max(w, h) > {"jpg": 65500, "webp": 16383}[fmt]

@@ -92,3 +92,23 @@ def test_robots_txt_itself_and_constants():
 )
 def test_x_robots_tag_opt_out(values, expected):
     assert opt_out(values) is expected
+
+
+def test_wildcard_matching_is_linear_and_agrees_with_a_regex():
+    import random
+    import re
+    import time
+
+    hostile = parse_robots("User-agent: *\nDisallow: /*a*a*a*a*a*a*a*a*a*a*a*a*a*a*b\n")
+    start = time.perf_counter()
+    assert hostile.allowed("/" + "a" * 5000)  # no b: allowed, and no backtracking blow-up
+    assert time.perf_counter() - start < 0.5
+    assert not hostile.allowed("/" + "a" * 40 + "b")
+    rng = random.Random(0)
+    for _ in range(3000):  # the matcher against the straightforward regex translation, on random short strings
+        pattern = "/" + "".join(rng.choice("ab*") for _ in range(rng.randrange(6))) + rng.choice(["", "$"])
+        path = "/" + "".join(rng.choice("ab") for _ in range(rng.randrange(8)))
+        body, anchored = (pattern[:-1], True) if pattern.endswith("$") else (pattern, False)
+        regex = ".*".join(re.escape(p) for p in body.split("*")) + ("$" if anchored else "")
+        rules = parse_robots(f"User-agent: *\nDisallow: {pattern}\n")
+        assert rules.allowed(path) == (re.match(regex, path) is None), (pattern, path)

@@ -280,3 +280,13 @@ def test_s3_on_loopback(s3_bucket):
     assert [s["__key__"] for s in got] == [f"k{i:05d}" for i in range(4)]
     assert len(shards.read_parquet(url, opts)) == 4
     assert read_manifest(url, opts)["samples"] == 4
+
+
+def test_parquet_keeps_rows_whose_strings_hold_undecodable_header_bytes(tmp_path):
+    import pyarrow.parquet as pq
+
+    reason = b"Nicht gefunden \xff\xfe".decode("utf-8", "surrogateescape")  # what a Latin-1 status line leaves
+    rows = [{"key": "000000000000", "status": "http_404", "error": reason, "content_type": "image/\udcffpng"}]
+    shards.write_parquet(rows, str(tmp_path / "p.parquet"))
+    back = pq.read_table(str(tmp_path / "p.parquet")).to_pylist()
+    assert back[0]["error"] == "Nicht gefunden \ufffd\ufffd" and back[0]["content_type"] == "image/\ufffdpng"

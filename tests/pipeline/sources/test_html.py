@@ -270,3 +270,11 @@ def test_200_image_page_parses_fast():
     assert len(page.records) == 200 and len(page.links) == 200
     assert page.records[7].url == "https://example.org/i/7-l.jpg"
     assert per_page < 0.1  # seconds; measured ~5 ms on a shared 2-core machine
+
+
+@pytest.mark.parametrize("label", ["hex", "base64", "zlib", "rot13", "uu"])
+def test_a_bytes_codec_declared_as_charset_is_ignored(label):
+    data = "<img src='c.jpg' alt='café au lait'>".encode("cp1252")
+    for head, header in ((f'<meta charset="{label}">', None), ("", label)):
+        recs = extract_images(f"<html><head>{head}</head>".encode() + data, PAGE, encoding=header, drops=Counter())
+        assert [r.caption for r in recs] == ["café au lait"]  # decoded as a browser would, not crashed
