@@ -96,23 +96,39 @@ def save_checkpoint(
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     doc = {"step": step, "optimizer": opt_js, "rng": rng_js, **state}
     (tmp / "state.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    replaced = root / f".old-step_{step:08d}"
+    if final.exists():  # the same step again (a finished run relaunched): move it aside, never delete it first
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        final.rename(replaced)
+    tmp.rename(final)  # a kill between the two renames leaves .old-step_N, which latest_checkpoint falls back to
     (root / f"{LATEST}.tmp").write_text(final.name, encoding="utf-8")
     (root / f"{LATEST}.tmp").replace(root / LATEST)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
+    if replaced.exists():
+        shutil.rmtree(replaced)
+    # prune among the checkpoints up to this one: higher steps left by an abandoned run are not "newer"
+    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < final.name)
+    for old in older[: max(0, len(older) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(old)
     return final
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory of a run, or None."""
-    pointer = Path(run_dir) / "checkpoints" / LATEST
+    """The newest complete checkpoint directory of a run (the one ``latest`` names), or None.
+
+    When ``latest`` names a directory that is gone (a kill in the middle of replacing a checkpoint of the same
+    step), the newest complete ``step_*`` or the set-aside ``.old-step_*`` is used instead of starting over.
+    """
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
-    return path if (path / "state.json").is_file() else None
+    path = root / pointer.read_text(encoding="utf-8").strip()
+    if (path / "state.json").is_file():
+        return path
+    complete = [p for p in root.glob("*step_*") if p.is_dir() and not p.name.startswith(".tmp-")]
+    complete = [p for p in complete if (p / "state.json").is_file()]
+    return max(complete, key=lambda p: p.name.rsplit("_", 1)[-1], default=None)
 
 
 def match_param_layout(optimizer: torch.optim.Optimizer) -> None:

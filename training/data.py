@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from pipeline import storage
@@ -194,7 +195,7 @@ def slot_batches(
             except KeyError:
                 errors["missing_field"] += 1
                 continue
-            except (OSError, ValueError, SyntaxError):
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):  # EOFError: empty .npy
                 errors["decode_error"] += 1
                 continue
             if len(batch) == plan.batch_size:

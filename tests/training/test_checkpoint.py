@@ -42,3 +42,43 @@ def test_optimizer_state_gets_the_parameters_strides_back(tmp_path):
     one_step(fresh, opt2)
     for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_saving_a_step_again_never_leaves_latest_pointing_at_nothing(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    model = channels_last_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    save_checkpoint(tmp_path, 5, model, opt, {"note": "five"})
+    save_checkpoint(tmp_path, 10, model, opt, {"note": "first ten"})
+    real_rename = Path.rename
+
+    def killed_after_moving_the_old_one_aside(self, target):
+        if self.name.startswith(".tmp-"):  # the new copy of step 10 is about to take its place: "SIGKILL" here
+            raise KeyboardInterrupt("killed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_after_moving_the_old_one_aside)
+    try:
+        save_checkpoint(tmp_path, 10, model, opt, {"note": "second ten"})  # a finished run, relaunched
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    found = latest_checkpoint(tmp_path)
+    assert found is not None and load_checkpoint(found, channels_last_model())["step"] == 10  # not a restart
+    save_checkpoint(tmp_path, 10, model, opt, {"note": "third ten"})  # the relaunch, finishing this time
+    assert load_checkpoint(latest_checkpoint(tmp_path), channels_last_model())["note"] == "third ten"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == [
+        "step_00000005",
+        "step_00000010",
+    ]
+
+
+def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
+    model = channels_last_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in (10, 20):
+        save_checkpoint(tmp_path, step, model, opt, {}, keep=1)
+    save_checkpoint(tmp_path, 15, model, opt, {}, keep=1)  # resumed from an earlier checkpoint, saving again
+    assert latest_checkpoint(tmp_path).name == "step_00000015"  # not pruned because a stale 20 sorts later
+    assert not (tmp_path / "checkpoints" / "step_00000010").exists()  # older ones still go

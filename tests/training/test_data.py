@@ -126,3 +126,26 @@ def test_corrupt_samples_are_counted_and_skipped(tmp_path):
     assert pos.errors["decode_error"] >= 1
     assert pos.errors["corrupt_shard"] >= 1
     assert pos.errors["missing_from_shard"] >= 10
+
+
+def empty_npy_or_bomb(sample, rng):
+    """key_map, except that two samples fail the way a 0-byte latent.npy and a decompression bomb do."""
+    import numpy as np
+    from PIL import Image
+
+    if sample["__key__"].endswith("3"):
+        np.load(io.BytesIO(b""))  # EOFError: No data left in file
+    if sample["__key__"].endswith("7"):
+        raise Image.DecompressionBombError("too many pixels")
+    return key_map(sample, rng)
+
+
+def test_empty_arrays_and_bombs_are_counted_not_fatal(tmp_path):
+    write_demo_shards(str(tmp_path / "d"), 40, seed=2, size=16, per_shard=20)
+    cfg = LoaderConfig(batch_size=4, workers=0, seed=0, shuffle_buffer=0)
+    plan = make_plan(str(tmp_path / "d"), cfg, 1)
+    pos = DataPosition()
+    it = iter(make_loader(plan, cfg, 0, empty_npy_or_bomb, pos))
+    keys = keys_of(pos.advance(next(it)) for _ in range(plan.steps_per_epoch))
+    assert keys and not any(k.endswith(("3", "7")) for k in keys)
+    assert pos.errors["decode_error"] >= 2
