@@ -24,6 +24,59 @@ def parse_storage_options(text: str | None) -> dict | None:
     return value
 
 
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # Prefect's loggers of one flow or task run
+FAILURE_LOG = "last-failure.log"  # in PREFECT_HOME: the run-failure reports a command kept off the terminal
+
+
+class RunFailureReports:
+    """A console filter for a command's lifetime: Prefect's flow- and task-run error reports (with tracebacks) go to
+    ``PREFECT_HOME/last-failure.log`` instead of the terminal, where the command prints its own one line.
+
+    They still reach the Prefect server's run logs (the API handler is separate). Warnings stay on the terminal.
+    """
+
+    def __init__(self):
+        self.records: list = []
+
+    def filter(self, record) -> bool:
+        if record.levelno >= 40 and record.name.startswith(RUN_LOGGERS):  # ERROR and above
+            self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> RunFailureReports:
+        import logging
+
+        from prefect.logging.handlers import PrefectConsoleHandler
+
+        self.handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+        for h in self.handlers:
+            h.addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handlers:
+            h.removeFilter(self)
+
+    def write(self) -> str | None:
+        """Write the kept reports (message and traceback) to the failure log; its path, or None when there are none."""
+        import logging
+        import os
+
+        if not self.records:
+            return None
+        home = os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect")
+        path = os.path.join(home, FAILURE_LOG)
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            os.makedirs(home, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("\n".join(fmt.format(r) for r in self.records) + "\n")
+        except OSError:
+            return None
+        return path
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit non-zero."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -41,12 +94,13 @@ def run_flow(title: str, fn, *args, progress: bool = True, **kwargs):
         tempserver.wait()  # a flow's client must not find the server half-started
     except tempserver.ServerStartError as e:
         fail(str(e), code=1)
-    with ProgressDisplay(title) if progress else contextlib.nullcontext() as display:
+    with ProgressDisplay(title) if progress else contextlib.nullcontext() as display, RunFailureReports() as reports:
         workers.set_progress_queue(display.queue if display else None)
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # the flow's own message is the one line a user needs
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            fail(f"{title} failed: {first}", code=1)
+            log = reports.write()
+            fail(f"{title} failed: {first}" + (f" (traceback: {log})" if log else ""), code=1)
         finally:
             workers.set_progress_queue(None)

@@ -322,20 +322,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # json.JSONDecodeError is one
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    from flows.cli_common import RunFailureReports
     from training.distributed import init_distributed
 
-    try:
-        info = init_distributed(dist_device(a.device))  # torchrun's environment; sets nothing up when alone
-        if info.distributed:
-            out = encode_ranks(a.src, a.out, ModelRefs(a.vae, a.text_encoder, a.pretrained, a.device), cfg, info, so)
-            say(json.dumps(out))
-            return 0
-        m = run_encode(
-            a.src, a.out, a.vae, a.text_encoder, a.pretrained, cfg, a.device, processes=a.processes, storage_options=so
-        )
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input: one line, non-zero exit
-        print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
-        return 1
+    with RunFailureReports() as reports:  # Prefect's run-failure tracebacks go to a file, not the terminal
+        try:
+            info = init_distributed(dist_device(a.device))  # torchrun's environment; sets nothing up when alone
+            if info.distributed:
+                refs = ModelRefs(a.vae, a.text_encoder, a.pretrained, a.device)
+                say(json.dumps(encode_ranks(a.src, a.out, refs, cfg, info, so)))
+                return 0
+            kw = {"processes": a.processes, "storage_options": so}
+            m = run_encode(a.src, a.out, a.vae, a.text_encoder, a.pretrained, cfg, a.device, **kw)
+        except Exception as e:  # bad input, storage refusing a write, ...: one line, non-zero exit (as run_flow)
+            log = reports.write()
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"error: {first}" + (f" (traceback: {log})" if log else ""), file=sys.stderr)
+            return 1
     print(
         f"wrote {m['stats']['kept']} latents of {m['stats']['seen']} samples in {len(m['shards'])} shards to {a.out}"
     )

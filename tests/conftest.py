@@ -14,6 +14,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 if "PREFECT_HOME" not in os.environ:  # a bare `pytest` run (make and .ci/run set it): a home that goes with the run
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="altforge-prefect-")
     atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # as flows/env.py gives every CLI command
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 os.environ["no_proxy"] = "127.0.0.1,localhost"
 # Dummy credentials for the loopback S3 server; never real ones.

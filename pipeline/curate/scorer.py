@@ -137,9 +137,8 @@ def load_scorer(model: str, pretrained: str | None = None, device: str = "auto")
             checkpoint = pretrained if pretrained and os.path.isfile(pretrained) else None
             model_id = model
     except (RuntimeError, FileNotFoundError) as e:
-        raise ValueError(
-            f"cannot load CLIP model {model!r} (pretrained={pretrained!r}): {str(e).splitlines()[0]}"
-        ) from e
+        why = str(e).splitlines()[0].split(" Available: ")[0]  # open_clip appends every model name it knows
+        raise ValueError(f"cannot load CLIP model {model!r} (pretrained={pretrained!r}): {why}") from e
     net.eval()
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)

@@ -79,6 +79,21 @@ def test_cli_previous_writes_the_report_and_a_bad_one_fails_before_scoring(data)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "--previous" in lines[0] and "no manifest.json" in lines[0], p.stderr
     assert not os.path.exists(root / "cli-v2" / "manifest.json")  # refused before anything was scored
+    # a failure inside the flow: one error line, Prefect's traceback kept in a file instead of on the terminal
+    bad = [sys.executable, "-m", "flows.cli", "curate", src, "--clip", str(root / "no-such-model"), "--out", "x"]
+    p = subprocess.run(
+        bad,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PREFECT_HOME": str(root / "home")},
+    )
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr
+    assert "cannot load CLIP model" in errors[0] and "Available:" not in errors[0]  # no list of every model name
+    log = errors[0].rsplit("(traceback: ", 1)[1].rstrip(")")
+    assert log == str(root / "home" / "last-failure.log") and "Traceback" in open(log, encoding="utf-8").read()
     p = curate("--out", str(root / "cli-v1"), "--keep-fraction", "0.5")
     assert p.returncode == 0, p.stderr[-2000:]
     assert not os.path.exists(root / "cli-v1" / "review" / "index.html")  # the CLI's default: no report

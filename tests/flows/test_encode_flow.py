@@ -101,11 +101,18 @@ def test_encode_flow_end_to_end_with_artifacts_and_resume(harness, data):
 def test_bad_model_fails_with_one_line(harness, data, capsys):
     from flows.encode import main
 
-    root, src, _, clip_dir = data
+    root, src, vae_dir, clip_dir = data
     code = main([src, "--out", str(root / "bad"), "--vae", src, "--text-encoder", clip_dir, "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "not a diffusers AutoencoderKL folder" in err[0]
     assert not shards.done_shards(str(root / "bad"))
+    # an output that cannot be written (a file where the folder should be): one line too, not a traceback
+    (root / "file").write_text("x")
+    code = main(
+        [src, "--out", str(root / "file" / "lat"), "--vae", vae_dir, "--text-encoder", clip_dir, "--device", "cpu"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
 
 
 def test_assign_shards_is_balanced_and_explicit():
