@@ -119,6 +119,14 @@ def read_sizes(source: str, storage_options: dict | None = None) -> tuple[list[s
 def make_plan(source: str, cfg: LoaderConfig, world_size: int, storage_options: dict | None = None) -> ShardPlan:
     """The shard plan of a dataset directory, manifest or brace pattern for ``world_size`` ranks."""
     urls, sizes = read_sizes(source, storage_options)
+    kept = [(u, n) for u, n in zip(urls, sizes, strict=True) if n > 0]  # an empty shard is dealt to no slot
+    slots = world_size * max(1, cfg.workers)
+    if sum(n for _, n in kept) < slots:
+        raise ValueError(
+            f"{source}: {sum(sizes)} sample(s) cannot feed {slots} loader slot(s) (ranks x workers): "
+            "use fewer --workers or processes"
+        )
+    urls, sizes = (list(t) for t in zip(*kept, strict=True))
     return ShardPlan(
         tuple(urls), tuple(sizes), world_size, cfg.workers, cfg.batch_size, cfg.seed, cfg.split, storage_options
     )
@@ -128,12 +136,20 @@ def make_plan(source: str, cfg: LoaderConfig, world_size: int, storage_options: 
 
 
 def raw_samples(
-    urls: list[str], stride: int, offset: int, errors: Counter, expected: dict | None = None, storage_options=None
+    urls: list[str],
+    stride: int,
+    offset: int,
+    errors: Counter,
+    expected: dict | None = None,
+    storage_options=None,
+    fallback: tuple[list[str], int, int] | None = None,  # (urls, stride, offset) if these shards yield nothing
 ) -> Iterator[dict]:
     """Undecoded samples of ``urls`` in order, every ``stride``-th from ``offset``, wrapping around forever.
 
     A shard that yields fewer samples than ``expected[url]`` (sizes.json) adds the shortfall to
     ``errors["missing_from_shard"]``: a tar cut at a header boundary otherwise reads as a clean, shorter shard.
+    When every shard of a slot turns out unreadable, the slot reads ``fallback`` instead (its share of all shards'
+    samples), the same way on every run, so a resume replays it.
     """
     while True:
         got, i = 0, 0
@@ -148,7 +164,10 @@ def raw_samples(
                 yield sample
             if expected and n_url < expected.get(url, 0):
                 errors["missing_from_shard"] += expected[url] - n_url
-        if got == 0:
+        if got == 0 and fallback is not None:
+            urls, stride, offset = fallback
+            fallback = None
+        elif got == 0:
             raise RuntimeError(f"no readable samples in {len(urls)} shard(s), e.g. {urls[0]}")
 
 
@@ -177,9 +196,9 @@ def slot_batches(
     while True:
         errors: Counter = Counter()
         urls, stride, offset = plan.slot_shards(slot, epoch)
-        stream = raw_samples(
-            urls, stride, offset, errors, dict(zip(plan.urls, plan.sizes, strict=True)), storage_options
-        )
+        fallback = (list(plan.urls), plan.slots, slot) if stride == 1 else None  # the slot's share of every shard
+        sizes = dict(zip(plan.urls, plan.sizes, strict=True))
+        stream = raw_samples(urls, stride, offset, errors, sizes, storage_options, fallback)
         stream = shuffled(stream, shuffle_buffer, random.Random(f"buf-{plan.seed}-{epoch}-{slot}"))
         raw = 0
         for _ in range(skip):  # resume: drop what the saved run already consumed, without decoding it

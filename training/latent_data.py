@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,9 +35,12 @@ def inspect_latents(data: str, storage_options: dict | None = None) -> LatentSet
     if not urls:
         raise FileNotFoundError(f"no shards found in {data}")
     root = urls[0].rsplit("/", 1)[0]
-    first = next(iter(iter_samples(urls[0], storage_options)), None)
-    if first is None or "latent.npy" not in first:
-        raise ValueError(f"{urls[0]}: no <key>.latent.npy in the first sample: not a latent dataset")
+    errors: Counter = Counter()  # an empty or corrupt shard is passed over: the first readable sample decides
+    first = next((s for url in urls for s in iter_samples(url, storage_options, errors=errors)), None)
+    if first is None:
+        raise ValueError(f"{data}: no readable sample in {len(urls)} shard(s) ({dict(errors) or 'all empty'})")
+    if "latent.npy" not in first:
+        raise ValueError(f"{first['__url__']}: no <key>.latent.npy in the first sample: not a latent dataset")
     try:
         info = latent_info(root, storage_options)
     except FileNotFoundError:

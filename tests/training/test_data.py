@@ -1,6 +1,8 @@
 """The shard loader: determinism, rank balance, shuffle-before-split, exact resume with workers, bad samples."""
 
+import dataclasses
 import io
+import json
 import random
 import tarfile
 
@@ -149,3 +151,25 @@ def test_empty_arrays_and_bombs_are_counted_not_fatal(tmp_path):
     keys = keys_of(pos.advance(next(it)) for _ in range(plan.steps_per_epoch))
     assert keys and not any(k.endswith(("3", "7")) for k in keys)
     assert pos.errors["decode_error"] >= 2
+
+
+def test_empty_and_unreadable_shards_leave_no_slot_without_data(tmp_path):
+    root = tmp_path / "d"
+    write_demo_shards(str(root), 60, seed=4, size=16, per_shard=20)  # shards 000000..000002
+    with tarfile.open(root / "000003.tar", "w"):
+        pass  # an empty shard, as a scrape whose every download failed writes
+    sizes = json.loads((root / "sizes.json").read_text())
+    (root / "sizes.json").write_text(json.dumps({**sizes, "000003.tar": 0}))
+    (root / "000001.tar").write_bytes(b"\0garbage" * 512)  # unreadable, though sizes.json promises 20 samples
+    cfg = LoaderConfig(batch_size=4, workers=3, seed=0, shuffle_buffer=0)
+    plan = make_plan(str(root), cfg, 1)
+    assert "000003.tar" not in " ".join(plan.urls)  # dealt to no slot
+    for epoch in range(3):  # every deal: the slot that gets only the unreadable shard reads its share of the rest
+        for slot in range(plan.slots):
+            state = {"epoch": epoch, "raw": 0, "batches": 0}
+            batch = next(slot_batches(plan, slot, state, key_map))
+            assert len(batch["key"]) == 4
+    with pytest.raises(ValueError, match=r"3 sample\(s\) cannot feed 4 loader slot\(s\)") as err:
+        write_demo_shards(str(tmp_path / "tiny"), 3, seed=5, size=16, per_shard=3)
+        make_plan(str(tmp_path / "tiny"), dataclasses.replace(cfg, workers=4), 1)
+    assert "\n" not in str(err.value)

@@ -364,6 +364,18 @@ def test_inspect_latents_and_setup_errors(env, tmp_path):
     assert info.latent_shape == (4, 8, 8) and info.text_in_shards and info.text_width == 32
     assert info.scaling_factor == 1.0 and not info.has_logvar
     assert not inspect_latents(str(env["root"] / "lat_captions")).text_in_shards
+    # an empty or corrupt first shard is passed over; no readable sample at all is one line
+    import shutil
+
+    shutil.copytree(env["root"] / "lat", tmp_path / "lat2")
+    first = sorted((tmp_path / "lat2").glob("*.tar"))[0]
+    first.write_bytes(b"\0garbage" * 64)
+    assert inspect_latents(str(tmp_path / "lat2")).latent_shape == (4, 8, 8)
+    for tar in (tmp_path / "lat2").glob("*.tar"):
+        tar.write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable sample in") as err:
+        inspect_latents(str(tmp_path / "lat2"))
+    assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="unknown U-Net config"):
         train(base_cfg(env["root"] / "lat", tmp_path / "bad", config="no-such"))
     torch.manual_seed(1)  # another text encoder than the one that made the dataset's empty embedding
