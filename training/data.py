@@ -204,6 +204,8 @@ def slot_batches(
         for _ in range(skip):  # resume: drop what the saved run already consumed, without decoding it
             next(stream)
             raw += 1
+        if skip:
+            errors.clear()  # what the skipped part met was counted by the saved run (DataPosition.errors)
         skip = 0
         batch: list[dict] = []
         while n_batches < plan.batches_per_slot:
@@ -273,6 +275,14 @@ class DataPosition:
     def to_dict(self) -> dict:
         """A JSON-able copy."""
         return {"batches": self.batches, "epoch": self.epoch, "slots": dict(self.slots), "errors": dict(self.errors)}
+
+    @classmethod
+    def after_layout_change(cls, docs: list[dict]) -> DataPosition:
+        """Where a run continues when its ranks or workers changed (saved positions of every rank, ``to_dict``):
+        the start of the epoch after the furthest one any slot had begun; the start epoch itself if none had
+        consumed anything since. A position's own ``batches`` restart at each change, so they cannot tell."""
+        furthest = max(max((s["epoch"] for s in d["slots"].values()), default=d.get("epoch", 0) - 1) for d in docs)
+        return cls(epoch=furthest + 1)
 
     @classmethod
     def from_dict(cls, d: dict) -> DataPosition:

@@ -239,7 +239,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         if same_layout:
             position = DataPosition.from_dict(doc["data"][dist.rank])
         else:  # another layout cannot continue mid-epoch exactly: restart the current epoch's data
-            position = DataPosition(epoch=doc["data"][0]["batches"] // max(1, doc["steps_per_epoch"]) + 1)
+            position = DataPosition.after_layout_change(doc["data"])
         if dist.is_main:
             print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (epoch {position.epoch})"))
     ddp = None

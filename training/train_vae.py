@@ -236,8 +236,8 @@ def train(cfg: VaeTrainConfig) -> dict:
         if same_layout:
             position = DataPosition.from_dict(doc["data"][dist.rank])
         else:  # another layout cannot continue mid-epoch exactly: restart the current epoch's data
-            epoch = doc["data"][0]["batches"] // max(1, doc["steps_per_epoch"]) + 1
-            position = DataPosition(epoch=epoch)
+            position = DataPosition.after_layout_change(doc["data"])
+            epoch = position.epoch
         if dist.is_main:
             print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (data from epoch {epoch})"))
     model = _Autoencode(vae, cfg.latent_noise)

@@ -173,3 +173,46 @@ def test_empty_and_unreadable_shards_leave_no_slot_without_data(tmp_path):
         write_demo_shards(str(tmp_path / "tiny"), 3, seed=5, size=16, per_shard=3)
         make_plan(str(tmp_path / "tiny"), dataclasses.replace(cfg, workers=4), 1)
     assert "\n" not in str(err.value)
+
+
+def test_a_resume_does_not_count_the_skipped_part_s_errors_again(tmp_path):
+    root = tmp_path / "bad"
+    write_demo_shards(str(root), 60, seed=1, size=16, per_shard=20)
+    t1 = root / "000001.tar"
+    t1.write_bytes(t1.read_bytes()[: len(t1.read_bytes()) // 2])  # 10 samples short of its sizes.json entry
+    cfg = LoaderConfig(batch_size=5, workers=0, seed=0, shuffle_buffer=0)
+    plan = make_plan(str(root), cfg, 1)
+    n = 2 * plan.steps_per_epoch
+    whole = DataPosition()
+    it = iter(make_loader(plan, cfg, 0, key_map, whole))
+    for _ in range(n):
+        whole.advance(next(it))
+    for k in (plan.steps_per_epoch - 1, plan.steps_per_epoch + 2):  # resume points after the short shard was read
+        pos = DataPosition()
+        it = iter(make_loader(plan, cfg, 0, key_map, pos))
+        for _ in range(k):
+            pos.advance(next(it))
+        resumed = DataPosition.from_dict(pos.to_dict())
+        it = iter(make_loader(plan, cfg, 0, key_map, resumed))
+        for _ in range(n - k):
+            resumed.advance(next(it))
+        assert resumed.errors == whole.errors and whole.errors["missing_from_shard"] > 0, (k, resumed.errors)
+
+
+def test_a_second_layout_change_continues_after_the_furthest_epoch(shards):
+    cfg = LoaderConfig(batch_size=7, workers=2, seed=4, shuffle_buffer=0)
+    plan = make_plan(shards, cfg, world_size=1)
+    pos = DataPosition()
+    it = iter(make_loader(plan, cfg, 0, key_map, pos))
+    for _ in range(plan.steps_per_epoch + 1):  # into epoch 1
+        pos.advance(next(it))
+    first = DataPosition.after_layout_change([pos.to_dict()])
+    assert first.epoch == 2 and first.batches == 0  # the next epoch boundary
+    assert DataPosition.after_layout_change([first.to_dict()]).epoch == 2  # nothing consumed since: stay
+    # after the first change the run trains into epoch 3; batches restarted at 0, so they alone would say epoch 1
+    again = DataPosition(epoch=2)
+    it = iter(make_loader(plan, cfg, 0, key_map, again))
+    for _ in range(plan.steps_per_epoch + 1):
+        again.advance(next(it))
+    assert again.batches == plan.steps_per_epoch + 1
+    assert DataPosition.after_layout_change([again.to_dict(), first.to_dict()]).epoch == 4
