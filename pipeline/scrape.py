@@ -140,6 +140,7 @@ def build_sample(record: Mapping, key: str, result, icfg: ImageConfig) -> tuple[
         original_format=img.original_format,
     )
     meta = {
+        **dict(record.get("extra") or {}),  # a URL list's other columns, first: they never replace the fields below
         "key": key,
         "url": record.get("url"),
         "final_url": result.final_url,
@@ -153,7 +154,6 @@ def build_sample(record: Mapping, key: str, result, icfg: ImageConfig) -> tuple[
         "original_format": img.original_format,
         "sha256": img.sha256,
         "phash": img.phash,
-        **dict(record.get("extra") or {}),
     }
     if record.get("retry_of"):
         meta["retry_of"] = record["retry_of"]

@@ -92,6 +92,8 @@ def test_every_record_ends_in_exactly_one_row_with_a_reason(server, tmp_path):
     records.append({"url": "ftp://127.0.0.1/x.png", "caption": "ftp"})
     records.append({"url": "http://127.0.0.1:1/x.png", "caption": "refused port"})
     records.append({"url": server.url("/ok.png"), "caption": "x" * 10_000})
+    spoof = (("url", "https://elsewhere.invalid/"), ("sha256", "0" * 64), ("NSFW", "UNLIKELY"))  # list columns
+    records.append({"url": server.url("/ok.png"), "caption": "extra columns", "extra": spoof})
     with BackgroundFetcher(CFG.fetch_config()) as fetcher:
         seen_progress = Counter()
         stats = scrape_shard(records, str(tmp_path / "000007.tar"), CFG, fetcher, progress=seen_progress.update)
@@ -117,6 +119,9 @@ def test_every_record_ends_in_exactly_one_row_with_a_reason(server, tmp_path):
     assert big["txt"] == "caption 0"
     long = next(s for s in samples if s["__key__"] == sample_key(7, n + 2))
     assert len(long["txt"]) == 10_000
+    extra = next(s for s in samples if s["__key__"] == sample_key(7, n + 3))["json"]
+    assert extra["NSFW"] == "UNLIKELY"  # a list's other columns travel with the sample
+    assert extra["url"] == server.url("/ok.png") and extra["sha256"] != "0" * 64  # but never replace its own fields
     assert server.hits("/huge") == 1  # not retried: too large is permanent
     assert server.hits("/status/404") == 1 and server.hits("/status/500") == 2  # 5xx retried once
 
