@@ -4,8 +4,9 @@
 ``status`` is ``"success"`` or one snake_case reason:
 
 ``http_<code>`` (final non-2xx status), ``timeout`` (connect or total), ``stalled`` (no byte for
-``read_timeout``, waiting for headers or body), ``connection_error`` (refused, reset, incomplete body, TLS, bad
-HTTP), ``dns_error``, ``body_too_large``, ``refused_address``, ``refused_scheme``, ``invalid_url``,
+``read_timeout``, waiting for headers or body), ``connection_error`` (refused, reset, incomplete body, bad HTTP),
+``tls_error`` (a certificate or TLS handshake the server will fail again: not retried), ``dns_error``,
+``body_too_large``, ``refused_address``, ``refused_scheme``, ``invalid_url``,
 ``too_many_redirects`` (also loops), ``robots_disallowed``, ``opt_out`` (X-Robots-Tag noai / noimageai).
 
 Safety: every URL, redirect hops included, passes :func:`pipeline.netguard.check_url`; host names resolve through
@@ -122,6 +123,10 @@ def _headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
 
 def _error_reason(exc: BaseException) -> tuple[str, str]:
     """Map an aiohttp / OS exception to (status, one-line detail)."""
+    if isinstance(
+        exc, aiohttp.ClientSSLError
+    ):  # before ClientConnectorError, its base: a bad certificate is permanent
+        return "tls_error", " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
     if isinstance(exc, aiohttp.ClientConnectorError):
         inner = exc.os_error
         if isinstance(inner, AddressRefused):

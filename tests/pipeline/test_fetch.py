@@ -260,8 +260,8 @@ def test_bad_redirect_location(srv):
 
 
 def test_tls_to_a_plain_http_port(srv):
-    r = fetch(f"https://127.0.0.1:{srv.port}/ok.png", respect_robots=False, retries=0)
-    assert r.status == "connection_error"
+    r = fetch(f"https://127.0.0.1:{srv.port}/ok.png", respect_robots=False, retries=2)
+    assert r.status == "tls_error" and r.attempts == 1  # the handshake fails the same way every time: no retry
 
 
 # -- safety ----------------------------------------------------------------------------------------------------
@@ -453,3 +453,19 @@ def test_retry_after_reads_only_ascii_seconds_or_a_date():
     assert _retry_after("²") is None and _retry_after("١٢") is None  # digits to str.isdigit, not to float
     assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
     assert _retry_after("soon") is None and _retry_after(None) is None
+
+
+def test_a_bad_certificate_is_a_permanent_tls_error_not_a_retried_connection_error():
+    import ssl
+
+    import aiohttp
+    from aiohttp.client_reqrep import ConnectionKey
+
+    from pipeline.fetch import TRANSIENT, _error_reason
+
+    key = ConnectionKey("example.invalid", 443, True, True, None, None, None)  # no connection is made
+    cert = aiohttp.ClientConnectorCertificateError(key, ssl.SSLCertVerificationError(1, "certificate verify failed"))
+    status, detail = _error_reason(cert)
+    assert status == "tls_error" and status not in TRANSIENT and "certificate verify failed" in detail
+    reset = aiohttp.ClientConnectorError(key, ConnectionResetError(104, "reset"))
+    assert _error_reason(reset)[0] == "connection_error" and "connection_error" in TRANSIENT
