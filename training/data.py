@@ -14,6 +14,7 @@ run skips exactly what was consumed (raw samples are skipped before decoding, so
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -130,6 +131,20 @@ def make_plan(source: str, cfg: LoaderConfig, world_size: int, storage_options: 
     return ShardPlan(
         tuple(urls), tuple(sizes), world_size, cfg.workers, cfg.batch_size, cfg.seed, cfg.split, storage_options
     )
+
+
+def plan_fingerprint(plan: ShardPlan, cfg: LoaderConfig) -> str:
+    """What decides a slot's sample stream besides ranks and workers: the shards (by name) and their sizes, batch,
+    seed, split and shuffle buffer. A resume under another fingerprint cannot reuse the saved offsets."""
+    doc = {
+        "shards": [u.rsplit("/", 1)[-1] for u in plan.urls],  # names: a dataset moved elsewhere is the same stream
+        "sizes": list(plan.sizes),
+        "batch_size": plan.batch_size,
+        "seed": plan.seed,
+        "split": plan.split,
+        "shuffle_buffer": cfg.shuffle_buffer,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------- generators

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from training.data import DataPosition, LoaderConfig, make_loader, make_plan
+from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.evaluate import demo_tasks, evaluate_clip, load_eval_set
 from training.models import create_clip, export_open_clip, get_tokenizer, make_clip_map, model_config
 from training.objectives import clamp_logit_scale, clip_loss
@@ -146,6 +146,7 @@ def train(cfg: ClipTrainConfig) -> dict:
     # ---- data
     loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
     plan = make_plan(cfg.data, loader_cfg, dist.world_size, json.loads(cfg.storage_options or "null"))
+    data_plan = plan_fingerprint(plan, loader_cfg)  # saved with every checkpoint
     position = DataPosition()
 
     # ---- resume
@@ -157,6 +158,7 @@ def train(cfg: ClipTrainConfig) -> dict:
         step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
         scaler.load_state_dict(doc["scaler"])
         same_layout = doc["world_size"] == dist.world_size and doc["workers"] == cfg.workers
+        same_layout = same_layout and doc.get("data_plan", data_plan) == data_plan  # batch, seed, shards, ...
         if same_layout:
             position = DataPosition.from_dict(doc["data"][dist.rank])
         else:  # another layout cannot continue mid-epoch exactly: restart the current epoch's data
@@ -211,6 +213,7 @@ def train(cfg: ClipTrainConfig) -> dict:
                 "world_size": dist.world_size,
                 "workers": cfg.workers,
                 "steps_per_epoch": plan.steps_per_epoch,
+                "data_plan": data_plan,
                 "metrics": history,
                 "train_seconds": train_seconds,
             }

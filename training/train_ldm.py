@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from training.data import DataPosition, LoaderConfig, make_loader, make_plan
+from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.latent_data import empty_embedding, inspect_latents, latent_map
 from training.ldm_outputs import export_model, log_sample_grid, sampling_pipeline
 from training.models.text import TextTunedUNet, trainable_text_tower
@@ -226,6 +226,7 @@ def train(cfg: LdmTrainConfig) -> dict:
     # ---- data
     loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
     plan = make_plan(cfg.data, loader_cfg, dist.world_size, cfg.storage_options)
+    data_plan = plan_fingerprint(plan, loader_cfg)  # saved with every checkpoint
     position = DataPosition()
 
     # ---- resume
@@ -236,6 +237,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
         scaler.load_state_dict(doc["scaler"])
         same_layout = doc["world_size"] == dist.world_size and doc["workers"] == cfg.workers
+        same_layout = same_layout and doc.get("data_plan", data_plan) == data_plan  # batch, seed, shards, ...
         if same_layout:
             position = DataPosition.from_dict(doc["data"][dist.rank])
         else:  # another layout cannot continue mid-epoch exactly: restart the current epoch's data
@@ -290,6 +292,7 @@ def train(cfg: LdmTrainConfig) -> dict:
                 "world_size": dist.world_size,
                 "workers": cfg.workers,
                 "steps_per_epoch": plan.steps_per_epoch,
+                "data_plan": data_plan,
                 "metrics": history,
                 "train_seconds": train_seconds,
             }

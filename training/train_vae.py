@@ -33,7 +33,7 @@ from pipeline.latents import prepare_image
 from pipeline.shards import iter_samples, shard_urls
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from training.data import DataPosition, LoaderConfig, make_loader, make_plan
+from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.models.vae import build_vae, encode_posterior, heldout_psnr, latent_scaling_factor, reconstruct, save_vae
 from training.train_clip import lr_at, resolve_precision, write_json
 
@@ -222,6 +222,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     # ---- data
     loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
     plan = make_plan(cfg.data, loader_cfg, dist.world_size, cfg.storage_options)
+    data_plan = plan_fingerprint(plan, loader_cfg)  # saved with every checkpoint
     position = DataPosition()
 
     # ---- resume
@@ -233,6 +234,7 @@ def train(cfg: VaeTrainConfig) -> dict:
         step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
         scaler.load_state_dict(doc["scaler"])
         same_layout = doc["world_size"] == dist.world_size and doc["workers"] == cfg.workers
+        same_layout = same_layout and doc.get("data_plan", data_plan) == data_plan  # batch, seed, shards, ...
         if same_layout:
             position = DataPosition.from_dict(doc["data"][dist.rank])
         else:  # another layout cannot continue mid-epoch exactly: restart the current epoch's data
@@ -297,6 +299,7 @@ def train(cfg: VaeTrainConfig) -> dict:
                 "world_size": dist.world_size,
                 "workers": cfg.workers,
                 "steps_per_epoch": plan.steps_per_epoch,
+                "data_plan": data_plan,
                 "metrics": history,
                 "train_seconds": train_seconds,
             }

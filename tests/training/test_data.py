@@ -216,3 +216,21 @@ def test_a_second_layout_change_continues_after_the_furthest_epoch(shards):
         again.advance(next(it))
     assert again.batches == plan.steps_per_epoch + 1
     assert DataPosition.after_layout_change([again.to_dict(), first.to_dict()]).epoch == 4
+
+
+def test_the_plan_fingerprint_changes_with_what_decides_the_stream(shards, tmp_path):
+    import shutil
+
+    from training.data import plan_fingerprint
+
+    cfg = LoaderConfig(batch_size=7, workers=2, seed=4, shuffle_buffer=20)
+    base = plan_fingerprint(make_plan(shards, cfg, 1), cfg)
+    assert base == plan_fingerprint(make_plan(shards, cfg, 2), cfg)  # ranks and workers are compared on their own
+    moved = shutil.copytree(shards, tmp_path / "moved")
+    assert base == plan_fingerprint(make_plan(str(moved), cfg, 1), cfg)  # the same shards elsewhere
+    for change in ({"batch_size": 8}, {"seed": 5}, {"shuffle_buffer": 0}, {"split": "sample"}):
+        other = dataclasses.replace(cfg, **change)
+        assert plan_fingerprint(make_plan(shards, other, 1), other) != base, change
+    other = tmp_path / "other"  # another shard list: the same samples cut into shards of 40
+    write_demo_shards(str(other), 240, seed=3, size=16, per_shard=40)
+    assert plan_fingerprint(make_plan(str(other), cfg, 1), cfg) != base

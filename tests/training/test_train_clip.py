@@ -137,3 +137,14 @@ def test_project_configs_build_and_named_architectures_resolve():
     assert resolve_model_name("ViT-B-32") == "ViT-B-32"
     with pytest.raises(ValueError, match="unknown model"):
         resolve_model_name("no-such-model")
+
+
+def test_a_resume_with_another_batch_size_restarts_at_an_epoch_instead_of_reusing_offsets(data, tmp_path, capsys):
+    train(base_cfg(data, tmp_path / "run", stop_after=3))
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "state.json").read_text())
+    assert len(state["data_plan"]) == 16  # the fingerprint of the sample stream the offsets point into
+    capsys.readouterr()
+    resumed = train(base_cfg(data, tmp_path / "run", batch_size=4))  # same ranks and workers, another stream
+    out = capsys.readouterr().out
+    assert resumed["step"] == 6
+    assert "resumed from" in out and "(data from epoch 1)" in out, out  # the next epoch, not the old offsets
