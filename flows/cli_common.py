@@ -11,17 +11,12 @@ STORAGE_OPTIONS_HELP = 'fsspec options for s3:// (or other) paths, as JSON: \'{"
 
 def parse_storage_options(text: str | None) -> dict | None:
     """``--storage-options`` JSON as a dict (None when not given); a one-line failure when it is not a JSON object."""
-    if not text:
-        return None
-    import json
+    from pipeline.storage import options_from_json
 
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        fail(f"--storage-options: not JSON ({e.msg} at column {e.colno})")
-    if not isinstance(value, dict):
-        fail(f"--storage-options: give a JSON object, not {type(value).__name__}")
-    return value
+        return options_from_json(text)
+    except ValueError as e:
+        fail(str(e))
 
 
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # Prefect's loggers of one flow or task run
@@ -57,6 +52,12 @@ class RunFailureReports:
     def __exit__(self, *exc) -> None:
         for h in self.handlers:
             h.removeFilter(self)
+
+    def line(self, exc: BaseException) -> str:
+        """The one line for a failed command: the error's first line, and where the kept reports were written."""
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log = self.write()
+        return first + (f" (traceback: {log})" if log else "")
 
     def write(self) -> str | None:
         """Write the kept reports (message and traceback) to the failure log; its path, or None when there are none."""
@@ -99,8 +100,6 @@ def run_flow(title: str, fn, *args, progress: bool = True, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # the flow's own message is the one line a user needs
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            log = reports.write()
-            fail(f"{title} failed: {first}" + (f" (traceback: {log})" if log else ""), code=1)
+            fail(f"{title} failed: {reports.line(e)}", code=1)
         finally:
             workers.set_progress_queue(None)

@@ -24,7 +24,7 @@ from flows import (
     workers,
 )
 from flows.runners import Placement, wait_for_shards
-from pipeline import shards
+from pipeline import shards, storage
 from pipeline.curate.scorer import resolve_device
 from pipeline.latents import (
     EncodeConfig,
@@ -316,11 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = EncodeConfig(a.resolution, a.latent_mode, a.flip, not a.no_text_embeddings, a.dtype, a.batch_size,
                            a.workers, a.min_size)  # fmt: skip
-        so = json.loads(a.storage_options) if a.storage_options else None
-        if so is not None and not isinstance(so, dict):
-            raise ValueError(f"--storage-options: give a JSON object, not {type(so).__name__}")
-    except ValueError as e:  # json.JSONDecodeError is one
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        so = storage.options_from_json(a.storage_options)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from flows.cli_common import RunFailureReports
     from training.distributed import init_distributed
@@ -335,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             kw = {"processes": a.processes, "storage_options": so}
             m = run_encode(a.src, a.out, a.vae, a.text_encoder, a.pretrained, cfg, a.device, **kw)
         except Exception as e:  # bad input, storage refusing a write, ...: one line, non-zero exit (as run_flow)
-            log = reports.write()
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            print(f"error: {first}" + (f" (traceback: {log})" if log else ""), file=sys.stderr)
+            print(f"error: {reports.line(e)}", file=sys.stderr)
             return 1
     print(
         f"wrote {m['stats']['kept']} latents of {m['stats']['seen']} samples in {len(m['shards'])} shards to {a.out}"

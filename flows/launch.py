@@ -27,7 +27,6 @@ from pipeline import storage
 from pipeline.recipe import Recipe, TrainRun
 
 TRAINERS = {"clip": "training.train_clip", "vae": "training.train_vae", "ldm": "training.train_ldm"}
-PHASES = ("scraped", "curated", "latents", "external")  # the order `altforge run` trains in, by the data read
 DEFAULT_RDZV_PORT = 29500  # torchrun's usual rendezvous port, for Slurm jobs whose recipe names none
 LOG_NAME = "launch.log"  # in the run directory; every attempt is appended
 LOG_MARK = "[altforge launch]"  # starts the lines the launcher adds to the log (each attempt's start and end)
@@ -44,10 +43,11 @@ class LaunchError(RuntimeError):
 
 
 def _phase(recipe: Recipe, run: TrainRun) -> int:
-    from flows.run import default_data
+    """Where ``altforge run`` trains ``run``: after the stage that writes its data (runs on other data come last)."""
+    from flows.run import DATA_KINDS, default_data
 
     data = default_data(run, recipe)
-    return PHASES.index(data if data in PHASES else "external")
+    return DATA_KINDS.index(data) if data in DATA_KINDS else len(DATA_KINDS)
 
 
 def run_paths(recipe: Recipe, run: TrainRun, out: str | None = None) -> tuple[str, str]:

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import posixpath
 
 import fsspec
 from fsspec.core import url_to_fs
+
+
+def options_from_json(text: str | None) -> dict | None:
+    """``--storage-options`` text as fsspec options: a JSON object, None when empty; ValueError (one line) else."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options: not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--storage-options: give a JSON object, not {type(value).__name__}")
+    return value
 
 
 def get_fs(url: str, storage_options: dict | None = None):

@@ -292,6 +292,15 @@ class DataPosition:
         return {"batches": self.batches, "epoch": self.epoch, "slots": dict(self.slots), "errors": dict(self.errors)}
 
     @classmethod
+    def resumed(cls, doc: dict, rank: int, world_size: int, workers: int, data_plan: str) -> tuple[DataPosition, bool]:
+        """The position a run continues from, and whether it is exact: ``rank``'s saved one when the checkpoint
+        ``doc`` has the same ranks, workers and sample stream (``data_plan``), else :meth:`after_layout_change`."""
+        same = doc["world_size"] == world_size and doc["workers"] == workers
+        if same and doc.get("data_plan", data_plan) == data_plan:  # batch, seed, shards, ...
+            return cls.from_dict(doc["data"][rank]), True
+        return cls.after_layout_change(doc["data"]), False
+
+    @classmethod
     def after_layout_change(cls, docs: list[dict]) -> DataPosition:
         """Where a run continues when its ranks or workers changed (saved positions of every rank, ``to_dict``):
         the start of the epoch after the furthest one any slot had begun; the start epoch itself if none had

@@ -157,15 +157,11 @@ def train(cfg: ClipTrainConfig) -> dict:
         doc = load_checkpoint(ckpt, model, optimizer)
         step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
         scaler.load_state_dict(doc["scaler"])
-        same_layout = doc["world_size"] == dist.world_size and doc["workers"] == cfg.workers
-        same_layout = same_layout and doc.get("data_plan", data_plan) == data_plan  # batch, seed, shards, ...
-        if same_layout:
-            position = DataPosition.from_dict(doc["data"][dist.rank])
-        else:  # another layout cannot continue mid-epoch exactly: restart the current epoch's data
-            position = DataPosition.after_layout_change(doc["data"])
-            epoch = position.epoch
+        position, same_layout = DataPosition.resumed(doc, dist.rank, dist.world_size, cfg.workers, data_plan)
         if dist.is_main:
-            print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (data from epoch {epoch})"))
+            print(
+                f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (data from epoch {position.epoch})")
+            )
     if dist.distributed:
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)

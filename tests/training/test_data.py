@@ -29,6 +29,15 @@ def shards(tmp_path_factory):
     return str(root)
 
 
+def position_after(plan, cfg: LoaderConfig, k: int) -> DataPosition:
+    """The data position after ``k`` batches of rank 0, saved and restored as a checkpoint does."""
+    pos = DataPosition()
+    it = iter(make_loader(plan, cfg, 0, key_map, pos))
+    for _ in range(k):
+        pos.advance(next(it))
+    return DataPosition.from_dict(pos.to_dict())
+
+
 def keys_of(batches) -> list[str]:
     return [k for b in batches for k in b["key"]]
 
@@ -90,12 +99,7 @@ def test_resume_with_workers_continues_exactly(shards):
     full = iter(make_loader(plan, cfg, 0, key_map, DataPosition()))
     reference = [next(full) for _ in range(2 * plan.steps_per_epoch + 3)]  # crosses two epoch boundaries
     for k in (3, plan.steps_per_epoch + 1):  # an odd count: the worker roles must rotate on resume
-        pos = DataPosition()
-        it = iter(make_loader(plan, cfg, 0, key_map, pos))
-        for _ in range(k):
-            pos.advance(next(it))
-        saved = DataPosition.from_dict(pos.to_dict())
-        resumed = iter(make_loader(plan, cfg, 0, key_map, saved))
+        resumed = iter(make_loader(plan, cfg, 0, key_map, position_after(plan, cfg, k)))
         for ref in reference[k:]:
             got = next(resumed)
             assert got["key"] == ref["key"]
@@ -188,11 +192,7 @@ def test_a_resume_does_not_count_the_skipped_part_s_errors_again(tmp_path):
     for _ in range(n):
         whole.advance(next(it))
     for k in (plan.steps_per_epoch - 1, plan.steps_per_epoch + 2):  # resume points after the short shard was read
-        pos = DataPosition()
-        it = iter(make_loader(plan, cfg, 0, key_map, pos))
-        for _ in range(k):
-            pos.advance(next(it))
-        resumed = DataPosition.from_dict(pos.to_dict())
+        resumed = position_after(plan, cfg, k)
         it = iter(make_loader(plan, cfg, 0, key_map, resumed))
         for _ in range(n - k):
             resumed.advance(next(it))
