@@ -77,6 +77,8 @@ def deploy(
     apply_only: Annotated[bool, typer.Option(help="register the deployment and exit, without serving it")] = False,
 ) -> None:
     """Register the recipe as a scheduled Prefect deployment (incremental scrapes) and serve it until stopped."""
+    import httpx
+
     from flows.deploy import apply_recipe_deployment, deployment_name, serve_recipe
     from pipeline.recipe import RecipeError
 
@@ -98,6 +100,9 @@ def deploy(
         serve_recipe(path, cron, name=name, timezone=timezone, out=out)
     except (RecipeError, ValueError) as e:
         fail(str(e).splitlines()[0])
+    except (OSError, httpx.HTTPError) as e:  # the Prefect API is down or refuses the connection
+        api = os.environ.get("PREFECT_API_URL") or "Prefect's temporary server"
+        fail(f"cannot reach the Prefect API at {api}: {(str(e) or type(e).__name__).splitlines()[0]}")
 
 
 def launch(

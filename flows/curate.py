@@ -18,7 +18,14 @@ from pipeline.curate.report import write_report
 from pipeline.curate.reshard import curate_shard, read_decisions
 from pipeline.curate.scorer import load_scorer
 from pipeline.curate.scores import is_scored, prepare_embeddings, score_shard
-from pipeline.curate.stage import decide_dataset, embeddings_url, finish, parent_manifest_url, source_shards
+from pipeline.curate.stage import (
+    check_destination,
+    decide_dataset,
+    embeddings_url,
+    finish,
+    parent_manifest_url,
+    source_shards,
+)
 from pipeline.recipe import CurateSection
 
 
@@ -77,6 +84,7 @@ def curate_flow(
     ccfg = CurateSection.model_validate(cfg)
     cfg_json = ccfg.model_dump_json()
     srcs = source_shards(src, storage_options)
+    check_destination(src, dst, srcs, storage_options, previous)
     emb = embeddings_url(dst)
     scorer = worker_scorer(ccfg.clip.model, ccfg.clip.pretrained, ccfg.device)  # reused by inline score tasks
     model_record = prepare_embeddings(emb, scorer, ccfg, storage_options)
@@ -122,11 +130,12 @@ def funnel_rows(manifest: dict) -> list[dict]:
 def publish_artifacts(manifest: dict, dst: str, report: str | None) -> None:
     """A table artifact with the funnel and a markdown artifact with the cut, the model and the report's path."""
     create_table_artifact(funnel_rows(manifest), key="curate-funnel", description=f"curation funnel for {dst}")
+    cut = "none" if manifest["clip_threshold"] is None else f"{manifest['clip_threshold']:.4f}"
     where = f"[review/index.html]({report})" if report and not storage.is_local(report) else f"`{report}`"
     create_markdown_artifact(
         f"**curate** kept {manifest['stats']['kept']} of {manifest['stats']['seen']} samples in "
         f"{len(manifest['shards'])} shards at `{dst}`\n\n"
-        f"CLIP cut {manifest['clip_threshold']:.4f} ({json.dumps(manifest['threshold_rule'])}), model "
+        f"CLIP cut {cut} ({json.dumps(manifest['threshold_rule'])}), model "
         f"`{manifest['clip']['clip_model']}`\n\nReview report: {where if report else 'not written'}\n\n"
         f"Filter order: {' → '.join(manifest['filter_order'])}",
         key="curate-summary",

@@ -17,6 +17,7 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments import run_deployment
 from prefect.schedules import Cron
 
+from pipeline import storage
 from pipeline.recipe import load_recipe
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -51,6 +52,17 @@ def recipe_deployment(
     """A deployment (not yet registered) that runs ``recipe_path`` on the cron schedule."""
     recipe = load_recipe(recipe_path)  # a bad recipe fails here, with one line, not at 3 a.m.
     flow = flow or default_flow()
+    if _incremental(flow):  # so does an output that already holds a plain (unversioned) scrape
+        from pipeline.versions import next_version
+
+        base = out or recipe.output
+        try:
+            next_version(storage.join(base, "scraped"), recipe.storage_options or None)
+        except ValueError:
+            raise ValueError(
+                f"{storage.join(base, 'scraped')} holds a plain scrape (from altforge run); scheduled runs write "
+                "dataset versions, so deploy with --out NEW_DIR"
+            ) from None
     return flow.to_deployment(
         name=name or recipe.name,
         schedule=cron_schedule(cron, timezone),

@@ -35,6 +35,7 @@ from pipeline.latents import (
     latent_shards,
     parent_manifest_url,
     prepare_latents,
+    source_record,
 )
 from pipeline.stats import StageStats
 
@@ -140,7 +141,7 @@ def encode_flow(
     plan = latent_shards(src, storage_options)
     loaded = worker_encoders(mrefs, ecfg.dtype)  # here: the records and the empty prompt; reused by inline tasks
     config = loaded.config(ecfg)
-    prepare_latents(dst, config, loaded.text.empty(), storage_options)
+    prepare_latents(dst, config, loaded.text.empty(), storage_options, source_record(plan, storage_options))
     shards.clean_temporaries(dst, storage_options)
     t0 = time.perf_counter()
     args = (dst, cfg_json, refs_json, storage_options, processes)
@@ -263,7 +264,7 @@ def encode_ranks(
         mine = None
         if info.is_main:
             config = loaded.config(cfg)
-            prepare_latents(dst, config, loaded.text.empty(), storage_options)
+            prepare_latents(dst, config, loaded.text.empty(), storage_options, source_record(plan, storage_options))
             shards.clean_temporaries(dst, storage_options)
             pending = [n for n in plan if not shards.is_done(dst, int(n), storage_options)]
             urls = [[[n, plan[n]] for n in names] for names in assign_shards(pending, info.world_size)]

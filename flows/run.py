@@ -69,8 +69,38 @@ class RunState:
         entry = self.stages.get(stage)
         if not entry or entry.get("fingerprint") != fp or entry.get("output") != output:
             return None
+        if "finished_at" not in entry:  # started, not finished
+            return None
         exists = storage.exists if "://" in done_file else lambda p, _so: os.path.exists(p)
         return entry if exists(done_file, self.so) else None
+
+    def begin(self, stage: str, fp: str, output: str) -> str | None:
+        """Record that ``stage`` starts building ``output`` under ``fp``; returns where a stale output went.
+
+        The stage resumes inside ``output`` (finished shards, checkpoints). That is only right when what is there
+        was built under the same fingerprint: output from another recipe setting or input (finished, or a killed
+        run's part) is moved aside to ``OUTPUT.replaced-<its fingerprint>`` first, so the stage starts clean and
+        nothing already written is lost.
+        """
+        entry = self.stages.get(stage)
+        moved = None
+        if entry and entry.get("fingerprint") != fp:  # (a moved OUT records the old path: compare fingerprints)
+            fs, path = storage.get_fs(output, self.so)
+            if fs.exists(path):
+                base = f"{path.rstrip('/')}.replaced-{entry.get('fingerprint')}"
+                target, k = base, 1
+                while fs.exists(target):
+                    k += 1
+                    target = f"{base}-{k}"
+                moved = target if storage.is_local(output) else f"{output.split('://')[0]}://{target}"
+                storage.move_tree(output, moved, self.so)
+        self.stages[stage] = {
+            "fingerprint": fp,
+            "output": output,
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        self._write()
+        return moved
 
     def record(self, stage: str, fp: str, output: str, metrics: dict) -> None:
         """Mark ``stage`` finished (written atomically on local disk, one PUT on object stores)."""
@@ -80,6 +110,9 @@ class RunState:
             "metrics": metrics,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        self._write()
+
+    def _write(self) -> None:
         data = json.dumps({"stages": self.stages}, indent=1, default=str).encode()
         if storage.is_local(self.url):
             os.makedirs(os.path.dirname(os.path.abspath(self.url)), exist_ok=True)
@@ -94,17 +127,39 @@ class RunState:
 # ------------------------------------------------------------------------------------------------- sources
 
 
+DEMO_SITES_FILE = "demo-sites.json"  # in the scrape's output: the loopback port each demo site was served on
+
+
 @contextlib.contextmanager
-def resolved_sources(recipe: Recipe, out: str):
-    """Yield the recipe's sources as plain dicts, with demo sites started on free loopback ports meanwhile."""
+def resolved_sources(recipe: Recipe, out: str, dst: str | None = None, storage_options: dict | None = None):
+    """Yield the recipe's sources as plain dicts, with demo sites started on loopback ports meanwhile.
+
+    A scrape plans with full URLs, so a demo site is served again on the port an unfinished scrape into ``dst``
+    planned with (``dst/demo-sites.json``), else on a free one; a port now taken is a one-line error.
+    """
     from pipeline.demo_site import DemoSiteConfig, serve
 
+    ports_url = storage.join(dst, DEMO_SITES_FILE) if dst else None
+    ports = {}
+    if ports_url and storage.exists(ports_url, storage_options):
+        ports = json.loads(storage.read_bytes(ports_url, storage_options))
     servers, sources, gt_path = [], [], None
     try:
-        for s in recipe.sources:
+        for i, s in enumerate(recipe.sources):
             if isinstance(s, DemoSiteSource):
-                srv = serve(DemoSiteConfig(seed=s.seed, n_images=s.images), host="127.0.0.1", port=0)
+                key = f"{i}:seed={s.seed}:images={s.images}"
+                port = int(ports.get(key, 0))
+                try:
+                    srv = serve(DemoSiteConfig(seed=s.seed, n_images=s.images), host="127.0.0.1", port=port)
+                except OSError as e:
+                    raise RuntimeError(
+                        f"the unfinished scrape in {dst} planned the demo site at 127.0.0.1:{port}, which cannot be "
+                        f"served again ({e.strerror or e}); free the port, or remove {dst} to scrape afresh"
+                    ) from None
                 servers.append(srv)
+                if ports_url and ports.get(key) != srv.port:
+                    ports[key] = srv.port
+                    storage.write_bytes(ports_url, json.dumps(ports, indent=1).encode(), storage_options)
                 if storage.is_local(out):
                     os.makedirs(out, exist_ok=True)
                     gt_path = os.path.join(out, "demo-site-ground-truth.jsonl")

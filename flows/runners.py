@@ -47,12 +47,21 @@ def placement_of(runtime, dask_address: str | None = None) -> Placement:
 def check_dask(address: str, timeout_s: float = 10.0) -> None:
     """Raise ``RuntimeError`` (one line) unless a Dask scheduler answers at ``address``."""
     from distributed import Client
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
 
+    try:  # before Client(): a half-built client hangs for 20 s in __del__ at exit
+        scheme, loc = parse_address(address)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(loc)
+    except ValueError as e:
+        raise RuntimeError(f"Dask scheduler address {address!r}: {str(e).splitlines()[0]}") from None
     try:
         with Client(address, timeout=timeout_s, set_as_default=False) as client:
             n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
-    except (OSError, TimeoutError) as e:
-        raise RuntimeError(f"Dask scheduler {address} is unreachable: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # OSError/TimeoutError when down, and whatever else a client raises: one line
+        why = (str(e) or type(e).__name__).splitlines()[0]
+        raise RuntimeError(f"Dask scheduler {address} is unreachable: {why}") from None
     if n == 0:
         raise RuntimeError(f"Dask scheduler {address} has no workers")
 

@@ -54,6 +54,12 @@ class StageContext:
         self.log("%s: complete and current (%s), skipped", stage, output)
         return True
 
+    def begin(self, stage: str, fp: str, output: str) -> None:
+        """Before running ``stage``: set aside what another recipe setting or input left in ``output``."""
+        moved = self.state.begin(stage, fp, output)
+        if moved:
+            self.log("%s: %s was built from other settings or inputs; moved to %s", stage, output, moved)
+
 
 # --------------------------------------------------------------------------------------------------- scrape
 
@@ -76,7 +82,9 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
         gt = os.path.join(ctx.out, "demo-site-ground-truth.jsonl")
         ctx.result.ground_truth = gt if os.path.exists(gt) else None
     if incremental or not ctx.skip("scrape", fp, dst, storage.join(dst, "manifest.json")):
-        with resolved_sources(r, ctx.out) as (sources, gt_path):
+        if not incremental:  # a versioned dataset keeps its versions; the run adds one
+            ctx.begin("scrape", fp, dst)
+        with resolved_sources(r, ctx.out, dst, ctx.so) as (sources, gt_path):
             ctx.result.ground_truth = gt_path
             manifest = run_scrape(
                 dst,
@@ -96,8 +104,7 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
             fp = fingerprint(fp, manifest["dataset"])
             ctx.datasets["scraped"] = ctx.result.datasets["scrape"] = manifest["dataset"]
             ctx.out = storage.join(ctx.out, "versions", version)
-            if storage.is_local(ctx.out):
-                ctx.result.models = os.path.join(ctx.result.models, "versions", version)
+            ctx.result.models = os.path.join(ctx.result.models, "versions", version)  # runs are per version too
             ctx.state = RunState(ctx.out, ctx.so)
         ctx.result.metrics["scrape"] = metrics
         ctx.state.record("scrape", fp, ctx.datasets["scraped"], metrics)
@@ -181,6 +188,7 @@ def encode_stage(ctx: StageContext, fps: dict) -> str:
     fp = fingerprint("encode", e.model_dump(mode="json"), upstream, ctx.run_fps.get("vae"), ctx.run_fps.get("clip"))
     if ctx.skip("encode", fp, dst, storage.join(dst, "manifest.json")):
         return fp
+    ctx.begin("encode", fp, dst)
     m = run_encode(
         src,
         dst,
@@ -251,12 +259,15 @@ def train_stage(ctx: StageContext, phase: str, fps: dict) -> None:
         out_dir = run_dir(ctx, run)
         name = f"train {os.path.basename(out_dir)}"
         deps = [ctx.run_fps.get(k) for k in ("clip", "vae")] if run.kind == "ldm" else []
+        if run.kind == "vae" and ctx.recipe.encode is not None:  # trainer_flags passes the encode resolution
+            deps = [ctx.recipe.encode.resolution]
         fp = fingerprint(name, run.model_dump(mode="json"), fps.get(data_kind, data), deps)
         ctx.runs[run.kind], ctx.run_fps[run.kind] = out_dir, fp
         ctx.result.artifacts[f"{run.kind} model"] = out_dir
         ctx.result.artifacts[f"{run.kind} TensorBoard logs"] = os.path.join(out_dir, "tensorboard")
         if ctx.skip(name, fp, out_dir, os.path.join(out_dir, FINISHED_FILE[run.kind])):
             continue
+        ctx.begin(name, fp, out_dir)  # a changed run or input must not resume the old run's checkpoints
         os.makedirs(out_dir, exist_ok=True)
         summary = launch_training(run, data, out_dir, trainer_flags(ctx, run, data))
         metrics = headline_metrics(summary)

@@ -220,12 +220,12 @@ def _decode_rgb(img: Image.Image, background: tuple) -> tuple[Image.Image, bool]
         ImageOps.exif_transpose(img, in_place=True)
     swapped = img.size != size
     try:
-        return _to_rgb(img, background), swapped
+        return to_rgb(img, background), swapped
     except Exception as e:
         raise ImageRejected("decode_error", f"mode {img.mode}: {type(e).__name__}: {e}") from None
 
 
-def _to_rgb(img: Image.Image, background: tuple) -> Image.Image:
+def to_rgb(img: Image.Image, background: tuple) -> Image.Image:
     """RGB with alpha (RGBA, LA, PA, P/L/RGB with a transparent colour) composited on ``background``."""
     if img.mode == "RGB" and "transparency" not in img.info:
         return img

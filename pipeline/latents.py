@@ -17,6 +17,7 @@ with other models or settings refuses to mix its shards with these). The models 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -31,6 +32,7 @@ from PIL import Image, ImageOps
 
 from pipeline import manifest as manifests
 from pipeline import shards, storage
+from pipeline.images import to_rgb
 from pipeline.scrape import split_shard_url
 from pipeline.stats import StageStats
 
@@ -101,7 +103,7 @@ def prepare_image(img_bytes: bytes, resolution: int) -> tuple[np.ndarray, dict]:
     """
     with Image.open(io.BytesIO(img_bytes)) as im:
         im = ImageOps.exif_transpose(im)
-        img = im.convert("RGB")
+        img = to_rgb(im, (255, 255, 255))  # as the scrape converts: 16-bit grey scaled, alpha on white
     w, h = img.size
     if w < 1 or h < 1:
         raise ValueError(f"empty image {w}x{h}")
@@ -136,6 +138,8 @@ def decode_sample(sample: dict, resolution: int, min_size: int = 0) -> dict:
         out["meta"] = json.loads(sample["json"]) if "json" in sample else {}
     except ValueError as e:
         out["error"] = f"bad json: {e}"[:200]  # kept: the metadata is not needed to train
+    if not isinstance(out["meta"], dict):
+        out["meta"], out["error"] = {}, f"bad json: a {type(out['meta']).__name__}, not an object"
     data = first_image(sample)
     if data is None:
         return {**out, "status": "missing_image"}
@@ -346,6 +350,8 @@ def latent_config(cfg: EncodeConfig, vae: dict, text_encoder: dict, compute_dtyp
     """The manifest's config: the settings, the VAE fingerprint, the text encoder, dtypes and the latent shape."""
     down = int(vae.get("downsample") or 8)
     channels = int(vae.get("latent_channels") or 4)
+    if cfg.resolution % down:
+        raise ValueError(f"--resolution {cfg.resolution} is not a multiple of the VAE's {down}x downsampling")
     return {
         **cfg.to_dict(),
         "vae": vae,
@@ -413,21 +419,36 @@ def _identity(config: dict) -> dict:
     return {**out, "vae": vae, "text_encoder": text}
 
 
-def prepare_latents(dst: str, config: dict, empty_emb, storage_options: dict | None = None) -> None:
+def source_record(plan: dict[str, str], storage_options: dict | None = None) -> dict:
+    """The source shards as they are now (names, sizes, modification stamps or ETags), as a short digest."""
+    parts = []
+    for name, url in plan.items():
+        fs, path = storage.get_fs(url, storage_options)
+        info = fs.info(path)
+        stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        parts.append([name, url, info.get("size"), str(stamp)])
+    return {"shards": len(parts), "digest": hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}
+
+
+def prepare_latents(
+    dst: str, config: dict, empty_emb, storage_options: dict | None = None, source: dict | None = None
+) -> None:
     """Write ``encode_config.json`` and the empty-prompt embedding before any shard.
 
-    Raises ``ValueError`` when ``dst`` already holds latents made otherwise (other models, resolution, modes or
-    dtype): resuming into it would mix two kinds of latents. Batch size and workers may change between runs, and
-    models with a checksum may be named by another path.
+    Raises ``ValueError`` when ``dst`` already holds latents made otherwise (other models, resolution, modes,
+    dtype, or another or rewritten source, ``source`` from :func:`source_record`): resuming into it would mix two
+    kinds of latents. Batch size and workers may change between runs, and models with a checksum may be named by
+    another path.
     """
-    config = json.loads(json.dumps(config))
+    config = json.loads(json.dumps({**config, "source": source} if source else config))
     url = storage.join(dst, ENCODE_CONFIG)
     if storage.exists(url, storage_options):
         old, new = _identity(json.loads(storage.read_bytes(url, storage_options))), _identity(config)
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             raise ValueError(f"{dst} holds latents made with other settings ({', '.join(diff)}); use a new --out")
-    storage.write_bytes(url, json.dumps(config, indent=2).encode(), storage_options)
+    storage.write_bytes(url + ".tmp", json.dumps(config, indent=2).encode(), storage_options)
+    storage.publish(url + ".tmp", url, storage_options)  # a kill mid-write must not leave a truncated config
     write_empty_embedding(dst, empty_emb, storage_options)
 
 
@@ -458,7 +479,7 @@ def encode_dataset(
 ) -> dict:
     """Encode every source shard not yet done in this process (``config`` from :func:`latent_config`); the manifest."""
     plan = latent_shards(src, storage_options)
-    prepare_latents(dst, config, empty_emb, storage_options)
+    prepare_latents(dst, config, empty_emb, storage_options, source_record(plan, storage_options))
     shards.clean_temporaries(dst, storage_options)
     for name, url in plan.items():
         if not shards.is_done(dst, int(name), storage_options):

@@ -66,6 +66,18 @@ def publish(tmp_url: str, final_url: str, storage_options: dict | None = None) -
     fs.mv(tmp, final)
 
 
+def move_tree(src_url: str, dst_url: str, storage_options: dict | None = None) -> None:
+    """Move a directory (a rename locally; each object copied then deleted on object stores, which have no dirs)."""
+    fs, src = get_fs(src_url, storage_options)
+    _, dst = get_fs(dst_url, storage_options)
+    if is_local(src_url):
+        fs.mv(src, dst, recursive=True)
+        return
+    src = src.rstrip("/")
+    for path in fs.find(src):
+        fs.mv(path, dst.rstrip("/") + path[len(src) :])
+
+
 def remove(url: str, storage_options: dict | None = None) -> None:
     """Delete a file if it exists."""
     fs, path = get_fs(url, storage_options)

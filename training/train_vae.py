@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -34,7 +35,15 @@ from pipeline.shards import iter_samples, shard_urls
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
-from training.models.vae import build_vae, encode_posterior, heldout_psnr, latent_scaling_factor, reconstruct, save_vae
+from training.models.vae import (
+    build_vae,
+    downsample_factor,
+    encode_posterior,
+    heldout_psnr,
+    latent_scaling_factor,
+    reconstruct,
+    save_vae,
+)
 from training.train_clip import lr_at, resolve_precision, write_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -142,7 +151,7 @@ def image_batches(
             except KeyError:
                 errors["missing_field"] += 1
                 continue
-            except (OSError, ValueError, SyntaxError):
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 errors["decode_error"] += 1
                 continue
             n += 1
@@ -213,6 +222,9 @@ def train(cfg: VaeTrainConfig) -> dict:
 
     # ---- model, optimizer, precision
     vae = build_vae(cfg.config).to(dist.device, memory_format=torch.channels_last)
+    down = downsample_factor(vae.config)
+    if cfg.resolution % down:
+        raise ValueError(f"--resolution {cfg.resolution} is not a multiple of this VAE's {down}x downsampling")
     precision = resolve_precision(cfg.precision, dist.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

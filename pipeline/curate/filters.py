@@ -41,9 +41,14 @@ def is_placeholder(caption: str) -> bool:
     return text in PLACEHOLDER_WORDS or bool(_FILENAME.match(text) or _CAMERA.match(text) or _NUMBERED.match(text))
 
 
+def _present(value) -> bool:
+    """A stored size: not None and not NaN (pandas turns a missing value in a mixed column into NaN)."""
+    return value is not None and value == value and bool(value)
+
+
 def _side(row: dict) -> tuple[int, int]:
-    w = row.get("original_width") or row.get("width") or 0
-    h = row.get("original_height") or row.get("height") or 0
+    w = next((v for v in (row.get("original_width"), row.get("width")) if _present(v)), 0)
+    h = next((v for v in (row.get("original_height"), row.get("height")) if _present(v)), 0)
     return int(w), int(h)
 
 

@@ -150,13 +150,19 @@ def funnel_html(manifest: dict) -> str:
     return "".join(rows)
 
 
+def _cut(value) -> str:
+    """The CLIP cut as shown: none when nothing reached the score filter."""
+    return "none" if value is None else f"{value:.4f}"
+
+
 def threshold_html(pool_scores: np.ndarray, all_scores: np.ndarray, cut: float) -> str:
     """Threshold -> % kept table for a range of cuts, and a slider (quantiles embedded as JSON)."""
     from pipeline.curate.filters import kept_share
 
     s = pool_scores[~np.isnan(pool_scores)]
-    if len(s) == 0:
-        return "<p>No scores.</p>"
+    if len(s) == 0:  # the page's script still reads the (empty) quantiles
+        empty = json.dumps({"values": [], "pool": 0})
+        return f"<p>No scores.</p><script type='application/json' id='score-quantiles'>{empty}</script>"
     ts = np.unique(np.round(np.quantile(s, np.linspace(0.0, 0.9, 10)), 3))
     pool_share, all_share = kept_share(s, ts), kept_share(all_scores, ts)
     rows = ["<table id='thresholds'><tr><th>threshold</th><th>% of pool kept</th><th>% of all scored kept</th></tr>"]
@@ -248,7 +254,7 @@ def render(srcs, table, sel, manifest: dict, storage_options: dict | None = None
         f"<div class='kpi'><b data-stat='seen'>{stats['seen']}</b>input samples</div>"
         f"<div class='kpi'><b data-stat='kept'>{stats['kept']}</b>kept ({_pct(stats['kept'], stats['seen'])})</div>"
         f"<div class='kpi'><b>{len(m['shards'])}</b>shards</div>"
-        f"<div class='kpi'><b data-stat='clip_threshold'>{m['clip_threshold']:.4f}</b>CLIP cut ({esc(rule)})</div>",
+        f"<div class='kpi'><b data-stat='clip_threshold'>{_cut(m['clip_threshold'])}</b>CLIP cut ({esc(rule)})</div>",
         f"<p>CLIP <code>{esc(clip['clip_model'])}</code>, weights <code>{esc(clip['clip_pretrained'])}</code>"
         f" (sha256 <code>{esc((clip['clip_checkpoint_sha256'] or 'n/a')[:16])}</code>), preprocessing"
         f" <code>{esc(clip['clip_preprocess'])}</code>. Thresholds do not transfer between CLIP models: check the"

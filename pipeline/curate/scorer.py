@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tarfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 from pipeline.shards import iter_samples, sha256_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CORRUPT = "corrupt shard: "  # marks the error item ShardPairs yields when the tar itself cannot be read
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
 
 
@@ -171,18 +173,26 @@ class ShardPairs(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, n = (info.id, info.num_workers) if info else (0, 1)
-        for i, sample in enumerate(iter_samples(self.url, self.storage_options, decode=False)):
-            if i % n != wid:
-                continue
-            yield i, *decode_pair(sample, self.transform)
+        try:
+            for i, sample in enumerate(iter_samples(self.url, self.storage_options, decode=False)):
+                if i % n != wid:
+                    continue
+                yield i, *decode_pair(sample, self.transform)
+        except (tarfile.TarError, EOFError, OSError) as e:  # raised in the main process by score_pairs, with the URL
+            yield -1, None, None, "", {}, f"{CORRUPT}{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def decode_pair(sample: dict, transform) -> tuple[str, torch.Tensor | None, str, dict, str | None]:
     """Raw sample -> (key, image tensor or None, caption, metadata, error)."""
     import json
 
-    meta = json.loads(sample["json"]) if "json" in sample else {}
     caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else ""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError as e:
+        return sample["__key__"], None, caption, {}, f"bad json metadata: {e}"[:200]
+    if not isinstance(meta, dict):
+        return sample["__key__"], None, caption, {}, f"bad json metadata: a {type(meta).__name__}, not an object"
     data = first_image(sample)
     if data is None:
         return sample["__key__"], None, caption, meta, "no image field"
@@ -223,6 +233,9 @@ def score_pairs(url: str, scorer: ClipScorer, batch_size: int, workers: int, sto
             img, txt = scorer.encode(torch.stack([b[2] for b in ok]), [b[3] for b in ok])
         j = 0
         for index, key, image, caption, meta, error in batch:
+            if index < 0:
+                why = error.removeprefix(CORRUPT)
+                raise ValueError(f"{url}: {why} (a corrupt or truncated shard; repair or remove it)")
             row = {"key": key, "caption": caption, "meta": meta, "error": error}
             if image is None:
                 items.append((index, row, None, None))

@@ -43,9 +43,27 @@ def score_files(emb_url: str, stem: str) -> dict[str, str]:
     }
 
 
+SOURCE_KEY = b"altforge.source"  # metadata parquet schema key: the identity of the source shard it scored
+
+
+def source_identity(src_url: str, storage_options: dict | None = None) -> str:
+    """The source shard as stored now: URL, size and modification stamp (mtime, or the object's ETag)."""
+    fs, path = storage.get_fs(src_url, storage_options)
+    info = fs.info(path)
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return json.dumps({"url": src_url, "size": info.get("size"), "stamp": str(stamp)}, sort_keys=True)
+
+
 def is_scored(emb_url: str, src_url: str, storage_options: dict | None = None) -> bool:
-    """Whether pass 1 finished for this source shard."""
-    return storage.exists(score_files(emb_url, shard_stem(src_url))["meta"], storage_options)
+    """Whether pass 1 finished for this source shard as it is now (a rewritten or other shard is scored again)."""
+    import fsspec
+
+    meta = score_files(emb_url, shard_stem(src_url))["meta"]
+    if not storage.exists(meta, storage_options):
+        return False
+    with fsspec.open(meta, "rb", **(storage_options or {})) as f:
+        stored = (pq.read_schema(f).metadata or {}).get(SOURCE_KEY)
+    return stored is not None and stored.decode() == source_identity(src_url, storage_options)
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -66,6 +84,7 @@ def score_shard(
 ) -> StageStats:
     """Score every pair of the shard ``src_url`` (a CurateSection ``cfg``) and write its pass-1 files."""
     stats = StageStats()
+    identity = source_identity(src_url, storage_options)  # before reading: a shard rewritten meanwhile rescores
     with stats.timer("score"):
         rows, img, txt, scores = score_pairs(
             src_url, scorer, cfg.batch_size, decode_workers(cfg, scorer), storage_options
@@ -89,7 +108,7 @@ def score_shard(
     storage.write_bytes(files["img"], _npy_bytes(img.astype(np.float16)), storage_options)
     storage.write_bytes(files["text"], _npy_bytes(txt.astype(np.float16)), storage_options)
     buf = io.BytesIO()
-    pq.write_table(pa.table(table), buf, compression="zstd")
+    pq.write_table(pa.table(table).replace_schema_metadata({SOURCE_KEY: identity.encode()}), buf, compression="zstd")
     storage.write_bytes(files["meta"], buf.getvalue(), storage_options)  # last: the "scored" marker
     stats.seen = len(rows)
     stats.kept = int(np.sum(~np.isnan(scores)))

@@ -7,6 +7,9 @@ same shard functions over Prefect tasks.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+import posixpath
 
 import numpy as np
 
@@ -37,6 +40,37 @@ def source_shards(src: str, storage_options: dict | None = None) -> dict[str, st
     return out
 
 
+def _place(url: str) -> str:
+    """A comparable form of a dataset location (local paths resolved)."""
+    if storage.is_local(url):
+        return os.path.realpath(url.removeprefix("file://"))
+    return url.rstrip("/")
+
+
+def check_destination(
+    src: str, dst_url: str, srcs: dict[str, str], storage_options: dict | None = None, previous: str | None = None
+) -> None:
+    """ValueError (one line) for an output that would destroy data: the input, or a dataset curate did not write.
+
+    A rerun into its own earlier output is fine (stale shards are replaced); anything else holding shards is not,
+    because pass 2 removes the output shards that the new decisions do not produce.
+    """
+    dst = _place(dst_url)
+    if dst in {_place(posixpath.dirname(u)) for u in srcs.values()} or dst == _place(src):
+        raise ValueError(f"--out {dst_url} is the input dataset; curation writes a new one: give another --out")
+    done = shards.done_shards(dst_url, storage_options)
+    ours = storage.exists(storage.join(dst_url, "decisions.sha256"), storage_options) or storage.exists(
+        storage.join(embeddings_url(dst_url), "model.json"), storage_options
+    )
+    if done and not ours:
+        raise ValueError(f"{dst_url} holds {len(done)} shard(s) that curation did not write; give a new --out")
+    if previous and _place(previous.removesuffix("manifest.json")) == dst:
+        raise ValueError(
+            f"--previous {previous} is the output itself, which this run rewrites; copy it first or curate into a "
+            "new --out to compare"
+        )
+
+
 def parent_manifest_url(src: str, storage_options: dict | None = None) -> str | None:
     """The input dataset's manifest URL, when it has one."""
     url = src if src.endswith(".json") else storage.join(src, "manifest.json")
@@ -62,7 +96,7 @@ def decide_dataset(dst_url: str, stems: list[str], cfg, storage_options: dict | 
 
 def _drop_stale_output(dst_url: str, table, storage_options: dict | None = None) -> None:
     """Remove output shards written from other decisions (a rerun with another threshold or model)."""
-    cols = ["key", "status", "duplicate_of", "out_shard", "clip_score"]
+    cols = ["key", "status", "duplicate_of", "out_shard", "clip_score"] + (["tags"] if "tags" in table else [])
     digest = hashlib.sha256(table[cols].to_csv(index=False).encode()).hexdigest()
     url = storage.join(dst_url, "decisions.sha256")
     old = storage.read_bytes(url, storage_options).decode() if storage.exists(url, storage_options) else None
@@ -77,7 +111,7 @@ def selection_record(sel: Selection) -> dict:
     """The part of the manifest that says how samples were chosen (order, cut, funnel with overlaps)."""
     return {
         "filter_order": sel.order,
-        "clip_threshold": sel.threshold,
+        "clip_threshold": sel.threshold if math.isfinite(sel.threshold) else None,  # None: nothing reached the cut
         "threshold_rule": sel.rule,
         "funnel": sel.funnel,
         "overlap": sel.overlap,
@@ -127,6 +161,7 @@ def curate_dataset(
 ) -> dict:
     """Curate the dataset ``src`` into ``dst_url`` in this process (CurateSection ``cfg``); returns the manifest."""
     srcs = source_shards(src, storage_options)
+    check_destination(src, dst_url, srcs, storage_options, previous)
     emb = embeddings_url(dst_url)
     model_record = prepare_embeddings(emb, scorer, cfg, storage_options)
     score_stats = StageStats()

@@ -130,3 +130,14 @@ def test_altforge_deploy_serves_the_recipe_flow_and_a_triggered_run_scrapes_a_ne
     finally:
         stop(serving)
     assert code == 0
+
+
+def test_schedule_into_an_output_holding_a_plain_scrape_is_refused(project, tmp_path):
+    _, recipe, _ = project
+    from flows.deploy import recipe_deployment
+
+    plain = tmp_path / "demo-output" / "scraped"
+    plain.mkdir(parents=True)
+    (plain / "manifest.json").write_text("{}")  # what altforge run leaves: a dataset, not versions
+    with pytest.raises(ValueError, match="holds a plain scrape .* deploy with --out NEW_DIR"):
+        recipe_deployment(recipe, "0 3 * * *", out=str(tmp_path / "demo-output"))

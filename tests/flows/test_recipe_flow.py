@@ -153,6 +153,56 @@ def test_killed_run_resumes_to_the_same_manifests(finished_run, tmp_path):
     assert (tmp_path / "out" / "ldm" / "model_index.json").is_file()
 
 
+def test_run_killed_mid_scrape_resumes_against_the_same_site(finished_run, tmp_path):
+    """The scrape plans with the demo site's full URLs: a resumed run serves the site on the planned port again."""
+    base, _, _ = finished_run
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(str(tmp_path / "out")))
+    p = altforge("run", recipe)
+    plan = tmp_path / "out" / "scraped" / "_inputs" / "plan.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None and not plan.is_file():
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    scrape = json.loads((tmp_path / "out" / "run.json").read_text())["stages"]["scrape"]
+    assert "started_at" in scrape and "finished_at" not in scrape  # killed mid-scrape
+    ports = json.loads((tmp_path / "out" / "scraped" / "demo-sites.json").read_text())
+    assert list(ports) == ["0:seed=5:images=90"]
+    finish(altforge("run", recipe))
+    # the same records and drops as the uninterrupted run: no image lost to a dead port (dns/robots errors)
+    assert dataset_summary(str(tmp_path / "out" / "scraped")) == dataset_summary(str(base / "out" / "scraped"))
+
+
+def test_changed_recipe_reruns_what_it_changes_from_scratch(finished_run, tmp_path):
+    """A changed setting reruns its stage and everything after it; their old outputs are moved aside, not resumed."""
+    base, _, _ = finished_run
+    finish(altforge("run", write_recipe(tmp_path / "tiny.yaml", tiny_recipe(str(tmp_path / "out")))))
+    old_ldm = json.loads((tmp_path / "out" / "ldm" / "model_index.json").read_text())
+    changed = tiny_recipe(str(tmp_path / "out"))
+    changed["curate"]["keep_fraction"] = 0.6
+    changed["train"][2]["steps"] = 5
+    stdout = finish(altforge("run", write_recipe(tmp_path / "changed.yaml", changed)))
+    assert "skipped (complete and current): scrape, train clip" in stdout
+    report = json.loads((tmp_path / "out" / "run_report.json").read_text())
+    assert report["skipped"] == ["scrape", "train clip"]
+    before = read_manifest(str(base / "out" / "curated"))["samples"]
+    curated = read_manifest(str(tmp_path / "out" / "curated"))
+    assert curated["samples"] < before
+    latents = read_manifest(str(tmp_path / "out" / "latents"))
+    assert latents["samples"] == curated["samples"]  # encoded afresh, not the old latents under a new parent
+    for old in ("latents", "vae", "ldm"):  # what the earlier settings built is kept beside, not deleted
+        aside = [d for d in os.listdir(tmp_path / "out") if d.startswith(f"{old}.replaced-")]
+        assert len(aside) == 1, (old, os.listdir(tmp_path / "out"))
+    aside_ldm = tmp_path / "out" / next(d for d in os.listdir(tmp_path / "out") if d.startswith("ldm.replaced-"))
+    assert json.loads((aside_ldm / "model_index.json").read_text()) == old_ldm
+    assert report["metrics"]["train ldm"]["steps"] == 5
+    # trained from step 0: the old run's final checkpoint (step 4) is not in the new run's folder to resume from
+    steps = sorted(d for d in os.listdir(tmp_path / "out" / "ldm" / "checkpoints") if d.startswith("step_"))
+    assert steps == ["step_00000005"]
+    assert "step_00000004" in os.listdir(aside_ldm / "checkpoints")
+
+
 def test_every_dataset_on_s3(s3_bucket, tmp_path):
     url, so = s3_bucket
     out = f"{url}/run"

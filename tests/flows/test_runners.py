@@ -56,3 +56,12 @@ def test_placements():
     assert isinstance(dask.task_runner(3), DaskTaskRunner)
     proc = Placement("process")
     assert isinstance(proc.task_runner(2), ProcessPoolTaskRunner) and proc.worker_processes(2) == 1
+
+
+def test_dask_address_without_port_is_one_line_at_once():
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as e:
+        check_dask("127.0.0.1")
+    assert "missing port" in str(e.value) and "\n" not in str(e.value) and time.monotonic() - t0 < 5

@@ -4,6 +4,7 @@ import functools
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pipeline.latents import (
     encode_latents_shard,
     latent_config,
     latent_info,
+    latent_shards,
     prepare_image,
     read_empty_embedding,
     to_model_input,
@@ -372,6 +374,26 @@ def test_models_are_matched_by_checksum_not_by_path(tmp_path):
     ]:
         with pytest.raises(ValueError, match=what):
             prepare_latents(str(tmp_path), changed, empty)
+
+
+def test_another_or_rewritten_source_is_refused(source, tmp_path):
+    from pipeline.latents import prepare_latents, source_record
+
+    vae = {"ref": "/a/vae", "sha256": "1" * 64, "scaling_factor": 0.2, "latent_channels": 4, "downsample": 8}
+    text = {"model": "m", "sha256": "2" * 64, "width": 8}
+    config, empty = latent_config(EncodeConfig(resolution=64), vae, text, "float32"), np.zeros((4, 8), np.float32)
+    src = str(tmp_path / "src")
+    shutil.copytree(source, src)  # a copy: the test rewrites a shard's stamp
+    plan = latent_shards(src)
+    dst = str(tmp_path / "lat")
+    prepare_latents(dst, config, empty, source=source_record(plan))
+    prepare_latents(dst, config, empty, source=source_record(plan))  # the same source resumes
+    first = next(iter(plan.values()))
+    os.utime(first, (1, 1))  # the shard rewritten since (a re-curation in place)
+    with pytest.raises(ValueError, match=r"other settings \(source\)"):
+        prepare_latents(dst, config, empty, source=source_record(plan))
+    with pytest.raises(ValueError, match="not a multiple of the VAE's 8x downsampling"):
+        latent_config(EncodeConfig(resolution=60), vae, text, "float32")
 
 
 @pytest.mark.gpu

@@ -108,6 +108,25 @@ def test_load_vae_failures_are_one_line_value_errors(tmp_path):
         vae_fingerprint("no-such-org/no-such-vae")
 
 
+def test_another_models_folder_or_missing_weights_are_refused(tmp_path):
+    from diffusers import UNet2DModel
+
+    UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+                down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(str(tmp_path / "unet"))  # fmt: skip
+    with pytest.raises(ValueError, match="describes a UNet2DModel, not an AutoencoderKL"):
+        load_vae(str(tmp_path / "unet"))
+    save_vae(tiny(), tmp_path / "vae")
+    from safetensors.torch import load_file, save_file
+
+    weights = next((tmp_path / "vae").glob("*.safetensors"))
+    state = load_file(str(weights))
+    state.pop(next(iter(state)))
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="weights lack 1 tensor"):
+        load_vae(str(tmp_path / "vae"))
+
+
 def test_decode_divides_by_the_scaling_factor():
     vae = tiny(scaling_factor=0.25)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -59,17 +59,31 @@ def load_vae(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype = 
     local = _vae_dir(ref)
     if local is None and Path(ref).exists():
         raise ValueError(f"{ref}: not a diffusers AutoencoderKL folder (no {CONFIG_FILE}, no vae/{CONFIG_FILE})")
+    if local is not None:  # diffusers would load another model's folder with random weights and a warning
+        folder = local[0] / local[1] if local[1] else local[0]
+        try:
+            kind = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"cannot load VAE {ref!r} (local folder): unreadable {CONFIG_FILE} ({e})") from None
+        if kind != "AutoencoderKL":
+            raise ValueError(f"{ref}: its {CONFIG_FILE} describes a {kind or 'model without _class_name'}, not an "
+                             "AutoencoderKL")  # fmt: skip
     try:
         if local is not None:
-            vae = AutoencoderKL.from_pretrained(
-                str(local[0]), subfolder=local[1], torch_dtype=dtype, low_cpu_mem_usage=False
+            vae, info = AutoencoderKL.from_pretrained(
+                str(local[0]), subfolder=local[1], torch_dtype=dtype, low_cpu_mem_usage=False, output_loading_info=True
             )
         else:
-            vae = AutoencoderKL.from_pretrained(ref, torch_dtype=dtype, low_cpu_mem_usage=False)
+            vae, info = AutoencoderKL.from_pretrained(
+                ref, torch_dtype=dtype, low_cpu_mem_usage=False, output_loading_info=True
+            )
     except (OSError, ValueError, RuntimeError) as e:  # diffusers raises OSError/EnvironmentError for hub failures
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "local folder" if local is not None else "not a local folder; hub id"
         raise ValueError(f"cannot load VAE {ref!r} ({where}): {first}") from e
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise ValueError(f"cannot load VAE {ref!r}: its weights lack {len(missing)} tensor(s), e.g. {missing[0]}")
     return vae.to(device=device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 

@@ -155,3 +155,61 @@ def test_rerun_with_another_cut_rewrites_without_new_inference(curated, monkeypa
     m2 = curate_dataset(src, dst, cfg, ls(model, device="cpu"))
     assert m2["stats"]["dropped"].get("low_clip_score", 0) == 0 and m2["samples"] > m["samples"]
     assert len(read_parquet(dst)) == 42
+
+
+def small_source(root, tag: str, n: int = 6) -> str:
+    cols = [(220, 30, 30), (30, 30, 220)]
+    samples = [
+        {"key": f"{tag}{i:05d}", "jpg": jpeg(cols[i % 2], noise_seed=i), "caption": f"a {tag} tile {i}"}
+        for i in range(n)
+    ]
+    return write_dataset(str(root), [samples])
+
+
+def small_cfg(model: str, **kw) -> CurateSection:
+    return CurateSection(clip={"model": model}, keep_fraction=1.0, workers=0, batch_size=8, report=False,
+                         dedup={"phash_distance": None, "embedding_threshold": None}, **kw)  # fmt: skip
+
+
+def test_output_that_would_destroy_data_is_refused(curated, tmp_path):
+    src, dst, m = curated
+    model = m["clip"]["clip_model"].removeprefix("local-dir:")
+    scorer = load_scorer(model, device="cpu")
+    before = sorted(os.listdir(src))
+    with pytest.raises(ValueError, match="is the input dataset"):
+        curate_dataset(src, src, small_cfg(model), scorer)
+    with pytest.raises(ValueError, match="is the input dataset"):
+        curate_dataset(src, src + "/", small_cfg(model), scorer)
+    other = small_source(tmp_path / "other", "o")  # a dataset curate did not write
+    with pytest.raises(ValueError, match="shard\\(s\\) that curation did not write"):
+        curate_dataset(src, other, small_cfg(model), scorer)
+    assert sorted(os.listdir(src)) == before and sorted(os.listdir(other))[0] == "000000.parquet"
+    with pytest.raises(ValueError, match="is the output itself"):
+        curate_dataset(src, dst, small_cfg(model), scorer, previous=os.path.join(dst, "manifest.json"))
+
+
+def test_rerun_on_other_input_with_the_same_shard_names_rescores(curated, tmp_path):
+    _, _, m = curated
+    model = m["clip"]["clip_model"].removeprefix("local-dir:")
+    scorer = load_scorer(model, device="cpu")
+    a, b = small_source(tmp_path / "a", "a"), small_source(tmp_path / "b", "b", n=5)
+    out = str(tmp_path / "out")
+    curate_dataset(a, out, small_cfg(model, tags=["red", "blue"]), scorer)
+    m2 = curate_dataset(b, out, small_cfg(model, tags=["cat", "dog", "bird"]), scorer)
+    rows = read_parquet(out)
+    assert sorted(rows["key"]) == [f"b{i:05d}" for i in range(5)] and m2["samples"] == 5
+    for url in shard_urls(out):  # the tags of this run, not the first one's
+        for s in iter_samples(url):
+            assert {t["label"] for t in s["json"]["tags"]} <= {"cat", "dog", "bird"}
+
+
+def test_corrupt_source_shard_is_one_line_naming_it(curated, tmp_path):
+    _, _, m = curated
+    model = m["clip"]["clip_model"].removeprefix("local-dir:")
+    src = small_source(tmp_path / "src", "c", n=40)
+    tar = os.path.join(src, "000000.tar")
+    with open(tar, "r+b") as f:
+        f.truncate(os.path.getsize(tar) // 2)
+    with pytest.raises(ValueError) as e:
+        curate_dataset(src, str(tmp_path / "out"), small_cfg(model), load_scorer(model, device="cpu"))
+    assert tar in str(e.value) and "corrupt or truncated shard" in str(e.value) and "\n" not in str(e.value)
