@@ -3,9 +3,10 @@
 The stages run in the order their inputs allow: scrape -> the training runs on scraped data -> curate -> the
 runs on curated data -> encode -> the runs on latents -> generate -> the run report. Each stage is a subflow or
 task that reads the previous stage's manifest and writes its own. ``OUT/run.json`` records, per finished stage,
-a fingerprint of everything that decided its output (its recipe section, its inputs' fingerprints, the code
-version); a rerun skips a stage whose fingerprint still matches and whose output is complete, so a failed or
-killed run resumes where it stopped (and inside a stage, finished shards and checkpoints are reused).
+a fingerprint of everything that decided its output (its recipe section, its inputs' fingerprints; not the code
+version, which each manifest records); a rerun skips a stage whose fingerprint still matches and whose output is
+complete, so a failed or killed run resumes where it stopped (and inside a stage, finished shards and checkpoints
+are reused). A stage whose fingerprint changed starts clean: :meth:`RunState.begin` moves the old output aside.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ class RunResult:
 
 
 def fingerprint(*parts) -> str:
-    """A short hash of JSON-able parts (recipe sections, upstream fingerprints, the code version)."""
+    """A short hash of JSON-able parts (recipe sections, upstream fingerprints).
+
+    The code version is deliberately not a part: updating altforge does not rebuild finished datasets and models
+    (each manifest records the version that made it).
+    """
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -268,12 +268,14 @@ class Runtime(_Strict):
 
     task_runner: Literal["local", "process", "dask"] = "local"
     dask_address: str | None = None  # tcp://host:port of an existing Dask scheduler
-    max_workers: int = Field(2, gt=0)
+    max_workers: int = Field(2, gt=0)  # local runner: shard tasks in flight (at least the stage's processes)
 
     @model_validator(mode="after")
     def _dask_needs_address(self):
         if self.task_runner == "dask" and not self.dask_address:
             raise ValueError("task_runner 'dask' needs dask_address")
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError(f"dask_address is only used with task_runner: dask, not {self.task_runner!r}")
         return self
 
 

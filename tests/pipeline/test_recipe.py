@@ -47,6 +47,10 @@ def test_defaults_and_round_trip():
             "curate: give min_score or keep_fraction, not both",
         ),
         (MINIMAL + "runtime: {task_runner: dask}\n", "runtime: task_runner 'dask' needs dask_address"),
+        (
+            MINIMAL + "runtime: {dask_address: 'tcp://127.0.0.1:8786'}\n",
+            "runtime: dask_address is only used with task_runner: dask, not 'local'",
+        ),
         (MINIMAL + "train:\n  - {kind: ldm, config: tiny}\n", "train[0].steps: Field required"),
         (
             MINIMAL + "generate: {prompts: [a red circle], guidance_interval: [900, 100]}\n",
