@@ -123,7 +123,7 @@ def funnel_html(manifest: dict) -> str:
     seen = manifest["stats"]["seen"]
     rows = [
         "<table id='funnel'><tr><th>filter (in order)</th><th>would drop alone</th><th>dropped in order</th>"
-        "<th>share of input</th><th>overlap with earlier filters</th><th>remaining</th></tr>",
+        "<th>share of input</th><th>of those alone, dropped earlier</th><th>remaining</th></tr>",
         f"<tr><td>input samples</td><td></td><td></td><td></td><td></td><td data-stat='seen'>{seen}</td></tr>",
     ]
     for f in manifest["funnel"]:
@@ -131,7 +131,8 @@ def funnel_html(manifest: dict) -> str:
         rows.append(
             f"<tr><td><code>{r}</code></td><td data-stat='alone.{r}'>{f['alone']}</td>"
             f"<td data-stat='dropped.{r}'>{f['dropped']}</td><td>{_pct(f['dropped'], seen)}</td>"
-            f"<td>{f['alone'] - f['dropped']}</td><td data-stat='remaining.{r}'>{f['remaining']}</td></tr>"
+            f"<td data-stat='earlier.{r}'>{f.get('caught_earlier', '')}</td>"
+            f"<td data-stat='remaining.{r}'>{f['remaining']}</td></tr>"
         )
     kept = manifest["stats"]["kept"]
     rows.append(

@@ -87,12 +87,12 @@ def select(table, img_emb: np.ndarray, cfg, detect_language=None) -> Selection:
     def apply(reason: str, own: np.ndarray, in_order: np.ndarray) -> None:
         nonlocal alive
         alone[reason] = own
+        earlier = int((own & ~alive).sum())  # would drop these alone, but an earlier filter already did
         drop = in_order & alive
         status[drop] = reason
         alive = alive & ~drop
-        funnel.append(
-            {"reason": reason, "alone": int(own.sum()), "dropped": int(drop.sum()), "remaining": int(alive.sum())}
-        )
+        funnel.append({"reason": reason, "alone": int(own.sum()), "dropped": int(drop.sum()),
+                       "remaining": int(alive.sum()), "caught_earlier": earlier})  # fmt: skip
 
     for reason, fn in basic_filters(cfg, detect_language):
         mask = np.fromiter((bool(fn(r)) for r in rows), bool, n)

@@ -58,6 +58,7 @@ def test_order_overlap_and_highest_score_twin():
     funnel = {f["reason"]: f for f in sel.funnel}
     # on its own exact dedup also drops 000000000003 (a copy of the 0.7 one); in order the placeholder got it first
     assert funnel["exact_duplicate"]["alone"] == 2 and funnel["exact_duplicate"]["dropped"] == 1
+    assert funnel["exact_duplicate"]["caught_earlier"] == 1  # the placeholder caption took one of its two
     assert sel.overlap["placeholder_caption"]["exact_duplicate"] == 1
     assert funnel["low_clip_score"]["alone"] == 2 and funnel["low_clip_score"]["dropped"] == 1
     assert sel.clusters == [{"kind": "exact_duplicate", "kept": "000000000000",
