@@ -282,7 +282,9 @@ def render(srcs, table, sel, manifest: dict, storage_options: dict | None = None
     b.append("<div class='clusters'>")
     for c in clusters:
         b.append(f"<div class='cluster'><b>{esc(c['kind'])}</b>: kept <code>{esc(c['kept'])}</code><div class='grid'>")
-        b.append(card(rec(c["kept"]), thumbs, kept=True, note="kept twin"))
+        head = rec(c["kept"])  # the member of the set that stayed; a later filter (the score cut) may drop it
+        ok = head.get("status", "success") == "success"
+        b.append(card(head, thumbs, kept=ok, note="kept twin" if ok else f"twin, then dropped: {head.get('status')}"))
         b.append("".join(card(rec(x["key"]), thumbs, note=x["detail"]) for x in c["members"]) + "</div></div>")
     b.append("</div>")
     b += ["<h2 id='tags-h'>Zero-shot tags before and after</h2>", tags_html(t, kept)]

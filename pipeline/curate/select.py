@@ -69,6 +69,29 @@ def _dedup_runs(table, img_emb: np.ndarray, cfg) -> list[tuple[str, object]]:
     return runs
 
 
+def _resolve_twins(keys, twin: np.ndarray, detail: np.ndarray, clusters: list[dict]) -> None:
+    """Point every dropped duplicate at the member of its set that stayed (a twin may be a later dedup's drop).
+
+    B a copy of A and A a near-duplicate of C: B's twin becomes C ("same sha256, via A"), and A's cluster names C.
+    """
+    index = {k: i for i, k in enumerate(keys)}
+
+    def final(i: int) -> int:
+        seen = {i}
+        while twin[i] is not None and index[twin[i]] not in seen:
+            i = index[twin[i]]
+            seen.add(i)
+        return i
+
+    for i in range(len(keys)):
+        if twin[i] is not None:
+            end = final(index[twin[i]])
+            if keys[end] != twin[i]:
+                detail[i], twin[i] = f"{detail[i]}, via {twin[i]}", keys[end]
+    for c in clusters:
+        c["kept"] = keys[final(index[c["kept"]])]
+
+
 def select(table, img_emb: np.ndarray, cfg, detect_language=None) -> Selection:
     """Decide every sample of the score table (a CurateSection ``cfg``); ``img_emb`` rows align with the table."""
     n = len(table)
@@ -111,6 +134,7 @@ def select(table, img_emb: np.ndarray, cfg, detect_language=None) -> Selection:
             twin[i], detail[i] = keys[j], d
             by_twin.setdefault(j, []).append({"key": keys[i], "detail": d})
         clusters += [{"kind": reason, "kept": keys[j], "members": m} for j, m in sorted(by_twin.items())]
+    _resolve_twins(keys, twin, detail, clusters)
 
     if cfg.min_score is not None:
         cut, cut_alone = float(cfg.min_score), float(cfg.min_score)

@@ -214,3 +214,15 @@ def test_corrupt_source_shard_is_one_line_naming_it(curated, tmp_path):
     with pytest.raises(ValueError) as e:
         curate_dataset(src, str(tmp_path / "out"), small_cfg(model), load_scorer(model, device="cpu"))
     assert tar in str(e.value) and "corrupt or truncated shard" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_twin_dropped_by_a_later_dedup_is_resolved_to_the_member_that_stayed():
+    t = table_of([[0.9, 0.8, 0.7]])  # keys 000000000000 (C), ...01 (A), ...02 (B)
+    t.loc[2, "sha256"] = t.loc[1, "sha256"]  # B is an exact copy of A (A scores higher: A is the twin)
+    t["phash"] = ["0" * 16, "0" * 16, "f" * 16]  # A is a phash near-duplicate of C (C scores higher)
+    cfg = CurateSection(clip={"model": "x"}, min_score=0.0, dedup={"phash_distance": 2, "embedding_threshold": None})
+    sel = select(t, np.zeros((3, 4), np.float32), cfg)
+    assert list(sel.status) == ["success", "near_duplicate_phash", "exact_duplicate"]
+    assert sel.duplicate_of[2] == "000000000000" and "via 000000000001" in sel.detail[2]
+    assert {c["kind"]: c["kept"] for c in sel.clusters} == {"exact_duplicate": "000000000000",
+                                                           "near_duplicate_phash": "000000000000"}  # fmt: skip
