@@ -89,16 +89,13 @@ class RunState:
         """
         entry = self.stages.get(stage)
         moved = None
-        if entry and entry.get("fingerprint") != fp:  # (a moved OUT records the old path: compare fingerprints)
-            fs, path = storage.get_fs(output, self.so)
-            if fs.exists(path):
-                base = f"{path.rstrip('/')}.replaced-{entry.get('fingerprint')}"
-                target, k = base, 1
-                while fs.exists(target):
-                    k += 1
-                    target = f"{base}-{k}"
-                moved = target if storage.is_local(output) else f"{output.split('://')[0]}://{target}"
-                storage.move_tree(output, moved, self.so)
+        if entry and entry.get("fingerprint") != fp and storage.exists(output, self.so):  # (not the path: OUT moves)
+            base = f"{output.rstrip('/')}.replaced-{entry.get('fingerprint')}"
+            moved, k = base, 1
+            while storage.exists(moved, self.so):
+                k += 1
+                moved = f"{base}-{k}"
+            storage.move_tree(output, moved, self.so)
         self.stages[stage] = {
             "fingerprint": fp,
             "output": output,

@@ -421,12 +421,7 @@ def _identity(config: dict) -> dict:
 
 def source_record(plan: dict[str, str], storage_options: dict | None = None) -> dict:
     """The source shards as they are now (names, sizes, modification stamps or ETags), as a short digest."""
-    parts = []
-    for name, url in plan.items():
-        fs, path = storage.get_fs(url, storage_options)
-        info = fs.info(path)
-        stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-        parts.append([name, url, info.get("size"), str(stamp)])
+    parts = [[name, url, *storage.stamp(url, storage_options)] for name, url in plan.items()]
     return {"shards": len(parts), "digest": hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}
 
 

@@ -66,6 +66,14 @@ def publish(tmp_url: str, final_url: str, storage_options: dict | None = None) -
     fs.mv(tmp, final)
 
 
+def stamp(url: str, storage_options: dict | None = None) -> tuple[int | None, str]:
+    """A file as stored now: its size and modification stamp (mtime locally, the ETag on object stores)."""
+    fs, path = get_fs(url, storage_options)
+    info = fs.info(path)
+    mark = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return info.get("size"), str(mark)
+
+
 def move_tree(src_url: str, dst_url: str, storage_options: dict | None = None) -> None:
     """Move a directory (a rename locally; each object copied then deleted on object stores, which have no dirs)."""
     fs, src = get_fs(src_url, storage_options)

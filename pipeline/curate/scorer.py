@@ -20,7 +20,6 @@ from PIL import Image
 from pipeline.shards import iter_samples, sha256_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-CORRUPT = "corrupt shard: "  # marks the error item ShardPairs yields when the tar itself cannot be read
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
 
 
@@ -178,8 +177,8 @@ class ShardPairs(torch.utils.data.IterableDataset):
                 if i % n != wid:
                     continue
                 yield i, *decode_pair(sample, self.transform)
-        except (tarfile.TarError, EOFError, OSError) as e:  # raised in the main process by score_pairs, with the URL
-            yield -1, None, None, "", {}, f"{CORRUPT}{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        except (tarfile.TarError, EOFError, OSError) as e:  # index -1: score_pairs raises it with the URL
+            yield -1, None, None, "", {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def decode_pair(sample: dict, transform) -> tuple[str, torch.Tensor | None, str, dict, str | None]:
@@ -234,8 +233,7 @@ def score_pairs(url: str, scorer: ClipScorer, batch_size: int, workers: int, sto
         j = 0
         for index, key, image, caption, meta, error in batch:
             if index < 0:
-                why = error.removeprefix(CORRUPT)
-                raise ValueError(f"{url}: {why} (a corrupt or truncated shard; repair or remove it)")
+                raise ValueError(f"{url}: {error} (a corrupt or truncated shard; repair or remove it)")
             row = {"key": key, "caption": caption, "meta": meta, "error": error}
             if image is None:
                 items.append((index, row, None, None))

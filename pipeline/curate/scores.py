@@ -48,10 +48,8 @@ SOURCE_KEY = b"altforge.source"  # metadata parquet schema key: the identity of 
 
 def source_identity(src_url: str, storage_options: dict | None = None) -> str:
     """The source shard as stored now: URL, size and modification stamp (mtime, or the object's ETag)."""
-    fs, path = storage.get_fs(src_url, storage_options)
-    info = fs.info(path)
-    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-    return json.dumps({"url": src_url, "size": info.get("size"), "stamp": str(stamp)}, sort_keys=True)
+    size, stamp = storage.stamp(src_url, storage_options)
+    return json.dumps({"url": src_url, "size": size, "stamp": stamp}, sort_keys=True)
 
 
 def is_scored(emb_url: str, src_url: str, storage_options: dict | None = None) -> bool:

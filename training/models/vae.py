@@ -68,15 +68,11 @@ def load_vae(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype = 
         if kind != "AutoencoderKL":
             raise ValueError(f"{ref}: its {CONFIG_FILE} describes a {kind or 'model without _class_name'}, not an "
                              "AutoencoderKL")  # fmt: skip
+    name, subfolder = (str(local[0]), local[1]) if local is not None else (ref, None)
     try:
-        if local is not None:
-            vae, info = AutoencoderKL.from_pretrained(
-                str(local[0]), subfolder=local[1], torch_dtype=dtype, low_cpu_mem_usage=False, output_loading_info=True
-            )
-        else:
-            vae, info = AutoencoderKL.from_pretrained(
-                ref, torch_dtype=dtype, low_cpu_mem_usage=False, output_loading_info=True
-            )
+        vae, info = AutoencoderKL.from_pretrained(
+            name, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False, output_loading_info=True
+        )
     except (OSError, ValueError, RuntimeError) as e:  # diffusers raises OSError/EnvironmentError for hub failures
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "local folder" if local is not None else "not a local folder; hub id"
