@@ -173,6 +173,16 @@ def curate_stage(ctx: StageContext, fps: dict) -> str:
 # --------------------------------------------------------------------------------------------------- encode
 
 
+def encode_identity(e) -> dict:
+    """The encode section as fingerprinted: ``workers`` changes no latent, and ``min_size`` and ``device`` count
+    only when set, so recipes written before they existed keep their fingerprints."""
+    d = e.model_dump(mode="json", exclude={"workers"})
+    for name, default in (("min_size", 0), ("device", "auto")):
+        if d.get(name) == default:
+            d.pop(name)
+    return d
+
+
 def encode_stage(ctx: StageContext, fps: dict) -> str:
     """VAE latents and text embeddings of the curated (or scraped) pairs into ``OUT/latents``."""
     from flows.encode import encode_config, run_encode
@@ -185,7 +195,7 @@ def encode_stage(ctx: StageContext, fps: dict) -> str:
     dst = storage.join(ctx.out, "latents")
     ctx.datasets["latents"] = ctx.result.datasets["encode"] = dst
     upstream = fps.get("curated") or fps["scraped"]
-    fp = fingerprint("encode", e.model_dump(mode="json"), upstream, ctx.run_fps.get("vae"), ctx.run_fps.get("clip"))
+    fp = fingerprint("encode", encode_identity(e), upstream, ctx.run_fps.get("vae"), ctx.run_fps.get("clip"))
     if ctx.skip("encode", fp, dst, storage.join(dst, "manifest.json")):
         return fp
     ctx.begin("encode", fp, dst)
@@ -196,6 +206,7 @@ def encode_stage(ctx: StageContext, fps: dict) -> str:
         text_encoder=text,
         pretrained=pretrained,
         cfg=encode_config(e),
+        device=e.device,
         storage_options=ctx.so,
         recipe=ctx.recipe.model_dump(mode="json"),
         placement=ctx.placement,

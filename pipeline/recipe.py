@@ -76,6 +76,9 @@ Source = Annotated[
 
 _SOURCE_ADAPTER = TypeAdapter(Source)
 
+# where a stage's model runs: auto (the first GPU when there is one, else the CPU) | cpu | cuda | cuda:N
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")]
+
 
 def parse_source(data: dict):
     """Validate one source mapping (``{"kind": "site", "urls": [...]}``) into its model."""
@@ -188,7 +191,7 @@ class CurateSection(_Strict):
     dedup_keep: Literal["highest_score", "first_key"] = "highest_score"  # which twin of a duplicate set stays
     shard_size: int = Field(10_000, gt=0, lt=1_000_000)  # kept samples per output shard (shards are even)
     workers: int | None = Field(None, ge=0)  # DataLoader decode workers; 0 = inline; None = 0 on CPU, 8 on GPU
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    device: Device = "auto"
     previous: str | None = None  # an earlier curated dataset: the report shows what changed since it
 
     @model_validator(mode="after")
@@ -209,6 +212,9 @@ class EncodeSection(_Strict):
     flip: bool = False  # also store a horizontally flipped latent
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # on GPU; CPU always float32
     batch_size: int = Field(64, gt=0)
+    min_size: int = Field(0, ge=0)  # px; images whose shorter side is smaller are dropped; 0 keeps all
+    workers: int | None = Field(None, ge=0)  # DataLoader decode workers; 0 = inline; None = 0 on CPU, up to 8 on GPU
+    device: Device = "auto"
 
 
 class TrainRun(_Strict):

@@ -132,6 +132,23 @@ def test_encode_config_from_a_recipe_section_and_overrides():
     cfg = encode_config(section, batch_size=16, latent_mode=None)
     assert cfg == EncodeConfig(resolution=32, flip=True, batch_size=16)
     assert encode_config(resolution=64) == EncodeConfig(resolution=64)
+    tuned = EncodeSection(vae="v", text_encoder={"model": "micro"}, workers=2, min_size=16, device="cpu")
+    assert encode_config(tuned) == EncodeConfig(workers=2, min_size=16)
+
+
+def test_encode_fingerprint_ignores_workers_and_unset_new_fields():
+    from flows.stages import encode_identity
+    from pipeline.recipe import EncodeSection
+
+    base = EncodeSection(vae="v", text_encoder={"model": "micro"}, resolution=32)
+    # what the fingerprint hashed before min_size, workers and device were recipe settings
+    assert encode_identity(base) == {
+        "vae": "v", "text_encoder": {"model": "micro", "pretrained": None}, "resolution": 32, "latent_mode": "mean",
+        "store_text_embeddings": True, "flip": False, "dtype": "bfloat16", "batch_size": 64,
+    }  # fmt: skip
+    assert encode_identity(base.model_copy(update={"workers": 4})) == encode_identity(base)
+    assert encode_identity(base.model_copy(update={"min_size": 16}))["min_size"] == 16
+    assert encode_identity(base.model_copy(update={"device": "cpu"}))["device"] == "cpu"
 
 
 @pytest.mark.slow  # two processes importing torch, diffusers and open_clip: ~15 s on a quiet 2-core machine

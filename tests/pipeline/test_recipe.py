@@ -53,6 +53,11 @@ def test_defaults_and_round_trip():
         ),
         (MINIMAL + "train:\n  - {kind: ldm, config: tiny}\n", "train[0].steps: Field required"),
         (
+            MINIMAL + "encode: {vae: v, text_encoder: {model: m}, device: gpu}\n",
+            "encode.device: String should match pattern",
+        ),
+        (MINIMAL + "curate:\n  clip: {model: m}\n  device: cuda0\n", "curate.device: String should match"),
+        (
             MINIMAL + "generate: {prompts: [a red circle], guidance_interval: [900, 100]}\n",
             "generate: guidance_interval must be [lo, hi] with 0 <= lo <= hi, got [900, 100]",
         ),
