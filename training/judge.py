@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -206,14 +207,35 @@ def save_judge(judge: Judge, out_dir: str | Path) -> Path:
 
 
 def load_judge(path: str | Path) -> Judge:
-    """Load a judge written by :func:`save_judge`; ``ValueError`` (one line) if it is missing or for other labels."""
+    """Load a judge written by :func:`save_judge`; ``ValueError`` (one line) if it is missing, broken or for other
+    labels.
+
+    The held-out accuracy is measured again here, on the same held-out renders (``cfg.n_eval`` at seed + 1_000_003,
+    about a second), so whether the judge is trusted rests on its weights, not on the report stored beside them.
+    """
     path = Path(path)
     if not (path / JUDGE_CONFIG).is_file() or not (path / JUDGE_WEIGHTS).is_file():
         raise ValueError(f"{path}: not a judge directory (needs {JUDGE_CONFIG} and {JUDGE_WEIGHTS})")
-    meta = json.loads((path / JUDGE_CONFIG).read_text(encoding="utf-8"))
-    if tuple(meta["colours"]) != COLOURS or tuple(meta["shapes"]) != SHAPES:
-        raise ValueError(f"{path}: the judge was trained on other colour/shape names than the demo site's")
-    cfg = JudgeConfig(**meta["config"])
-    net = JudgeNet(cfg.width)
-    net.load_state_dict(load_file(str(path / JUDGE_WEIGHTS)))
-    return Judge(net.eval().to(memory_format=torch.channels_last), cfg, meta["report"])
+    try:
+        meta = json.loads((path / JUDGE_CONFIG).read_text(encoding="utf-8"))
+        if tuple(meta["colours"]) != COLOURS or tuple(meta["shapes"]) != SHAPES:
+            raise ValueError(f"{path}: the judge was trained on other colour/shape names than the demo site's")
+        cfg = JudgeConfig(**meta["config"])
+        net = JudgeNet(cfg.width)
+        net.load_state_dict(load_file(str(path / JUDGE_WEIGHTS)))
+    except ValueError as e:  # the labels above, or JSON that does not parse
+        msg = _first_line(e)
+        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: not a usable judge ({msg})") from None
+    except (KeyError, TypeError, AttributeError, RuntimeError, OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a usable judge ({type(e).__name__}: {_first_line(e)})") from None
+    judge = Judge(net.eval().to(memory_format=torch.channels_last), cfg, {})
+    stored = meta.get("report") if isinstance(meta.get("report"), dict) else {}
+    measured = accuracy(judge, *render_labelled(cfg.n_eval, cfg.size, cfg.seed + 1_000_003))
+    judge.report = {**stored, **measured, "n_eval": cfg.n_eval, "measured_at_load": True}
+    judge.report["stored_accuracy"] = {k: stored.get(k) for k in ("colour_accuracy", "shape_accuracy")}
+    judge.report["trusted"] = judge.trusted
+    return judge
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [repr(e)])[0]

@@ -14,9 +14,11 @@ from tests.training.test_pipeline_folder import make_tiny_pipeline
 from training.evaluate_ldm import (
     LdmEvalConfig,
     check_targets,
+    default_clip,
     evaluate_pipeline,
     frechet_distance,
     held_out_prompts,
+    hue_ambiguous,
     hue_mass,
     judge_accuracy,
     load_clip_judge,
@@ -106,6 +108,34 @@ def test_targets_need_guidance_to_help():
     bad = check_targets({"settings": rows}, neg, cfg)
     assert bad["guidance_raises_accuracy"]["20"] is False and bad["shape_accuracy_ge_0.90"] is False
     assert bad["negative_halves_colour"] is False
+    untrusted = check_targets({"settings": rows}, neg, cfg, judge_trusted=False)  # its verdicts do not count
+    assert untrusted["guidance_raises_accuracy"] == {"20": None}
+    assert untrusted["colour_accuracy_ge_0.95"] is None and untrusted["shape_accuracy_ge_0.90"] is None
+    assert check_targets({"settings": rows}, {"colours": {}}, cfg)["negative_halves_colour"] is None  # nothing tested
+
+
+def test_targets_are_checked_at_the_target_guidance_not_the_largest():
+    rows = [{"guidance": 1.0, "steps": 20, "judge": {"colour": 0.8, "shape": 0.6}},
+            {"guidance": 7.5, "steps": 20, "judge": {"colour": 0.97, "shape": 0.93}},
+            {"guidance": 12.0, "steps": 20, "judge": {"colour": 0.6, "shape": 0.4}}]  # fmt: skip
+    neg = {"skipped": "negative_n = 0"}
+    got = check_targets({"settings": rows}, neg, LdmEvalConfig(guidances=(1.0, 7.5, 12.0), steps=(20,)))
+    assert got["colour_accuracy_ge_0.95"] is True and got["guidance_raises_accuracy"] == {"20": True}
+    low = LdmEvalConfig(guidances=(0.5, 1.0), steps=(20,), target_guidance=0.5)  # not the unguided row
+    assert check_targets({"settings": rows[:1]}, neg, low)["colour_accuracy_ge_0.95"] is None
+
+
+def test_evaluation_settings_out_of_range_are_refused():
+    for bad in ({"negative_guidance": 0.0}, {"guidances": (float("nan"),)}, {"guidance_interval": (900, 100)}):
+        with pytest.raises(ValueError, match="out of range"):
+            LdmEvalConfig(**bad)
+
+
+def test_hue_mass_is_not_reported_for_colours_hue_cannot_separate():
+    assert hue_ambiguous("brown") == "orange" and hue_ambiguous("orange") == "brown"
+    assert hue_ambiguous("blue") is None
+    with pytest.raises(ValueError, match="use pixel_share"):
+        hue_mass(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), "brown")
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +204,10 @@ def test_report_on_an_untrained_model(tiny):
     assert report["judge"]["trusted"] is False and any("do not count" in n for n in report["notes"])
     assert any("Inception" in n for n in report["notes"])
     assert set(report["checks"]) >= {"guidance_raises_accuracy", "colour_accuracy_ge_0.95", "negative_halves_colour"}
-    assert report["checks"]["colour_accuracy_ge_0.95"] is False  # an untrained model fails the targets
+    assert report["checks"]["colour_accuracy_ge_0.95"] is None  # the judge is untrusted: no verdict either way
+    fd = real["frechet_samples"]
+    assert fd["real"] == 60 and fd["generated"] == 60 and fd["feature_dim"] > 0
+    assert any("biased upwards" in n for n in report["notes"])  # 60 samples in the CLIP's embedding width
     assert set(report["text_separation"]) == {"shape", "colour"}
     assert len(list((tiny["tmp"] / "grids").glob("heldout_*.png"))) == 4
 
@@ -229,6 +262,8 @@ def test_cli_negative_n_zero_skips_the_negative_check(tiny, tmp_path):
         (["--steps", "20", "0"], "steps = 0"),
         (["--guidance", "0"], "guidance = 0"),
         (["--n-real", "0"], "n_real = 0"),
+        (["--negative-guidance", "0"], "negative_guidance = 0"),
+        (["--guidance-interval", "900", "100"], "guidance_interval = [900, 100]"),
     ],
 )
 def test_cli_refuses_bad_settings_in_one_line_before_loading(tmp_path, capsys, flags, named):
@@ -238,3 +273,25 @@ def test_cli_refuses_bad_settings_in_one_line_before_loading(tmp_path, capsys, f
     assert err.startswith("error: evaluation settings out of range") and named in err and "\n" not in err
     with pytest.raises(ValueError, match="out of range"):
         LdmEvalConfig(n_per_prompt=0)
+
+
+def test_cli_refuses_a_bad_out_or_threads_before_any_work(tmp_path, capsys):
+    for flags, named in ((["--out", str(tmp_path)], "is a directory"), (["--threads", "-1"], "--threads must be")):
+        argv = [str(tmp_path / "no-model"), *flags] + ([] if "--out" in flags else ["--out", str(tmp_path / "r")])
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert named in err and "\n" not in err
+
+
+def test_default_clip_is_not_a_tower_tuned_with_the_unet(tmp_path):
+    from types import SimpleNamespace
+
+    plain = SimpleNamespace(path=str(tmp_path / "m"), index={"text_encoder_info": {"tuned_with_unet": False}})
+    assert default_clip(plain) == str(tmp_path / "m" / "text_encoder")
+    (tmp_path / "clip").mkdir()
+    info = {"tuned_with_unet": True, "source": str(tmp_path / "clip")}
+    tuned = SimpleNamespace(path=str(tmp_path / "m"), index={"text_encoder_info": info})
+    assert default_clip(tuned) == str(tmp_path / "clip")  # the CLIP it was copied from
+    info["source"] = str(tmp_path / "gone")
+    with pytest.raises(ValueError, match="tuned with the U-Net.*give --clip"):
+        default_clip(tuned)
