@@ -43,12 +43,21 @@ def demo_site(
 
     from pipeline import demo_site as ds
 
+    if not 0 <= port <= 65535:
+        fail(f"--port must be 0..65535, got {port}")
     try:
-        server = ds.serve(ds.DemoSiteConfig(seed=seed, n_images=images), host="127.0.0.1", port=port)
+        cfg = ds.DemoSiteConfig(seed=seed, n_images=images)
+        server = ds.serve(cfg, host="127.0.0.1", port=port)
+    except ValueError as e:
+        fail(str(e).splitlines()[0])
     except OSError as e:
         fail(f"cannot listen on 127.0.0.1:{port}: {e.strerror or e}")
     if ground_truth:
-        server.write_ground_truth(ground_truth)
+        try:
+            server.write_ground_truth(ground_truth)
+        except OSError as e:
+            server.shutdown()
+            fail(f"cannot write the ground truth to {ground_truth}: {e.strerror or e}")
         typer.echo(f"ground truth: {ground_truth}")
     typer.echo(f"demo site: {server.url}  ({images} images, seed {seed}); Ctrl-C to stop", err=False)
     stop = threading.Event()

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from flows import env  # noqa: F401  (telemetry off before anything imports prefect)
-from flows.cli_common import fail
+from flows.cli_common import STORAGE_OPTIONS_HELP, fail, parse_storage_options
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
@@ -52,17 +52,21 @@ def versions(
         tuple[int, int] | None, typer.Option(help="two version numbers: the keys added and removed between them")
     ] = None,
     keys: Annotated[bool, typer.Option(help="with --diff: print the keys too")] = False,
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
 ) -> None:
     """List the versions of a dataset with their counts, or diff two of them."""
     from pipeline import versions as v
 
+    so = parse_storage_options(storage_options)
     try:
         if diff is None:
-            typer.echo(v.format_versions(v.list_versions(dataset)))
+            typer.echo(v.format_versions(v.list_versions(dataset, so)))
             return
-        d = v.diff_versions(dataset, diff[0], diff[1])
+        d = v.diff_versions(dataset, diff[0], diff[1], so)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0])
+    except KeyError as e:  # a manifest without a field every manifest has
+        fail(f"{dataset}: a version's manifest lacks {e}; it was not written by altforge or is damaged")
     typer.echo(f"v{diff[0]} -> v{diff[1]}: {d['n_added']} added, {d['n_removed']} removed, {d['n_common']} kept")
     if keys:
         for k in d["added"]:

@@ -61,6 +61,7 @@ def quick_evaluation(pipe, gen: dict, evaluate_with: dict, out_dir: str) -> dict
         negative_steps=int(gen["steps"]),
         negative_guidance=float(gen["guidance"]),
         guidance_interval=_interval(gen),
+        target_guidance=float(gen["guidance"]),
         **QUICK_EVAL,
     )
     report = evaluate_pipeline(pipe, judge, cfg, clip=clip)

@@ -11,7 +11,9 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import re
+import shutil
 import tarfile
 import tempfile
 import uuid
@@ -27,6 +29,7 @@ from pipeline.stats import StageStats
 
 SHARD_RE = re.compile(r"^(\d{6})\.tar$")
 TMP_PREFIX = ".tmp-"
+SPOOL_PREFIX = "altforge-shard-"  # local spool directories of object-store writers: altforge-shard-PID-XXXX
 
 # One parquet row per attempted input record; stages add their own columns (clip_score, ...).
 BASE_COLUMNS = pa.schema(
@@ -118,8 +121,9 @@ class ShardWriter:
             root = dataset_url.removeprefix("file://")
             os.makedirs(root, exist_ok=True)
             self._tmp_dir = root  # same filesystem: os.replace is atomic
-        else:
-            self._tmp_dir = tempfile.mkdtemp(prefix="altforge-shard-")
+        else:  # spooled locally, uploaded at publish; a killed writer's spool is removed by the next writer
+            remove_dead_spools()
+            self._tmp_dir = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
         tag = f"{TMP_PREFIX}{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tmp = {k: os.path.join(self._tmp_dir, f"{tag}.{k}") for k in ("tar", "parquet", "stats")}
         self._tar = tarfile.open(self._tmp["tar"], "w", format=tarfile.USTAR_FORMAT)
@@ -349,9 +353,37 @@ def read_shard_stats(dataset_url: str, name: str, storage_options: dict | None =
     return json.loads(storage.read_bytes(storage.join(dataset_url, f"{name}_stats.json"), storage_options))
 
 
-def clean_temporaries(dataset_url: str, storage_options: dict | None = None) -> int:
-    """Remove temporary files a killed writer left behind; returns how many were removed."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_spools(tmp_root: str | None = None) -> int:
+    """Remove the local spool directories of object-store writers whose process is gone (killed mid-shard); returns
+    how many. Each is named after its writer's pid; a live process keeps its spool."""
+    root = tmp_root or tempfile.gettempdir()
     n = 0
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    for name in names:
+        m = re.fullmatch(re.escape(SPOOL_PREFIX) + r"(\d+)-\w+", name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            n += 1
+    return n
+
+
+def clean_temporaries(dataset_url: str, storage_options: dict | None = None) -> int:
+    """Remove temporary files a killed writer left behind (in the dataset, and the local spools of object-store
+    writers); returns how many were removed."""
+    n = 0 if storage.is_local(dataset_url) else remove_dead_spools()
     for name in storage.listdir(dataset_url, storage_options):
         if name.startswith(TMP_PREFIX):
             storage.remove(storage.join(dataset_url, name), storage_options)
@@ -393,13 +425,17 @@ def shard_urls(source: str, storage_options: dict | None = None) -> list[str]:
     """
     if "{" in source or "::" in source or source.endswith(".tar"):
         return expand_urls(source)
+    if source.endswith("versions.json"):  # a versioned root's index: the root
+        source = posixpath.dirname(source) or "."
     manifest_url = source if source.endswith(".json") else storage.join(source, "manifest.json")
-    base = source.rsplit("/", 1)[0] if source.endswith(".json") else source
+    base = (posixpath.dirname(source) or ".") if source.endswith(".json") else source
     if storage.exists(manifest_url, storage_options):
         manifest = json.loads(storage.read_bytes(manifest_url, storage_options))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+            raise ValueError(f"{manifest_url}: not a dataset manifest (no shards list)")
         own = [storage.join(base, s["name"]) for s in manifest["shards"]]
-        if manifest.get("delta") and manifest.get("parent"):
-            return shard_urls(manifest["parent"], storage_options) + own
+        if manifest.get("delta") and manifest.get("parent"):  # relative to this version's directory
+            return shard_urls(storage.resolve_ref(base, manifest["parent"]), storage_options) + own
         return own
     if source.endswith(".json"):
         raise FileNotFoundError(f"manifest not found: {manifest_url}")
@@ -418,8 +454,9 @@ def iter_samples(
 ) -> Iterator[dict]:
     """Yield the samples of one tar shard as ``{"__key__", "__url__", ext: value}`` dicts, streamed.
 
-    A corrupt or truncated shard stops with the samples read so far; the problem is counted in ``errors``
-    (``corrupt_shard``) when given, otherwise raised.
+    A corrupt or truncated shard stops with the samples read so far (the last one, which may have lost members,
+    is dropped); the problem is counted in ``errors`` (``corrupt_shard``) when given, otherwise raised. A shard cut
+    exactly at a member boundary counts too: it lacks the end-of-archive block every published tar ends with.
     """
     import fsspec
 
@@ -440,23 +477,27 @@ def iter_samples(
                 if current is None:
                     current = {"__key__": key, "__url__": url}
                 current[ext] = decode_field(ext, data) if decode else data
-    except (tarfile.TarError, EOFError, OSError) as e:
+            # tarfile stops quietly when the data ends right at a member boundary; reading the zero header moves
+            # the stream past the last member's offset, so equal positions mean the data simply ran out
+            if getattr(tar.fileobj, "pos", None) == tar.offset:
+                raise tarfile.ReadError(f"{url}: the shard ends without its end-of-archive block (truncated)")
+    except (tarfile.TarError, EOFError, OSError):
         if errors is None:
             raise
         errors["corrupt_shard"] += 1
         current = None  # the last sample may be incomplete: drop it, counted above
-        _ = e
     if current is not None:
         yield current
 
 
 def read_parquet(dataset_url: str, storage_options: dict | None = None):
-    """All parquet rows of a dataset's done shards as one pandas DataFrame."""
+    """All parquet rows of a dataset as one pandas DataFrame: the shards :func:`shard_urls` reads (a version as a
+    whole, a root as its latest version, a directory without a manifest as its done shards)."""
     import fsspec
     import pandas as pd
 
     frames = []
-    for n in done_shards(dataset_url, storage_options):
-        with fsspec.open(storage.join(dataset_url, f"{n}.parquet"), "rb", **(storage_options or {})) as f:
+    for url in shard_urls(dataset_url, storage_options):
+        with fsspec.open(url.removesuffix(".tar") + ".parquet", "rb", **(storage_options or {})) as f:
             frames.append(pq.read_table(f).to_pandas())
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BASE_COLUMNS.names)

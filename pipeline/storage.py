@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 
 import fsspec
@@ -30,6 +31,17 @@ def get_fs(url: str, storage_options: dict | None = None):
 def join(base: str, *parts: str) -> str:
     """Join URL/path components with ``/`` (works for local paths and URLs alike)."""
     return posixpath.join(base.rstrip("/"), *parts) if "://" in base else posixpath.join(base, *parts)
+
+
+def resolve_ref(base: str, ref: str) -> str:
+    """``ref`` as stored in a manifest (a URL, an absolute path, or a path relative to the directory ``base``) as a
+    URL or absolute path; relative references keep a dataset readable after it is moved or copied."""
+    if "://" in ref or os.path.isabs(ref):
+        return ref
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, ref))}"
+    return os.path.normpath(os.path.join(os.path.abspath(base), ref))
 
 
 def is_local(url: str) -> bool:

@@ -6,7 +6,8 @@ Layout of a versioned dataset (local path or fsspec URL)::
       versions.json     the index: one row per complete version (number, path, parent, counts, created_at, code)
       v0001/            a full dataset per the data contract (shards, parquet, _stats.json, sizes.json, manifest)
       v0002/            a *delta*: only the samples added since v0001; its manifest has "version": 2,
-                        "delta": true and "parent": the URL of v0001/manifest.json
+                        "delta": true and "parent": "../v0001/manifest.json" (relative, so a moved or copied
+                        root reads its own versions; absolute parents of older manifests still resolve)
 
 - Keys stay unique across the family: a version's shard indices continue after the highest index of its
   ancestors, and keys are shard index + position (``pipeline.scrape.sample_key``).
@@ -18,7 +19,8 @@ Layout of a versioned dataset (local path or fsspec URL)::
   version), and image bytes are *stored* when an ancestor kept a sample with that content sha256. Both sets are
   held as sorted arrays of digests (16 bytes a URL, 32 bytes a sha256), so a million rows cost tens of MB.
 - A version is complete when its ``manifest.json`` exists; the index is rebuilt from the manifests after every
-  run (:func:`write_index`), so a run killed between the two leaves nothing inconsistent. A killed run leaves an
+  run (:func:`write_index`), and :func:`list_versions` rebuilds it when it misses a complete version, so a run
+  killed between the two leaves nothing inconsistent. A killed run leaves an
   incomplete ``vNNNN/``, which the next incremental run resumes with its original plan.
 - Every run writes a version, even one that adds nothing: the version records that the run happened and what
   it skipped (``seen_url`` before download, ``seen_content`` after).
@@ -31,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 import re
 import uuid
 from collections.abc import Iterable
@@ -65,11 +68,17 @@ def manifest_url(dataset_url: str) -> str:
 
 
 def _base(dataset_url: str) -> str:
-    return dataset_url.rsplit("/", 1)[0] if dataset_url.endswith(".json") else dataset_url.rstrip("/")
+    return (posixpath.dirname(dataset_url) or ".") if dataset_url.endswith(".json") else dataset_url.rstrip("/")
 
 
 def _read_json(url: str, storage_options: dict | None) -> dict:
-    return json.loads(storage.read_bytes(url, storage_options))
+    try:
+        doc = json.loads(storage.read_bytes(url, storage_options))
+    except ValueError as e:
+        raise ValueError(f"{url}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{url}: expected a JSON object")
+    return doc
 
 
 def _absolute(url: str) -> str:
@@ -106,7 +115,8 @@ def ancestry(dataset_url: str, storage_options: dict | None = None) -> list[tupl
             raise FileNotFoundError(f"manifest not found: {url}")
         manifest = _read_json(url, storage_options)
         chain.append((_base(url), manifest))
-        url = manifest.get("parent") if manifest.get("delta") else None
+        parent = manifest.get("parent") if manifest.get("delta") else None
+        url = storage.resolve_ref(_base(url), parent) if parent else None
         if len(chain) > 100_000:
             raise ValueError(f"{dataset_url}: the parent chain of its versions loops")
     return chain[::-1]
@@ -307,10 +317,11 @@ def stamp_manifest(manifest: dict, target: NextVersion, storage_options: dict | 
         parent = _read_json(target.parent, storage_options)
         samples += parent.get("total_samples", parent["samples"])
         shards_ += parent.get("total_shards", len(parent["shards"]))
+    parent = None if target.parent is None else "/".join(["..", *target.parent.rstrip("/").split("/")[-2:]])
     manifest.update(
         version=target.number,
         delta=target.parent is not None,
-        parent=target.parent,
+        parent=parent,  # ../vNNNN/manifest.json: the versions live side by side under one root
         versions_root=target.root,
         total_samples=samples,
         total_shards=shards_,
@@ -365,10 +376,16 @@ def write_index(root: str, storage_options: dict | None = None) -> list[dict]:
 
 
 def list_versions(root: str, storage_options: dict | None = None) -> list[dict]:
-    """The versions of a dataset, oldest first: ``versions.json`` when present, else rebuilt from the manifests."""
+    """The versions of a dataset, oldest first: ``versions.json``, rebuilt from the manifests when it is missing or
+    does not list exactly the complete versions (a run killed between its manifest and the index)."""
     root = _base(root)
     if is_versioned(root, storage_options):
-        return _read_json(storage.join(root, INDEX_NAME), storage_options)["versions"]
+        url = storage.join(root, INDEX_NAME)
+        rows = _read_json(url, storage_options).get("versions")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "version" in r for r in rows):
+            raise ValueError(f"{url}: not a versions index (no list of versions)")
+        if [r["version"] for r in rows] == [n for n, _ in scan_versions(root, storage_options)]:
+            return rows
     rows = build_index(root, storage_options)
     if not rows:
         raise FileNotFoundError(f"{root} has no versions (no {INDEX_NAME} and no vNNNN/manifest.json)")

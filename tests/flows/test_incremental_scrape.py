@@ -102,7 +102,7 @@ def test_two_incremental_runs_fetch_only_what_is_new(server, tmp_path):
     assert {u for u in new if counting.hits[path_of(u)]} == set(new) and len(new) == 12  # each new URL
     assert image_hits(counting, new) == attempts(versions.version_url(root, 2))  # and nothing else
     v2 = versions.version_url(root, 2)
-    assert m2["version"] == 2 and m2["delta"] and m2["parent"] == v1 + "/manifest.json"
+    assert m2["version"] == 2 and m2["delta"] and m2["parent"] == "../v0001/manifest.json"
     assert read_manifest(v2)["parent"] == m2["parent"] and read_manifest(v1)["version"] == 1
     assert m2["extraction"] == {"seen_url": 15}
     assert m2["stats"]["dropped"] == {"seen_content": 2}  # new URLs, bytes already stored by version 1
@@ -142,7 +142,8 @@ def test_incremental_runs_on_s3(server, tmp_path, s3_bucket):
     m2 = scrape(root, tmp_path / "grown.csv", so)
     assert image_hits(counting, first["url"]) == 0
     assert image_hits(counting, grown["url"]) == attempts(f"{root}/v0002", so) >= 4
-    assert m2["parent"] == f"{root}/v0001/manifest.json" and m2["dataset"] == f"{root}/v0002"
+    assert m2["parent"] == "../v0001/manifest.json" and m2["dataset"] == f"{root}/v0002"
+    assert shards.shard_urls(f"{root}/v0002", so)[0] == f"{root}/v0001/000000.tar"  # resolved in the bucket
     assert m2["stats"]["dropped"] == {"seen_content": 2} and m2["samples"] == 2
     keys = [s["__key__"] for u in shards.shard_urls(root, so) for s in shards.iter_samples(u, so)]
     assert len(keys) == len(set(keys)) == 7

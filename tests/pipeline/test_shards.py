@@ -162,6 +162,30 @@ def test_corrupt_shard_is_counted(tmp_path):
         list(shards.iter_samples(str(tmp_path / "cut.tar")))
 
 
+def test_a_shard_cut_at_a_member_boundary_is_counted(tmp_path):
+    write_shard(tmp_path, 0, 5)
+    data = (tmp_path / "000000.tar").read_bytes()
+    with tarfile.open(tmp_path / "000000.tar") as tar:
+        fourth = [m for m in tar.getmembers() if m.name.startswith("k00003.")][0]
+    (tmp_path / "cut.tar").write_bytes(data[: fourth.offset])  # samples 0-2 whole, then nothing
+    errors = Counter()
+    got = list(shards.iter_samples(str(tmp_path / "cut.tar"), errors=errors))
+    assert errors["corrupt_shard"] == 1 and [s["__key__"] for s in got] == ["k00000", "k00001"]
+    whole = Counter()
+    assert len(list(shards.iter_samples(str(tmp_path / "000000.tar"), errors=whole))) == 5 and not whole
+
+
+def test_a_killed_object_store_writers_spool_is_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{shards.SPOOL_PREFIX}{int(dead.stdout)}-abc123"
+    live = tmp_path / f"{shards.SPOOL_PREFIX}{os.getpid()}-def456"
+    for d in (stale, live):
+        d.mkdir()
+        (d / ".tmp-000000-1-x.tar").write_bytes(b"x" * 100)
+    assert shards.remove_dead_spools(str(tmp_path)) == 1
+    assert not stale.exists() and live.exists()
+
+
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time

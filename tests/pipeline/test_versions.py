@@ -3,6 +3,7 @@
 import concurrent.futures as cf
 import hashlib
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -65,7 +66,7 @@ def test_versions_chain_read_as_a_whole_and_indexed(tmp_path):
     assert (v2.number, v2.start_index) == (2, 2)
     assert v2.parent == str(tmp_path / "ds" / "v0001" / "manifest.json")
     assert m1["version"] == 1 and m1["parent"] is None and not m1["delta"]
-    assert m2["version"] == 2 and m2["parent"] == v2.parent and m2["delta"]
+    assert m2["version"] == 2 and m2["parent"] == "../v0001/manifest.json" and m2["delta"]  # relative to v0002/
     assert (m2["samples"], m2["total_samples"], m2["total_shards"]) == (2, 5, 3)
     assert read_manifest(v2.url) == json.loads(json.dumps(m2))
 
@@ -189,3 +190,69 @@ def test_versions_on_s3(s3_bucket):
     assert versions.diff_versions(root, 1, 2, so)["n_added"] == 2
     assert url(4) not in versions.seen_urls(v2.url, so) and url(7) in versions.seen_urls(v2.url, so)
     assert versions.next_version(root, so).start_index == 3
+
+
+def test_a_moved_or_copied_root_reads_its_own_versions(tmp_path):
+    import shutil
+
+    root = tmp_path / "ds"
+    two_versions(str(root))
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    (root / "v0001" / "000000.tar").unlink()  # the original changes: the copy must not read it
+    own = shards.shard_urls(str(copy / "v0002"))
+    assert own == [f"{copy}/v0001/000000.tar", f"{copy}/v0001/000001.tar", f"{copy}/v0002/000002.tar"]
+    assert len(keys_of(own)) == 5 and versions.diff_versions(str(copy), 1, 2)["n_common"] == 3
+    moved = tmp_path / "moved"
+    shutil.move(copy, moved)
+    assert shards.shard_urls(str(moved)) == [u.replace(str(copy), str(moved)) for u in own]
+    assert [d for d, _ in versions.ancestry(str(moved / "v0002"))] == [str(moved / "v0001"), str(moved / "v0002")]
+
+
+def test_an_absolute_parent_of_an_older_manifest_still_resolves(tmp_path):
+    root = tmp_path / "ds"
+    two_versions(str(root))
+    m = json.loads((root / "v0002" / "manifest.json").read_text())
+    m["parent"] = str(root / "v0001" / "manifest.json")
+    (root / "v0002" / "manifest.json").write_text(json.dumps(m))
+    assert len(shards.shard_urls(str(root / "v0002"))) == 3
+
+
+def test_read_parquet_of_a_root_or_version_is_the_version_as_a_whole(tmp_path):
+    root = str(tmp_path / "ds")
+    two_versions(root)
+    assert len(shards.read_parquet(root)) == 7  # every attempted record of v1 (4) and v2 (3)
+    assert len(shards.read_parquet(f"{root}/v0002")) == 7 and len(shards.read_parquet(f"{root}/v0001")) == 4
+
+
+def test_listing_after_a_kill_between_manifest_and_index_shows_the_new_version(tmp_path):
+    root = str(tmp_path / "ds")
+    two_versions(root)
+    target = versions.next_version(root)
+    with shards.ShardWriter(target.url, target.start_index) as w:
+        w.write({"__key__": "000003000000", "txt": "c"})
+        w.add_row({"key": "000003000000", "url": url(9), "status": "success"})
+        w.publish(StageStats(seen=1, kept=1))
+    m = build_manifest(target.url, "scrape", {}, parent=target.parent)
+    write_manifest(target.url, versions.stamp_manifest(m, target))  # killed here: versions.json not rewritten
+    assert [r["version"] for r in versions.list_versions(root)] == [1, 2, 3]
+    assert versions.list_versions(root)[-1]["samples"] == 6
+
+
+def test_manifest_and_index_paths_read_like_their_directories(tmp_path, monkeypatch):
+    root = tmp_path / "ds"
+    two_versions(str(root))
+    want = shards.shard_urls(str(root))
+    assert shards.shard_urls(str(root / "versions.json")) == want
+    monkeypatch.chdir(root / "v0002")
+    assert [os.path.abspath(u) for u in shards.shard_urls("manifest.json")] == want
+
+
+@pytest.mark.parametrize("index", ['{"a": 1}', "[1, 2]", "{"])
+def test_a_broken_index_is_a_one_line_error(tmp_path, index):
+    root = tmp_path / "ds"
+    two_versions(str(root))
+    (root / "versions.json").write_text(index)
+    with pytest.raises(ValueError) as e:
+        versions.list_versions(str(root))
+    assert str(e.value).startswith(str(root / "versions.json")) and "\n" not in str(e.value)

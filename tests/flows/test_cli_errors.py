@@ -1,0 +1,42 @@
+"""One-line errors of the small commands (demo-site, versions), through the real CLI app in-process."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+
+def run(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--images", "10", "--port", "0"], "n_images must be at least 20"),
+        (["--port", "70000"], "--port must be 0..65535"),
+        (["--port", "0", "--ground-truth", "/proc/nope/gt.jsonl"], "cannot write the ground truth"),
+    ],
+)
+def test_demo_site_bad_options_are_one_line(args, named):
+    r = run("demo-site", *args)
+    assert r.exit_code == 2
+    out = r.output.strip()
+    assert named in out and out.startswith("error:") and "\n" not in out and "Traceback" not in out
+
+
+def test_versions_errors_are_one_line(tmp_path):
+    from tests.pipeline.test_versions import two_versions
+
+    root = tmp_path / "ds"
+    two_versions(str(root))
+    ok = run("versions", str(root), "--storage-options", "{}")
+    assert ok.exit_code == 0 and len(ok.output.strip().splitlines()) == 3
+    m = json.loads((root / "v0001" / "manifest.json").read_text())
+    del m["samples"]
+    (root / "v0001" / "manifest.json").write_text(json.dumps(m))
+    (root / "versions.json").unlink()  # rebuilt from the manifests, one of which is damaged
+    bad = run("versions", str(root))
+    assert bad.exit_code == 2 and "lacks 'samples'" in bad.output and "\n" not in bad.output.strip()
