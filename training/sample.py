@@ -123,8 +123,15 @@ def generate(
     use the conditional prediction alone, so a negative prompt acts only inside the interval.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to generate for")
     if steps < 1 or n < 1 or batch_size < 1:
         raise ValueError(f"steps, n and batch_size must be >= 1, got {steps}, {n}, {batch_size}")
+    train_steps = int(pipe.train_scheduler_config.get("num_train_timesteps", 1000))
+    if steps > train_steps:
+        raise ValueError(f"steps must be at most the {train_steps} timesteps the model was trained on, got {steps}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance}")
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}: use one of {SCHEDULERS}")
     if guidance_interval is not None:
@@ -213,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
+        if args.cols is not None and args.cols < 1:
+            raise ValueError(f"--cols must be >= 1, got {args.cols}")
+        out = Path(args.out)
+        if out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+            raise ValueError(f"--out {args.out}: give a PNG file path whose parent folders can be created")
         pipe = load_pipeline(args.model_dir, device=args.device)
         images = generate(
             pipe,
@@ -241,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         "n": args.num_images,
         "model": str(args.model_dir),
     }
-    out = save_grid(images, args.out, meta, args.cols)
+    try:
+        out = save_grid(images, args.out, meta, args.cols)
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 

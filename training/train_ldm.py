@@ -118,6 +118,12 @@ class LdmTrainConfig:
             raise ValueError(f"text_lr_scale must be > 0, got {self.text_lr_scale}")
         if self.grad_accum < 1 or self.steps < 1:
             raise ValueError("steps and grad_accum must be >= 1")
+        guidance_ok = math.isfinite(self.sample_guidance) and self.sample_guidance > 0
+        if not 1 <= self.sample_steps <= 1000 or not guidance_ok:
+            raise ValueError(
+                f"sample_steps must be 1..1000 and sample_guidance a number > 0, got {self.sample_steps}, "
+                f"{self.sample_guidance}"
+            )
 
     def to_json(self) -> str:
         """The config as JSON."""
@@ -375,9 +381,10 @@ def train(cfg: LdmTrainConfig) -> dict:
             break
     bar.close()
 
-    # ---- the end: last grid, checkpoint, the pipeline folder (EMA weights)
-    grid()
+    # ---- the end: checkpoint, last grid, the pipeline folder (EMA weights); saved first, so nothing after it can
+    # cost the run its end state
     save()
+    grid()
     errors = distributed.all_gather_object(dict(position.errors))
     result = {"config": asdict(cfg), "step": step, "train_seconds": round(train_seconds, 2), **history}
     result["data_errors"] = dict(sum((Counter(e) for e in errors), start=Counter()))

@@ -170,6 +170,47 @@ def test_cli_writes_a_grid_and_fails_in_one_line(pipe, tmp_path, capsys):
     assert len(err) == 1 and "not a pipeline folder" in err[0]
 
 
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--steps", "1001"], "at most the 1000 timesteps"),
+        (["--guidance", "nan"], "finite"),
+        (["--cols", "0"], "--cols must be >= 1"),
+        (["--device", "bogus"], "unknown device"),
+        (["--device", "cuda:7"], "no such CUDA device"),
+    ],
+)
+def test_cli_refuses_bad_settings_in_one_line(pipe, tmp_path, capsys, flags, named):
+    out = tmp_path / "o.png"
+    assert main([pipe.path, "x", "-n", "1", "--steps", "2", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and "\n" not in err and not out.exists()
+
+
+def test_cli_refuses_an_output_it_cannot_write_before_generating(pipe, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path, tmp_path / "file" / "a.png"):
+        assert main([pipe.path, "x", "-n", "1", "--steps", "2", "--out", str(out)]) == 2
+        assert "give a PNG file path" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="no prompts"):
+        generate(pipe, [], steps=2)
+
+
+def test_an_incomplete_pipeline_folder_is_a_one_line_error(pipe, tmp_path):
+    import shutil
+
+    from training.models.pipeline import load_pipeline
+
+    for part in ("scheduler", "empty_text_emb.npy"):
+        broken = tmp_path / part.split(".")[0]
+        shutil.copytree(pipe.path, broken)
+        target = broken / part
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        with pytest.raises(ValueError, match=f"incomplete pipeline folder.*{part.split('/')[0]}"):
+            load_pipeline(broken)
+
+
 class GaussianOracle(torch.nn.Module):
     """The exact noise predictor when every latent element is x0 ~ N(mu, s^2), mu read from the conditioning."""
 

@@ -405,6 +405,9 @@ def test_config_round_trips_and_cli_flags():
     assert LdmTrainConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="prediction"):
         replace(cfg, prediction="x0")
+    for bad in ({"sample_steps": 0}, {"sample_steps": 2000}, {"sample_guidance": float("nan")}):
+        with pytest.raises(ValueError, match="sample_steps must be 1..1000"):  # checked before any training
+            LdmTrainConfig(data="d", out="o", steps=100, **bad)
     sched = LdmTrainConfig(data="d", out="o", steps=100, warmup=10, lr=1.0, min_lr=0.1)
     assert lr_at(0, sched) == pytest.approx(0.1) and lr_at(9, sched) == pytest.approx(1.0)
     assert lr_at(100, sched) == pytest.approx(0.1)

@@ -209,6 +209,10 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     index = json.loads((path / MODEL_INDEX).read_text(encoding="utf-8"))
     if index.get("_class_name") != PIPELINE_CLASS:
         raise ValueError(f"{path}: {MODEL_INDEX} is for {index.get('_class_name')!r}, not {PIPELINE_CLASS}")
+    missing = [p for p in ("scheduler/scheduler_config.json", index.get("empty_text_emb", EMPTY_EMB))
+               if not (path / p).is_file()]  # fmt: skip
+    if missing:
+        raise ValueError(f"{path}: incomplete pipeline folder (no {', '.join(missing)})")
     dev = resolve_device(str(device))
     try:
         # low_cpu_mem_usage=False: the plain load, without the warning about the optional `accelerate` package
