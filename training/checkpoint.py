@@ -144,12 +144,35 @@ def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
                     optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
+def read_state(path: str | Path) -> dict:
+    """A checkpoint directory's state.json (step, config, data positions, ...), without loading any tensor."""
+    return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+
+
+def check_fits(path: str | Path, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """One-line ``ValueError`` when a checkpoint's weights are not this model's (another architecture)."""
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(mine.keys() - weights.keys()), sorted(weights.keys() - mine.keys())
+    reshaped = sorted(k for k in mine.keys() & weights.keys() if tuple(weights[k].shape) != mine[k])
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
+        raise ValueError(
+            f"checkpoint {path} holds another model ({len(missing)} tensor(s) missing, {len(unexpected)} unexpected,"
+            f" {len(reshaped)} of another shape, e.g. {example}): it was trained with another model config;"
+            " start over with --resume none or use another --out"
+        )
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load weights (and optimizer state, and RNG states) from a checkpoint directory; returns its state.json."""
+    """Load weights (and optimizer state, and RNG states) from a checkpoint directory; returns its state.json.
+
+    Weights of another architecture are a one-line ``ValueError`` before anything is loaded."""
     path = Path(path)
-    doc = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    doc = read_state(path)
     model = getattr(model, "module", model)
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
+    weights = load_file(str(path / "model.safetensors"), device="cpu")
+    check_fits(path, model, weights)
+    model.load_state_dict(weights)
     if optimizer is not None:
         tensors = load_file(str(path / "optimizer.safetensors"), device="cpu")
         optimizer.load_state_dict(optimizer_from_flat(doc["optimizer"], tensors))

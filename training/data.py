@@ -6,8 +6,10 @@ list is permuted with ``seed`` and ``epoch`` and only then dealt to the slots, s
 With fewer shards than slots (or ``split="sample"``) every slot reads the permuted shards and keeps every S-th
 sample instead; then a global batch holds the same samples whatever the world size.
 
-Each slot yields exactly ``batches_per_slot`` full batches per epoch (wrapping around its shards if they run
-short), so every rank takes the same number of steps and DDP never hangs. Each batch carries the slot's position
+Each slot yields exactly ``batches_per_slot`` full batches per epoch, so every rank takes the same number of steps
+and DDP never hangs. An epoch of a slot is one pass over its share that the shuffle buffer drains, so no sample
+comes twice; a slot whose share is short of its batches (unequal shards, bad samples) wraps only after that pass,
+and the samples past a slot's last full batch sit this epoch out. Each batch carries the slot's position
 (epoch, raw samples consumed, batches emitted), so the trainer can save where every slot stands and a resumed
 run skips exactly what was consumed (raw samples are skipped before decoding, so resuming is cheap).
 """
@@ -144,6 +146,8 @@ def plan_fingerprint(plan: ShardPlan, cfg: LoaderConfig) -> str:
         "split": plan.split,
         "shuffle_buffer": cfg.shuffle_buffer,
     }
+    if cfg.shuffle_buffer > 1:  # the buffer drains at each epoch's end (before, it never did: another stream)
+        doc["buffer_drains"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -151,43 +155,27 @@ def plan_fingerprint(plan: ShardPlan, cfg: LoaderConfig) -> str:
 
 
 def raw_samples(
-    urls: list[str],
-    stride: int,
-    offset: int,
-    errors: Counter,
-    expected: dict | None = None,
-    storage_options=None,
-    fallback: tuple[list[str], int, int] | None = None,  # (urls, stride, offset) if these shards yield nothing
+    urls: list[str], stride: int, offset: int, errors: Counter, expected: dict | None = None, storage_options=None
 ) -> Iterator[dict]:
-    """Undecoded samples of ``urls`` in order, every ``stride``-th from ``offset``, wrapping around forever.
+    """Undecoded samples of ``urls`` in order, every ``stride``-th from ``offset``: one pass.
 
     A shard that yields fewer samples than ``expected[url]`` (sizes.json) adds the shortfall to
     ``errors["missing_from_shard"]``: a tar cut at a header boundary otherwise reads as a clean, shorter shard.
-    When every shard of a slot turns out unreadable, the slot reads ``fallback`` instead (its share of all shards'
-    samples), the same way on every run, so a resume replays it.
     """
-    while True:
-        got, i = 0, 0
-        for url in urls:
-            n_url = 0
-            for sample in iter_samples(url, storage_options, decode=False, errors=errors):
-                i += 1
-                n_url += 1
-                if (i - 1) % stride != offset:
-                    continue
-                got += 1
+    i = 0
+    for url in urls:
+        n_url = 0
+        for sample in iter_samples(url, storage_options, decode=False, errors=errors):
+            i += 1
+            n_url += 1
+            if (i - 1) % stride == offset:
                 yield sample
-            if expected and n_url < expected.get(url, 0):
-                errors["missing_from_shard"] += expected[url] - n_url
-        if got == 0 and fallback is not None:
-            urls, stride, offset = fallback
-            fallback = None
-        elif got == 0:
-            raise RuntimeError(f"no readable samples in {len(urls)} shard(s), e.g. {urls[0]}")
+        if expected and n_url < expected.get(url, 0):
+            errors["missing_from_shard"] += expected[url] - n_url
 
 
 def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Shuffle a stream with a buffer of ``size`` samples; deterministic given ``rng``."""
+    """Shuffle a stream with a buffer of ``size`` samples; deterministic given ``rng``. A finite stream drains."""
     if size <= 1:
         yield from samples
         return
@@ -203,18 +191,37 @@ def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator
     yield from buf
 
 
-def slot_batches(
-    plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle_buffer: int = 0, storage_options=None
-) -> Iterator[dict]:
+def epoch_samples(plan: ShardPlan, slot: int, epoch: int, errors: Counter, shuffle_buffer: int) -> Iterator[dict]:
+    """The undecoded samples of ``slot`` in ``epoch``: one shuffled pass over its share, drained to the end, then
+    further passes (each shuffled and drained) only for as long as the caller still needs samples.
+
+    A slot takes ``batches_per_slot`` full batches; one whose share falls short of that (unequal shards, bad
+    samples) wraps, and only after every sample of its share came once, so an epoch repeats nothing it did not
+    have to. When every shard of a slot turns out unreadable, the slot reads its share of all shards' samples
+    instead, the same way on every run, so a resume replays it.
+    """
+    urls, stride, offset = plan.slot_shards(slot, epoch)
+    fallback = (list(plan.urls), plan.slots, slot) if stride == 1 else None  # the slot's share of every shard
+    sizes = dict(zip(plan.urls, plan.sizes, strict=True))
+    rng = random.Random(f"buf-{plan.seed}-{epoch}-{slot}")
+    while True:
+        got = 0
+        one_pass = raw_samples(urls, stride, offset, errors, sizes, plan.storage_options)
+        for sample in shuffled(one_pass, shuffle_buffer, rng):
+            got += 1
+            yield sample
+        if got == 0 and fallback is not None:
+            (urls, stride, offset), fallback = fallback, None
+        elif got == 0:
+            raise RuntimeError(f"no readable samples in {len(urls)} shard(s), e.g. {urls[0]}")
+
+
+def slot_batches(plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle_buffer: int = 0) -> Iterator[dict]:
     """Full batches of one slot forever, starting at ``state`` ({"epoch", "raw", "batches"}); each carries __pos__."""
     epoch, skip, n_batches = state["epoch"], state["raw"], state["batches"]
     while True:
         errors: Counter = Counter()
-        urls, stride, offset = plan.slot_shards(slot, epoch)
-        fallback = (list(plan.urls), plan.slots, slot) if stride == 1 else None  # the slot's share of every shard
-        sizes = dict(zip(plan.urls, plan.sizes, strict=True))
-        stream = raw_samples(urls, stride, offset, errors, sizes, storage_options, fallback)
-        stream = shuffled(stream, shuffle_buffer, random.Random(f"buf-{plan.seed}-{epoch}-{slot}"))
+        stream = epoch_samples(plan, slot, epoch, errors, shuffle_buffer)
         raw = 0
         for _ in range(skip):  # resume: drop what the saved run already consumed, without decoding it
             next(stream)
@@ -267,7 +274,7 @@ class ShardStream(IterableDataset):
         logical = (worker + self.start["batches"]) % n_workers
         slot = self.rank * n_workers + logical
         state = self.start["slots"].get(str(slot), {"epoch": self.start["epoch"], "raw": 0, "batches": 0})
-        yield from slot_batches(self.plan, slot, state, self.map_fn, self.shuffle_buffer, self.plan.storage_options)
+        yield from slot_batches(self.plan, slot, state, self.map_fn, self.shuffle_buffer)
 
 
 @dataclass
@@ -315,8 +322,12 @@ class DataPosition:
 
 
 def make_loader(plan: ShardPlan, cfg: LoaderConfig, rank: int, map_fn: MapFn, position: DataPosition) -> DataLoader:
-    """A DataLoader over this rank's batches, decoding in ``cfg.workers`` persistent workers."""
+    """A DataLoader over this rank's batches, decoding in ``cfg.workers`` persistent workers; creating and iterating
+    it leaves the global RNGs alone."""
     ds = ShardStream(plan, rank, map_fn, position, cfg.shuffle_buffer)
+    # The loader's own generator draws the workers' base seed; without it ``iter(loader)`` takes a number from the
+    # global torch RNG, and a resumed run's dropout would no longer follow the uninterrupted run's stream.
+    seed = random.Random(f"loader-{cfg.seed}-{rank}-{position.epoch}-{position.batches}").getrandbits(63)
     kwargs = {}
     if cfg.workers > 0:
         kwargs = {"persistent_workers": True, "prefetch_factor": cfg.prefetch_factor}
@@ -325,5 +336,6 @@ def make_loader(plan: ShardPlan, cfg: LoaderConfig, rank: int, map_fn: MapFn, po
         batch_size=None,  # the slots batch themselves
         num_workers=cfg.workers,
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
         **kwargs,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -38,19 +39,38 @@ def fast_cuda_settings() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"
+
+
+def check_device(device: str) -> None:
+    """``ValueError`` (one line) unless ``device`` is auto, cpu, cuda or cuda:N; whether the GPU exists is checked
+    when the run starts (:func:`init_distributed`)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", device):
+        raise ValueError(f"unknown device {device!r}: use {DEVICES}")
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Join the torchrun job described by RANK/WORLD_SIZE/LOCAL_RANK (nccl on GPU, gloo on CPU), else run alone.
 
-    ``device``: "auto" (CUDA when available), "cuda" or "cpu". torchrun's rendezvous flags (--nnodes,
-    --rdzv-endpoint, ...) set the environment this reads, so multi-node needs nothing else.
+    ``device``: "auto" (CUDA when available), "cpu", "cuda" (under torchrun each rank takes GPU LOCAL_RANK) or
+    "cuda:N" (one process on GPU N). Anything else, or a GPU this machine lacks, is a one-line ``ValueError``.
+    torchrun's rendezvous flags (--nnodes, --rdzv-endpoint, ...) set the environment this reads, so multi-node
+    needs nothing else.
     """
+    check_device(device)
     env = os.environ  # torchrun's launch contract; read here and nowhere else
     world_size = int(env.get("WORLD_SIZE", "1"))
     rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    index = local_rank
+    if device.startswith("cuda:"):
+        if world_size > 1:
+            raise ValueError(f"device {device!r} names one GPU; under torchrun use cuda (rank r takes GPU LOCAL_RANK)")
+        index = int(device.partition(":")[2])
+    if use_cuda and not (torch.cuda.is_available() and index < torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else "no CUDA"
+        raise ValueError(f"device {device!r}: no CUDA device {index} on this machine ({found}); use --device cpu")
+    dev = torch.device("cuda", index) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
         fast_cuda_settings()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from pipeline.shards import iter_samples, shard_urls
 
@@ -22,9 +23,15 @@ class ZeroShotTask:
     label_of: Callable[[dict], str | None]  # sample .json -> class name, or None to leave the sample out
 
 
-def _single_shape(meta: dict, field: str) -> str | None:
-    shapes = meta.get("attributes", {}).get("shapes", [])
-    return shapes[0][field] if len(shapes) == 1 else None
+def _single_shape(meta, field: str) -> str | None:
+    """``field`` of the one shape in ``meta["attributes"]["shapes"]``; None for two shapes, or metadata of another
+    form (``"attributes": null``, a list, a missing field): the sample is left out of the task, not a crash."""
+    attributes = meta.get("attributes") if isinstance(meta, dict) else None
+    shapes = attributes.get("shapes") if isinstance(attributes, dict) else None
+    if not isinstance(shapes, list) or len(shapes) != 1 or not isinstance(shapes[0], dict):
+        return None
+    value = shapes[0].get(field)
+    return value if isinstance(value, str) else None
 
 
 def demo_colour(meta: dict) -> str | None:
@@ -63,11 +70,18 @@ class EvalSet:
     errors: Counter
 
 
-def load_eval_set(source: str, map_image: Callable[[dict], torch.Tensor], limit: int = 2000) -> EvalSet:
-    """Read up to ``limit`` samples of held-out shards; ``map_image`` turns a raw sample into an image tensor."""
+def load_eval_set(
+    source: str, map_image: Callable[[dict], torch.Tensor], limit: int = 2000, storage_options: dict | None = None
+) -> EvalSet:
+    """Read up to ``limit`` samples of held-out shards; ``map_image`` turns a raw sample into an image tensor.
+
+    Bad samples are skipped and counted in ``errors`` as the training loader does (``missing_field``,
+    ``decode_error``: undecodable or truncated images, decompression bombs, unreadable metadata; ``corrupt_shard``).
+    ``storage_options``: fsspec options for remote shards (the training data's endpoint).
+    """
     images, captions, metas, errors = [], [], [], Counter()
-    for url in sorted(shard_urls(source)):
-        for s in iter_samples(url, decode=False, errors=errors):
+    for url in sorted(shard_urls(source, storage_options)):
+        for s in iter_samples(url, storage_options, decode=False, errors=errors):
             try:
                 img = map_image(s)
                 caption = s["txt"].decode("utf-8")
@@ -75,7 +89,7 @@ def load_eval_set(source: str, map_image: Callable[[dict], torch.Tensor], limit:
             except KeyError:
                 errors["missing_field"] += 1
                 continue
-            except (OSError, ValueError, SyntaxError):
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):  # EOFError: cut image
                 errors["decode_error"] += 1
                 continue
             images.append(img)
@@ -84,7 +98,7 @@ def load_eval_set(source: str, map_image: Callable[[dict], torch.Tensor], limit:
             if len(images) >= limit:
                 return EvalSet(torch.stack(images), captions, metas, errors)
     if not images:
-        raise ValueError(f"no evaluation samples in {source}")
+        raise ValueError(f"no evaluation samples in {source} ({dict(errors) or 'no samples'})")
     return EvalSet(torch.stack(images), captions, metas, errors)
 
 
@@ -147,11 +161,11 @@ def evaluate_clip(model, tokenizer, data: EvalSet, tasks: list[ZeroShotTask], de
         metrics = retrieval_recall(img, txt)
         metrics["retrieval_pairs"] = len(data.captions)
         for task in tasks:
+            index = {c: i for i, c in enumerate(task.classnames)}
             labels = [task.label_of(m) for m in data.metas]
-            keep = [i for i, lab in enumerate(labels) if lab is not None]
+            keep = [i for i, lab in enumerate(labels) if lab in index]  # None, or a class the task does not have
             if not keep:
                 continue
-            index = {c: i for i, c in enumerate(task.classnames)}
             y = torch.tensor([index[labels[i]] for i in keep])
             cls = class_embeddings(model, tokenizer, task.classnames, task.templates, device)
             metrics[f"zeroshot_{task.name}"] = zero_shot_accuracy(img[keep], cls, y)

@@ -24,11 +24,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import distributed
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.evaluate import demo_tasks, evaluate_clip, load_eval_set
 from training.models import create_clip, export_open_clip, get_tokenizer, make_clip_map, model_config
 from training.objectives import clamp_logit_scale, clip_loss
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class ClipTrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     precision: str = "auto"  # auto (bf16 on GPU if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     grad_checkpointing: bool = False
-    device: str = "auto"  # auto | cuda | cpu
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (one process)
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 1000  # samples per worker
     split: str = "shard"  # "shard" or "sample" (see training.data)
@@ -58,7 +60,7 @@ class ClipTrainConfig:
     grayscale_p: float = 0.0  # share of training images turned grey (forces shape features, not colour alone)
     init_logit_scale: float = 0.0  # initial exp(logit scale); 0 = the architecture's default (1/0.07)
     seed: int = 0
-    log_every: int = 10  # steps between log lines
+    log_every: int = 10  # steps between log lines; 0 = only at the end
     save_every: int = 500  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
     eval_data: str | None = None  # held-out shards for zero-shot (demo attributes) and retrieval
@@ -70,6 +72,18 @@ class ClipTrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     storage_options: str = ""  # JSON fsspec options for s3:// data (endpoint_url, ...); credentials: environment
     progress: bool = True  # progress bar when stderr is a terminal
+
+    def __post_init__(self):
+        distributed.check_device(self.device)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+        if self.steps < 1 or self.batch_size < 1 or self.accum_steps < 1:
+            raise ValueError("steps, batch_size and accum_steps must be >= 1")
+        for name in ("log_every", "save_every", "eval_every", "stop_after", "warmup_steps", "workers", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_minutes < 0 or self.eval_limit < 1:
+            raise ValueError("max_minutes must be >= 0 and eval_limit >= 1")
 
     def to_json(self) -> str:
         """The config as JSON."""
@@ -103,7 +117,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """fp32 on CPU; on GPU bf16 where supported, else fp16, unless given."""
+    """fp32 on CPU; on GPU bf16 where supported, else fp16, unless given. One-line ``ValueError`` for an unknown
+    precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     if device.type != "cuda":
         if precision not in ("auto", "fp32"):
             raise ValueError(f"precision {precision} needs a GPU; CPU training runs in fp32")
@@ -133,7 +150,7 @@ def train(cfg: ClipTrainConfig) -> dict:
 
     # ---- model, optimizer, precision
     model = create_clip(cfg.model, dist.device, cfg.grad_checkpointing)
-    arch = model_config(cfg.model)
+    arch = json.loads(json.dumps(model_config(cfg.model)))  # as a checkpoint's state.json holds it
     if cfg.init_logit_scale > 0:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.init_logit_scale))
@@ -145,7 +162,8 @@ def train(cfg: ClipTrainConfig) -> dict:
 
     # ---- data
     loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
-    plan = make_plan(cfg.data, loader_cfg, dist.world_size, json.loads(cfg.storage_options or "null"))
+    storage_options = json.loads(cfg.storage_options or "null")  # the training and the held-out shards' endpoint
+    plan = make_plan(cfg.data, loader_cfg, dist.world_size, storage_options)
     data_plan = plan_fingerprint(plan, loader_cfg)  # saved with every checkpoint
     position = DataPosition()
 
@@ -154,6 +172,12 @@ def train(cfg: ClipTrainConfig) -> dict:
     train_seconds = 0.0
     ckpt = latest_checkpoint(out) if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
     if ckpt is not None:
+        saved = read_state(ckpt)  # another architecture fails here in one line, not in load_state_dict
+        if saved.get("model_config", arch) != arch:
+            raise ValueError(
+                f"{ckpt} holds a model of another architecture (--config {saved['config']['model']}) than"
+                f" --config {cfg.model}: start over with --resume none, or use another --out"
+            )
         doc = load_checkpoint(ckpt, model, optimizer)
         step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
         scaler.load_state_dict(doc["scaler"])
@@ -180,10 +204,13 @@ def train(cfg: ClipTrainConfig) -> dict:
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
         (out / "train_config.json").write_text(cfg.to_json(), encoding="utf-8")
         if cfg.eval_data:
-            eval_set = load_eval_set(cfg.eval_data, make_eval_image(cfg.model), cfg.eval_limit)
+            eval_set = load_eval_set(cfg.eval_data, make_eval_image(cfg.model), cfg.eval_limit, storage_options)
+            if eval_set.errors:
+                print(f"held-out samples skipped: {dict(eval_set.errors)}")
 
     def run_eval() -> None:
-        if eval_set is not None:
+        done = history["eval"] and history["eval"][-1]["step"] == step  # a finished run relaunched: evaluated
+        if eval_set is not None and not done:
             metrics = evaluate_clip(raw_model, tokenizer, eval_set, demo_tasks(), dist.device)
             history["eval"].append({"step": step, "train_seconds": round(train_seconds, 2), **metrics})
             for k, v in metrics.items():
@@ -203,6 +230,7 @@ def train(cfg: ClipTrainConfig) -> dict:
         if dist.is_main:
             state = {
                 "config": asdict(cfg),
+                "model_config": arch,  # a resume with another architecture is refused before loading weights
                 "scheduler": {"step": step, "lr": lr_at(max(0, step - 1), cfg)},
                 "scaler": scaler.state_dict(),
                 "data": data,
@@ -220,7 +248,16 @@ def train(cfg: ClipTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
     window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "loss": torch.zeros((), device=dist.device)}
     model.train()
-    while step < cfg.steps:
+
+    def reached_stop() -> bool:  # --stop-after or --max-minutes (rank 0's clock decides under DDP, below)
+        return (cfg.stop_after > 0 and step >= cfg.stop_after) or (
+            cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
+        )
+
+    stop = reached_stop()  # a relaunch of a run that already got there leaves at once (the same on every rank)
+    if stop and step < cfg.steps and dist.is_main:
+        print(f"step {step}: --stop-after {cfg.stop_after} or --max-minutes {cfg.max_minutes} already reached")
+    while step < cfg.steps and not stop:
         t_step = time.perf_counter()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -250,11 +287,11 @@ def train(cfg: ClipTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
-        stop = (cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60) or step == cfg.stop_after
+        stop = reached_stop()
         if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
             stop = distributed.all_gather_object(stop)[0]
 
-        if step % cfg.log_every == 0 or step == cfg.steps or stop:
+        if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or stop:
             if dist.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - window["t"]
@@ -286,14 +323,18 @@ def train(cfg: ClipTrainConfig) -> dict:
             break
     bar.close()
 
-    # ---- the end: evaluate, save, export for open_clip
-    run_eval()
+    # ---- the end: save and export first (an evaluation that fails loses nothing), then evaluate
     save()
+    if dist.is_main:
+        export_open_clip(raw_model, arch, out)
+    distributed.barrier()
+    if cfg.eval_data:  # the same on every rank: save() gathers from all of them
+        run_eval()
+        save()  # again, so the checkpoint's history holds the final evaluation too
     errors = distributed.all_gather_object(dict(position.errors))
     result = {"config": asdict(cfg), "step": step, "train_seconds": round(train_seconds, 2), **history}
     result["data_errors"] = dict(sum((Counter(e) for e in errors), start=Counter()))
     if dist.is_main:
-        export_open_clip(raw_model, arch, out)
         write_json(out / "metrics.json", result)
         writer.close()
         if result["data_errors"]:
@@ -336,14 +377,22 @@ def parse_args(argv: list[str] | None = None) -> ClipTrainConfig:
             p.add_argument(flag, type=kind, default=f.default)
     ns = vars(p.parse_args(argv))
     ns["betas"] = tuple(ns["betas"])
-    return ClipTrainConfig(**ns)
+    try:
+        return ClipTrainConfig(**ns)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m training.train_clip`` and torchrun."""
     if hasattr(sys.stdout, "reconfigure"):  # whole lines, as they happen, into the launcher's shared pipe
         sys.stdout.reconfigure(line_buffering=True)
-    result = train(parse_args(argv))
+    cfg = parse_args(argv)
+    try:
+        result = train(cfg)
+    except ValueError as e:  # a bad setting found when the run starts (no GPU, another run's checkpoint, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0 if result["step"] > 0 else 1
 
 

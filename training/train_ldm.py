@@ -457,14 +457,22 @@ def parse_args(argv: list[str] | None = None) -> LdmTrainConfig:
             p.add_argument(flag, type=kind, default=f.default)
     ns = vars(p.parse_args(argv))
     ns["betas"], ns["sample_prompts"] = tuple(ns["betas"]), tuple(ns["sample_prompts"])
-    return LdmTrainConfig(**ns)
+    try:
+        return LdmTrainConfig(**ns)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m training.train_ldm`` and torchrun."""
     if hasattr(sys.stdout, "reconfigure"):  # whole lines, as they happen, into the launcher's shared pipe
         sys.stdout.reconfigure(line_buffering=True)
-    result = train(parse_args(argv))
+    cfg = parse_args(argv)
+    try:
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as e:  # a setting or input refused as training starts: one line
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0 if result["step"] > 0 else 1
 
 

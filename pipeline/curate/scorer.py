@@ -89,10 +89,9 @@ def preprocess_string(p: dict) -> str:
     mean = ",".join(f"{x:.4f}" for x in p.get("mean", ()))
     std = ",".join(f"{x:.4f}" for x in p.get("std", ()))
     size = p.get("size")
-    return (
-        f"resize {p.get('resize_mode', 'shortest')} {size} {p.get('interpolation', 'bicubic')}, center crop {size},"
-        f" mean {mean}, std {std}"
-    )
+    crop = "" if p.get("resize_mode") == "squash" else f", center crop {size}"  # squash: no crop, ratio not kept
+    resize = f"resize {p.get('resize_mode', 'shortest')} {size} {p.get('interpolation', 'bicubic')}"
+    return f"{resize}{crop}, mean {mean}, std {std}"
 
 
 def resolve_device(device: str) -> torch.device:

@@ -82,3 +82,17 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     save_checkpoint(tmp_path, 15, model, opt, {}, keep=1)  # resumed from an earlier checkpoint, saving again
     assert latest_checkpoint(tmp_path).name == "step_00000015"  # not pruned because a stale 20 sorts later
     assert not (tmp_path / "checkpoints" / "step_00000010").exists()  # older ones still go
+
+
+def test_a_checkpoint_of_another_architecture_is_a_one_line_error(tmp_path):
+    import pytest
+
+    model = channels_last_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    save_checkpoint(tmp_path, 1, model, opt, {})
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.GroupNorm(2, 16), torch.nn.Conv2d(16, 4, 3))
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match="holds another model") as err:
+        load_checkpoint(latest_checkpoint(tmp_path), other, torch.optim.AdamW(other.parameters()))
+    assert "\n" not in str(err.value) and "--resume none" in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))  # nothing was loaded

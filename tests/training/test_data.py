@@ -234,3 +234,36 @@ def test_the_plan_fingerprint_changes_with_what_decides_the_stream(shards, tmp_p
     other = tmp_path / "other"  # another shard list: the same samples cut into shards of 40
     write_demo_shards(str(other), 240, seed=3, size=16, per_shard=40)
     assert plan_fingerprint(make_plan(str(other), cfg, 1), cfg) != base
+
+
+@pytest.mark.parametrize(("batch_size", "workers", "world_size"), [(10, 0, 1), (7, 0, 1), (10, 2, 2)])
+def test_an_epoch_is_one_pass_even_with_a_buffer_larger_than_the_data(shards, batch_size, workers, world_size):
+    """A buffer that never drained mixed wrapped samples into every epoch: some twice (even in one batch, a false
+    negative for the contrastive loss), others never. One epoch takes every sample at most once, and all of them
+    but the ones past each slot's last full batch."""
+    cfg = LoaderConfig(batch_size=batch_size, workers=workers, seed=3, shuffle_buffer=1000)  # 240 samples
+    plan = make_plan(shards, cfg, world_size)
+    for epoch in range(2):
+        keys = []
+        for slot in range(plan.slots):
+            it = slot_batches(plan, slot, {"epoch": epoch, "raw": 0, "batches": 0}, key_map, cfg.shuffle_buffer)
+            keys += keys_of(take(it, plan.batches_per_slot))
+            assert next(it)["__pos__"]["epoch"] == epoch + 1  # and the slot moves on to the next epoch
+        assert len(keys) == len(set(keys)), epoch  # no sample twice in an epoch
+        # all but the partial last batch of each slot: 240 // 7 = 34 batches leave 2 samples out
+        assert len(keys) == plan.slots * plan.batches_per_slot * batch_size >= 240 - plan.slots * (batch_size - 1)
+    first = keys_of(take(slot_batches(plan, 0, {"epoch": 0, "raw": 0, "batches": 0}, key_map, 1000), 2))
+    assert first != sorted(first)  # the buffer still shuffles
+
+
+def test_a_slot_short_of_its_batches_wraps_only_after_its_whole_share(tmp_path):
+    """Shards of unequal size dealt to two slots: the short slot repeats samples only once all of its own came."""
+    root = tmp_path / "d"
+    write_demo_shards(str(root), 60, seed=6, size=16, per_shard=20)  # 3 shards of 20
+    cfg = LoaderConfig(batch_size=5, workers=2, seed=0, shuffle_buffer=1000)
+    plan = make_plan(str(root), cfg, 1)  # 60 // (2 x 5) = 6 batches per slot: one slot has 40, the other 20
+    for slot in range(plan.slots):
+        keys = keys_of(take(slot_batches(plan, slot, {"epoch": 0, "raw": 0, "batches": 0}, key_map, 1000), 6))
+        share = len(set(keys))
+        assert share in (20, 30)  # the long slot stops at its 30th sample; the short one has 20
+        assert len(set(keys[:share])) == share  # its whole share comes first, each sample once

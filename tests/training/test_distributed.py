@@ -91,3 +91,21 @@ def test_single_process_without_torchrun_env(monkeypatch):
     info = init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
     assert info.device.type == "cpu"
+
+
+def test_unknown_or_missing_devices_are_one_line_errors(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for device in ("gpu", "bogus", "cuda:", "CPU"):
+        with pytest.raises(ValueError, match="unknown device") as err:
+            init_distributed(device)
+        assert "\n" not in str(err.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match="no CUDA device") as err:
+            init_distributed(device)
+        assert "\n" not in str(err.value)
+    assert init_distributed("auto").device.type == "cpu"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun each rank takes its own GPU: cuda:N is refused
+    with pytest.raises(ValueError, match="under torchrun use cuda"):
+        init_distributed("cuda:1")

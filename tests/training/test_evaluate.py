@@ -80,3 +80,78 @@ def test_zero_shot_and_retrieval_on_a_tiny_trained_model(tmp_path):
     assert again["zeroshot_colour"] > 0.3
     untrained = evaluate_clip(create_clip("micro"), get_tokenizer("micro"), data, [task], "cpu")
     assert untrained["image_to_text_R@5"] < final["image_to_text_R@5"]
+
+
+def test_labels_of_metadata_in_another_form_are_none():
+    from training.evaluate import demo_shape
+
+    one = {"attributes": {"shapes": [{"colour": "red", "shape": "circle"}]}}
+    assert (demo_colour(one), demo_shape(one)) == ("red", "circle")
+    for meta in (
+        {"attributes": None},
+        {"attributes": []},
+        {"attributes": {"shapes": None}},
+        {"attributes": {"shapes": ["circle"]}},
+        {"attributes": {"shapes": [{"shape": "circle"}]}},  # no colour
+        {"attributes": {"shapes": [{"colour": 3}]}},
+        [],
+        None,
+        {},
+    ):
+        assert demo_colour(meta) is None, meta
+
+
+def test_bad_held_out_samples_are_counted_and_skipped(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    root = tmp_path / "eval"
+    write_demo_shards(str(root), 10, seed=1, size=32, per_shard=10)
+    bomb = io.BytesIO()
+    Image.new("1", (16000, 12000)).save(bomb, "PNG")  # 192 Mpixel: PIL refuses it as a decompression bomb
+    good = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(good, "PNG")
+    extra = {
+        "bomb": {"png": bomb.getvalue(), "txt": b"a red circle"},
+        "cut": {"png": good.getvalue()[:60], "txt": b"a red circle"},  # truncated image
+        "junk": {"png": b"not an image", "txt": b"a red circle"},
+        "nullattrs": {"png": good.getvalue(), "txt": b"a red circle", "json": b'{"attributes": null}'},
+        "badjson": {"png": good.getvalue(), "txt": b"a red circle", "json": b"{"},
+        "notext": {"png": good.getvalue()},
+    }
+    with tarfile.open(root / "000001.tar", "w") as tar:
+        for key, fields in extra.items():
+            for ext, payload in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    data = load_eval_set(f"{root}/{{000000..000001}}.tar", make_eval_image("micro"))
+    assert len(data.captions) == 11  # the 10 demo samples and the one whose attributes are null
+    assert data.errors["decode_error"] == 4 and data.errors["missing_field"] == 1, data.errors
+    task = ZeroShotTask("c", ("red",), ("{}",), demo_colour)  # colours other than red are left out, not a KeyError
+    metrics = evaluate_clip(create_clip("micro"), get_tokenizer("micro"), data, [task], "cpu")
+    assert metrics["retrieval_pairs"] == 11 and metrics["zeroshot_c_n"] <= 10
+
+
+def test_the_held_out_set_is_read_with_the_storage_options(tmp_path, monkeypatch):
+    import training.evaluate as ev
+
+    write_demo_shards(str(tmp_path / "eval"), 4, seed=1, size=32, per_shard=4)
+    seen = []
+    real_urls, real_samples = ev.shard_urls, ev.iter_samples
+
+    def shard_urls(source, storage_options=None):
+        seen.append(("list", storage_options))
+        return real_urls(source)
+
+    def iter_samples(url, storage_options=None, **kw):
+        seen.append(("read", storage_options))
+        return real_samples(url, **kw)
+
+    monkeypatch.setattr(ev, "shard_urls", shard_urls)
+    monkeypatch.setattr(ev, "iter_samples", iter_samples)
+    so = {"endpoint_url": "http://127.0.0.1:9"}
+    assert len(load_eval_set(str(tmp_path / "eval"), make_eval_image("micro"), storage_options=so).captions) == 4
+    assert seen and all(options == so for _, options in seen) and {kind for kind, _ in seen} == {"list", "read"}

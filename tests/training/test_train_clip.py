@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.models import create_clip, get_tokenizer, resolve_model_name
+from training.models.clip import CONFIG_DIR
 from training.synthetic import write_demo_shards
 from training.train_clip import ClipTrainConfig, lr_at, param_groups, parse_args, train
 
@@ -148,3 +149,94 @@ def test_a_resume_with_another_batch_size_restarts_at_an_epoch_instead_of_reusin
     out = capsys.readouterr().out
     assert resumed["step"] == 6
     assert "resumed from" in out and "(data from epoch 1)" in out, out  # the next epoch, not the old offsets
+
+
+def test_resume_with_patch_dropout_is_bit_identical(data, tmp_path):
+    """Dropout draws from the global torch RNG a checkpoint restores; creating the DataLoader iterator must not
+    draw from it too (it did, for the workers' base seed), or the resumed run drops other patches."""
+    arch = json.loads((CONFIG_DIR / "altforge-micro.json").read_text())
+    arch["vision_cfg"]["patch_dropout"] = 0.5
+    (tmp_path / "micropd.json").write_text(json.dumps(arch))
+    kw = {"model": str(tmp_path / "micropd.json"), "steps": 5, "workers": 0}
+    full = train(base_cfg(data, tmp_path / "full", **kw))
+    train(base_cfg(data, tmp_path / "cut", stop_after=2, **kw))
+    resumed = train(base_cfg(data, tmp_path / "cut", **kw))
+    a = load_file(str(tmp_path / "full" / "open_clip_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "open_clip_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in resumed["train"]] == [r["loss"] for r in full["train"]]
+
+
+def test_the_export_preprocesses_a_non_square_image_as_training_did(data, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from training.models import make_clip_map
+
+    out = tmp_path / "run"
+    train(base_cfg(data, out, steps=1, workers=0))
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))  # 80 wide, 48 high
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    fed = make_clip_map("micro")({"png": buf.getvalue(), "txt": b"a red circle", "__key__": "k"}, None)["image"]
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    theirs = preprocess(img)
+    assert fed.shape == theirs.shape == (3, 32, 32)
+    assert torch.allclose(fed, theirs, atol=1e-5), float((fed - theirs).abs().max())  # a centre crop differs
+
+
+def test_a_failing_final_evaluation_keeps_the_final_checkpoint_and_export(data, tmp_path, monkeypatch):
+    import training.train_clip as tc
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(tc, "evaluate_clip", broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train(base_cfg(data, out, steps=2, workers=0, eval_data=str(data / "eval")))
+    assert (out / "checkpoints" / "step_00000002" / "state.json").is_file()
+    assert (out / "open_clip_model.safetensors").is_file()
+
+
+def test_bad_settings_are_one_line_cli_errors(capsys):
+    for flags, message in (
+        (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--device", "bogus"], "unknown device 'bogus'"),
+        (["--precision", "fp8"], "unknown precision 'fp8'"),
+        (["--accum-steps", "0"], "accum_steps must be >= 1"),
+        (["--log-every", "-1"], "log_every must be >= 0"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["DATA", "--out", "OUT", *flags])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and message in err, (flags, err)
+    assert parse_args(["DATA", "--out", "OUT", "--device", "cuda:1"]).device == "cuda:1"
+
+
+def test_log_every_zero_logs_at_the_end_only(data, tmp_path):
+    result = train(base_cfg(data, tmp_path / "run", steps=3, workers=0, log_every=0))
+    assert [r["step"] for r in result["train"]] == [3]
+
+
+def test_resuming_another_architecture_is_a_one_line_error(data, tmp_path, capsys):
+    from training.train_clip import main
+
+    train(base_cfg(data, tmp_path / "run", steps=1, workers=0))
+    capsys.readouterr()
+    args = [str(data / "train"), "--out", str(tmp_path / "run"), "--config", "tiny", "--workers", "0"]
+    assert main([*args, "--threads", "1", "--batch-size", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "--resume none" in err, err
+
+
+def test_a_relaunch_past_stop_after_stops_at_once(data, tmp_path):
+    first = train(base_cfg(data, tmp_path / "run", steps=6, workers=0, stop_after=2))
+    again = train(base_cfg(data, tmp_path / "run", steps=6, workers=0, stop_after=2))
+    assert first["step"] == again["step"] == 2
+    assert len(again["train"]) == len(first["train"])  # no step was trained
+    later = train(base_cfg(data, tmp_path / "run", steps=6, workers=0, stop_after=1))  # already past it
+    assert later["step"] == 2

@@ -411,3 +411,15 @@ def test_config_round_trips_and_cli_flags():
     sched = LdmTrainConfig(data="d", out="o", steps=100, warmup=10, lr=1.0, min_lr=0.1)
     assert lr_at(0, sched) == pytest.approx(0.1) and lr_at(9, sched) == pytest.approx(1.0)
     assert lr_at(100, sched) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("module", ["training.train_ldm", "training.train_vae"])
+def test_refused_settings_and_missing_data_are_one_line_errors(module, tmp_path):
+    import subprocess
+    import sys
+
+    for flags, named in ((["--device", "bogus"], "unknown device"), (["--device", "cpu"], "no shards found")):
+        argv = [sys.executable, "-m", module, str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--steps", "1"]
+        r = subprocess.run(argv + flags, capture_output=True, text=True, timeout=300, env={**os.environ})
+        err = r.stderr.strip()
+        assert r.returncode == 2 and named in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -62,14 +62,18 @@ def get_tokenizer(name: str):
 
 
 def preprocess_config(cfg: dict) -> dict:
-    """open_clip's preprocess config for a model config: input size, normalisation mean/std, resize mode."""
+    """open_clip's preprocess config for a model config: input size, normalisation mean/std, resize mode.
+
+    ``squash`` (resize to size x size, no crop) is what :func:`to_tensor` feeds the model in training and
+    evaluation, so open_clip's transforms from the export (and curation's scorer) see images as training did.
+    """
     size = cfg["vision_cfg"].get("image_size", 224)
     return {
         "size": size,
         "mean": list(open_clip.OPENAI_DATASET_MEAN),
         "std": list(open_clip.OPENAI_DATASET_STD),
         "interpolation": "bicubic",
-        "resize_mode": "shortest",
+        "resize_mode": "squash",
     }
 
 
@@ -106,7 +110,8 @@ def image_of(sample: dict) -> Image.Image:
 
 
 def to_tensor(img: Image.Image, size: int, mean, std) -> torch.Tensor:
-    """Resize to ``size``×``size`` (bicubic) and normalise to a (3, size, size) float tensor."""
+    """Resize to ``size``×``size`` (bicubic, aspect ratio not kept: open_clip's ``squash``) and normalise to a
+    (3, size, size) float tensor."""
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.float32) / 255.0

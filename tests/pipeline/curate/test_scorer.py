@@ -121,3 +121,24 @@ def test_undecodable_image_is_a_row_with_an_error(model_dir, tmp_path):
     table, img = read_scores(str(tmp_path / "e"), ["000001"])
     assert np.isnan(table["clip_score"][0]) and table["error"][0] and not np.any(img[0])
     assert not np.isnan(table["clip_score"][1])
+
+
+def test_preprocess_string_names_a_crop_only_when_there_is_one():
+    from pipeline.curate.scorer import preprocess_string
+
+    base = {"size": 64, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+    assert "center crop 64" in preprocess_string({**base, "resize_mode": "shortest"})
+    squash = preprocess_string({**base, "resize_mode": "squash"})
+    assert squash.startswith("resize squash 64 bicubic, mean") and "crop" not in squash
+
+
+def test_an_unknown_or_absent_device_is_a_one_line_error():
+    from pipeline.curate.scorer import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad in ("gpu", "cuda0", "bogus"):
+        with pytest.raises(ValueError, match="unknown device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no such CUDA device"):
+            resolve_device("cuda")
