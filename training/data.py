@@ -213,7 +213,7 @@ def epoch_samples(plan: ShardPlan, slot: int, epoch: int, errors: Counter, shuff
         if got == 0 and fallback is not None:
             (urls, stride, offset), fallback = fallback, None
         elif got == 0:
-            raise RuntimeError(f"no readable samples in {len(urls)} shard(s), e.g. {urls[0]}")
+            raise ValueError(f"no readable samples in {len(urls)} shard(s), e.g. {urls[0]}")
 
 
 def slot_batches(plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle_buffer: int = 0) -> Iterator[dict]:
@@ -230,17 +230,28 @@ def slot_batches(plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle
             errors.clear()  # what the skipped part met was counted by the saved run (DataPosition.errors)
         skip = 0
         batch: list[dict] = []
+        failed_in_row = 0
         while n_batches < plan.batches_per_slot:
             sample = next(stream)
             raw += 1
+            reason = None
             try:
-                batch.append(map_fn(sample, random.Random(f"aug-{plan.seed}-{epoch}-{sample['__key__']}")))
+                item = map_fn(sample, random.Random(f"aug-{plan.seed}-{epoch}-{sample['__key__']}"))
             except KeyError:
-                errors["missing_field"] += 1
-                continue
+                reason = "missing_field"
             except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):  # EOFError: empty .npy
-                errors["decode_error"] += 1
+                reason = "decode_error"
+            if reason is not None:
+                errors[reason] += 1
+                failed_in_row += 1
+                if failed_in_row > max(plan.samples, 1):  # more than a whole pass over the slot's share: none usable
+                    raise ValueError(
+                        f"no usable sample in {failed_in_row} read in a row ({dict(errors)}): the shards lack what "
+                        "this trainer reads, or none decodes"
+                    )
                 continue
+            failed_in_row = 0
+            batch.append(item)
             if len(batch) == plan.batch_size:
                 n_batches += 1
                 out = default_collate(batch)
@@ -250,6 +261,15 @@ def slot_batches(plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle
                 yield out
                 batch = []
         epoch, n_batches = epoch + 1, 0
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error that stops a trainer: the original message when a DataLoader worker raised it (the
+    loader re-raises it as "Caught ValueError in DataLoader worker process 0." with the worker's traceback)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------------- dataset

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
+from training.data import DataPosition, LoaderConfig, error_line, make_loader, make_plan, plan_fingerprint
 from training.evaluate import demo_tasks, evaluate_clip, load_eval_set
 from training.models import create_clip, export_open_clip, get_tokenizer, make_clip_map, model_config
 from training.objectives import clamp_logit_scale, clip_loss
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except ValueError as e:  # a bad setting found when the run starts (no GPU, another run's checkpoint, ...)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0 if result["step"] > 0 else 1
 

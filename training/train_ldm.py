@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
+from training.data import DataPosition, LoaderConfig, error_line, make_loader, make_plan, plan_fingerprint
 from training.latent_data import empty_embedding, inspect_latents, latent_map
 from training.ldm_outputs import export_model, log_sample_grid, sampling_pipeline
 from training.models.text import TextTunedUNet, trainable_text_tower
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except (ValueError, FileNotFoundError) as e:  # a setting or input refused as training starts: one line
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0 if result["step"] > 0 else 1
 

@@ -33,8 +33,8 @@ from tqdm import tqdm
 from pipeline.latents import prepare_image
 from pipeline.shards import iter_samples, shard_urls
 from training import distributed
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
+from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from training.data import DataPosition, LoaderConfig, error_line, make_loader, make_plan, plan_fingerprint
 from training.models.vae import (
     build_vae,
     downsample_factor,
@@ -43,6 +43,7 @@ from training.models.vae import (
     latent_scaling_factor,
     reconstruct,
     save_vae,
+    vae_config,
 )
 from training.train_clip import lr_at, resolve_precision, write_json
 
@@ -78,7 +79,7 @@ class VaeTrainConfig:
     shuffle_buffer: int = 1000  # samples per worker
     split: str = "shard"  # "shard" or "sample" (see training.data)
     seed: int = 0
-    log_every: int = 10  # steps between log lines
+    log_every: int = 10  # steps between log lines; 0 = only at the end
     save_every: int = 500  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
     sample_every: int = 500  # steps between reconstruction grids and held-out PSNR; 0 = only at the end
@@ -102,6 +103,14 @@ class VaeTrainConfig:
             raise ValueError("resolution must be >= 8, steps >= 0, batch_size >= 1")
         if self.latent_noise < 0:
             raise ValueError(f"latent_noise must be >= 0, got {self.latent_noise}")
+        at_least = {"sample_images": 1, "eval_limit": 1, "scale_samples": 2, "keep_checkpoints": 1}
+        at_least.update(dict.fromkeys(("log_every", "save_every", "sample_every", "stop_after", "workers"), 0))
+        at_least.update(dict.fromkeys(("warmup_steps", "threads", "shuffle_buffer"), 0))
+        bad = [f"{k} = {getattr(self, k)} (needs >= {v})" for k, v in at_least.items() if getattr(self, k) < v]
+        if self.max_minutes < 0:
+            bad.append(f"max_minutes = {self.max_minutes} (needs >= 0)")
+        if bad:
+            raise ValueError(f"settings out of range: {', '.join(bad)}")
 
     def to_json(self) -> str:
         """The config as JSON."""
@@ -240,8 +249,15 @@ def train(cfg: VaeTrainConfig) -> dict:
     # ---- resume
     step, history = 0, {"train": [], "eval": []}
     train_seconds = 0.0
+    arch = json.loads(json.dumps(vae_config(cfg.config)))  # as a checkpoint's state.json holds it
     ckpt = latest_checkpoint(out) if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
     if ckpt is not None:
+        saved = read_state(ckpt)  # another architecture (even one of the same tensor shapes) is refused in one line
+        if saved.get("model_config", arch) != arch:
+            raise ValueError(
+                f"{ckpt} holds a VAE of another architecture (--config {saved['config']['config']}) than --config "
+                f"{cfg.config}: start over with --resume none, or use another --out"
+            )
         doc = load_checkpoint(ckpt, vae, optimizer)
         step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
         scaler.load_state_dict(doc["scaler"])
@@ -277,6 +293,10 @@ def train(cfg: VaeTrainConfig) -> dict:
     def run_eval() -> float | None:
         """Log a reconstruction grid and the held-out PSNR; returns the PSNR (None without eval_data)."""
         value = None
+        done = history["eval"][-1] if history["eval"] else None
+        if done is not None and done["step"] == step:  # a relaunch of a finished run: evaluated already
+            distributed.barrier()
+            return done["psnr"]
         if dist.is_main:
             vae.eval()
             recon = reconstruct(vae, grid_images)
@@ -310,6 +330,7 @@ def train(cfg: VaeTrainConfig) -> dict:
                 "data_plan": data_plan,
                 "metrics": history,
                 "train_seconds": train_seconds,
+                "model_config": arch,  # a resume with another architecture is refused before loading weights
             }
             save_checkpoint(out, step, vae, optimizer, state, cfg.keep_checkpoints)
         distributed.barrier()
@@ -322,7 +343,16 @@ def train(cfg: VaeTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
     window = new_window()
     model.train()
-    while step < cfg.steps:
+
+    def reached_stop() -> bool:  # --stop-after or --max-minutes (rank 0's clock decides under DDP, below)
+        return (cfg.stop_after > 0 and step >= cfg.stop_after) or (
+            cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
+        )
+
+    stop = reached_stop()  # a relaunch of a run that already got there leaves at once (the same on every rank)
+    if stop and step < cfg.steps and dist.is_main:
+        print(f"step {step}: --stop-after {cfg.stop_after} or --max-minutes {cfg.max_minutes} already reached")
+    while step < cfg.steps and not stop:
         t_step = time.perf_counter()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -342,6 +372,8 @@ def train(cfg: VaeTrainConfig) -> dict:
         scaler.unscale_(optimizer)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        if not torch.isfinite(loss.detach()):  # diverged: stop before NaN weights reach a checkpoint
+            raise ValueError(f"step {step + 1}: the loss is {float(loss.detach()):g}; lower --lr (now {cfg.lr:g})")
         scaler.step(optimizer)
         scaler.update()
         window["loss"] = window["loss"] + loss.detach()
@@ -352,11 +384,11 @@ def train(cfg: VaeTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
-        stop = (cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60) or step == cfg.stop_after
+        stop = reached_stop()
         if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
             stop = distributed.all_gather_object(stop)[0]
 
-        if step % cfg.log_every == 0 or step == cfg.steps or stop:
+        if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or stop:
             if dist.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - window["t"]
@@ -464,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except (ValueError, FileNotFoundError) as e:  # a setting or input refused as training starts: one line
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0 if result["step"] > 0 else 1
 

@@ -134,7 +134,8 @@ def test_config_flags_round_trip_and_bad_values_fail():
     assert (cfg.config, cfg.resolution, cfg.loss, cfg.kl_weight, cfg.progress) == ("sd", 256, "mse", 1e-5, False)
     assert cfg.storage_options == {"anon": True} and cfg.eval_data == "EV"
     assert VaeTrainConfig.from_json(cfg.to_json()) == cfg
-    for bad in (["--loss", "l3"], ["--perceptual-weight", "0.1"], ["--latent-noise", "-0.1"]):
+    bad_values = (["--loss", "l3"], ["--perceptual-weight", "0.1"], ["--latent-noise", "-0.1"], ["--log-every", "-1"])
+    for bad in (*bad_values, ["--sample-images", "0"], ["--eval-limit", "0"], ["--save-every", "-2"]):
         with pytest.raises(SystemExit):
             parse_args(["DATA", "--out", "OUT", *bad])
 
@@ -155,3 +156,44 @@ def test_latent_noise_perturbs_the_decoder_input_relative_to_the_latent_scale():
     assert not torch.equal(plain, noisy)
     ratio = float((noisy - plain).std() / mean.std())  # u * 0.5 * N(0, 1), u ~ U(0, 1) per image
     assert 0.02 < ratio < 0.5
+
+
+def test_a_relaunch_past_stop_after_stops_at_once_and_adds_no_evaluation(data, tmp_path):
+    cfg = base_cfg(data, tmp_path / "run", stop_after=3, eval_data=str(data / "eval"), eval_limit=8)
+    first = train(cfg)
+    again = train(cfg)  # the same command once more: nothing left to do before --stop-after
+    assert first["step"] == again["step"] == 3
+    assert len(again["train"]) == len(first["train"])
+    assert [e["step"] for e in again["eval"]] == [e["step"] for e in first["eval"]] == [3]
+
+
+def test_resuming_a_vae_of_another_architecture_is_refused(data, tmp_path):
+    from training.models.vae import vae_config
+
+    train(base_cfg(data, tmp_path / "run", stop_after=2))
+    other = dict(vae_config("tiny"), act_fn="gelu")  # the same tensor shapes, another network
+    (tmp_path / "gelu.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="another architecture.*--resume none"):
+        train(base_cfg(data, tmp_path / "run", config=str(tmp_path / "gelu.json")))
+
+
+def test_data_without_any_image_is_an_error_not_a_hang(data, tmp_path):
+    from pipeline.shards import ShardWriter, write_sizes
+    from pipeline.stats import StageStats
+
+    root = tmp_path / "noimg"
+    with ShardWriter(str(root), 0) as w:
+        for i in range(24):
+            w.write({"__key__": f"k{i:04d}", "txt": "a red circle", "json": {"i": i}})
+            w.add_row({"key": f"k{i:04d}", "status": "success"})
+        w.publish(StageStats(seen=24, kept=24))
+    write_sizes(str(root))
+    cfg = replace(base_cfg(data, tmp_path / "o", eval_data=str(data / "eval"), workers=0), data=str(root))
+    with pytest.raises(ValueError, match="no usable sample"):
+        train(cfg)
+
+
+def test_a_diverged_run_stops_with_one_line_before_saving_nan_weights(data, tmp_path):
+    with pytest.raises(ValueError, match="the loss is (nan|inf); lower --lr"):
+        train(base_cfg(data, tmp_path / "o", lr=1e6, steps=6, sample_every=0))
+    assert not list((tmp_path / "o").glob("checkpoints/step_*"))

@@ -178,5 +178,8 @@ def latent_scaling_factor(vae: AutoencoderKL, batches: Iterable[torch.Tensor]) -
         s, ss, n = s + float(m.sum()), ss + float((m * m).sum()), n + m.numel()
     if n < 2:
         raise ValueError("need at least one image to compute the latent scaling factor")
-    std = math.sqrt(max(0.0, (ss - s * s / n) / (n - 1)))
+    var = (ss - s * s / n) / (n - 1)
+    if not math.isfinite(var) or var <= 0:
+        raise ValueError(f"the latents have no finite spread (variance {var:g}): the VAE diverged or is constant")
+    std = math.sqrt(var)
     return 1.0 / std, std, n
