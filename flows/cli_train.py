@@ -6,6 +6,7 @@ Every trainer flag (``--batch-size``, ``--lr``, ``--eval-data``, ...) passes thr
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from typing import Annotated
@@ -28,7 +29,7 @@ def run_trainer(module: str, argv: list[str], nproc_per_node: int, nnodes: int, 
     from flows.cli_data import torchrun_prefix
 
     if nproc_per_node * nnodes > 1:
-        return subprocess.call([*torchrun_prefix(nproc_per_node, nnodes, rdzv_endpoint), "-m", module, *argv])
+        return run_torchrun([*torchrun_prefix(nproc_per_node, nnodes, rdzv_endpoint), "-m", module, *argv])
     trainer = importlib.import_module(module)
     try:
         return trainer.main(argv)
@@ -36,6 +37,47 @@ def run_trainer(module: str, argv: list[str], nproc_per_node: int, nnodes: int, 
         return e.code if isinstance(e.code, int) else 2
     except (FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+# torchrun's own log lines ("W1128 01:00:12.940000 18030 [site-packages path/]torch/distributed/elastic/...")
+ELASTIC_LOG = re.compile(r"^[WEI]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/")
+
+
+def run_torchrun(cmd: list[str]) -> int:
+    """Run torchrun with its ranks' output passed through as it comes; torchrun's own report of a failed rank (its
+    log lines, traceback and ChildFailedError table, after the ranks printed their errors) shrinks to one line.
+    Returns the failed ranks' exit code (2 for the trainers' one-line errors), else torchrun's."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    logs: list[str] = []  # torchrun's log lines: shown at the end unless its failure report follows
+    traceback: list[str] = []  # a traceback being read: a rank's (shown) or torchrun's (the report)
+    report: list[str] | None = None
+    try:
+        for line in proc.stderr:
+            if report is not None:
+                report.append(line)
+            elif traceback:
+                traceback.append(line)
+                if "torch/distributed/run.py" in line:  # torchrun's traceback, not a rank's
+                    report, traceback = traceback, []
+                elif not line.startswith((" ", "\t")):  # a rank's traceback ended: show it
+                    sys.stderr.write("".join(traceback))
+                    traceback = []
+            elif line.startswith("Traceback (most recent call last)"):
+                traceback = [line]
+            elif ELASTIC_LOG.match(line):  # the ranks write to the same pipe: these interleave with their lines
+                logs.append(line)
+            else:
+                sys.stderr.write(line)
+        code = proc.wait()
+    except KeyboardInterrupt:  # the ranks get the signal too; wait for them to leave
+        code = proc.wait()
+    if report is None:
+        sys.stderr.write("".join(logs + traceback))
+        return code
+    codes = [int(c) for c in re.findall(r"exitcode\s+:\s*(-?\d+)", "".join(report))]  # its table, one per rank
+    failed = next((c for c in codes if c > 0), code)  # a rank's own exit code, not a signal torchrun sent
+    sys.stderr.write(f"error: {len(codes) or 'a'} rank(s) failed (exit code {failed}); their own errors are above\n")
+    return failed if failed > 0 else 1
 
 
 def trainer_command(kind: str, summary: str, default_config: str):

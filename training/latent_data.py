@@ -25,6 +25,7 @@ class LatentSet:
     has_logvar: bool
     scaling_factor: float | None  # the VAE's, from the manifest
     info: dict  # the manifest's config ({} when there is none)
+    text_shape: tuple[int, ...] | None = None  # (L, D) of the stored embeddings
 
 
 def inspect_latents(data: str, storage_options: dict | None = None) -> LatentSet:
@@ -36,11 +37,21 @@ def inspect_latents(data: str, storage_options: dict | None = None) -> LatentSet
         raise FileNotFoundError(f"no shards found in {data}")
     root = urls[0].rsplit("/", 1)[0]
     errors: Counter = Counter()  # an empty or corrupt shard is passed over: the first readable sample decides
-    first = next((s for url in urls for s in iter_samples(url, storage_options, errors=errors)), None)
+    first = None
+    for url in urls:
+        for raw in iter_samples(url, storage_options, decode=False, errors=errors):
+            if "latent.npy" not in raw:
+                raise ValueError(f"{raw['__url__']}: no <key>.latent.npy in the first sample: not a latent dataset")
+            try:  # only the arrays; a caption or json that does not decode is the loop's concern (a counted skip)
+                first = {k: np.load(io.BytesIO(raw[k]), allow_pickle=False) for k in raw if k.endswith(".npy")}
+            except (ValueError, OSError, EOFError):
+                errors["decode_error"] += 1
+                continue
+            break
+        if first is not None:
+            break
     if first is None:
         raise ValueError(f"{data}: no readable sample in {len(urls)} shard(s) ({dict(errors) or 'all empty'})")
-    if "latent.npy" not in first:
-        raise ValueError(f"{first['__url__']}: no <key>.latent.npy in the first sample: not a latent dataset")
     try:
         info = latent_info(root, storage_options)
     except FileNotFoundError:
@@ -49,7 +60,9 @@ def inspect_latents(data: str, storage_options: dict | None = None) -> LatentSet
     has_text = "text_emb.npy" in first
     width = int(first["text_emb.npy"].shape[-1]) if has_text else None
     scale = float(scale) if scale is not None else None
-    return LatentSet(root, tuple(first["latent.npy"].shape), has_text, width, "logvar.npy" in first, scale, info)
+    text_shape = tuple(first["text_emb.npy"].shape) if has_text else None
+    shape = tuple(first["latent.npy"].shape)
+    return LatentSet(root, shape, has_text, width, "logvar.npy" in first, scale, info, text_shape)
 
 
 def _npy(data: bytes) -> torch.Tensor:
@@ -57,7 +70,14 @@ def _npy(data: bytes) -> torch.Tensor:
 
 
 def latent_map(
-    sample: dict, rng: random.Random, scale: float | None, text: bool, offset: float, flip_p: float
+    sample: dict,
+    rng: random.Random,
+    scale: float | None,
+    text: bool,
+    offset: float,
+    flip_p: float,
+    shape: tuple[int, ...] | None = None,  # the dataset's latent shape: another one is a ValueError (a counted skip)
+    text_shape: tuple[int, ...] | None = None,  # the same for the stored text embeddings
 ) -> dict:
     """Raw latent sample -> {"latent", "noise", "timestep", "drop_u", "text_emb" | "caption"}, drawn from ``rng``.
 
@@ -69,6 +89,8 @@ def latent_map(
     g = torch.Generator().manual_seed(rng.getrandbits(63))
     flip = "_flip" if "latent_flip.npy" in sample and rng.random() < flip_p else ""
     latent = _npy(sample[f"latent{flip}.npy"])
+    if shape is not None and tuple(latent.shape) != tuple(shape):
+        raise ValueError(f"latent of shape {tuple(latent.shape)}, the dataset's is {tuple(shape)}")
     if f"logvar{flip}.npy" in sample:
         std = scale * torch.exp(0.5 * _npy(sample[f"logvar{flip}.npy"]))
         latent = latent + std * torch.randn(latent.shape, generator=g)
@@ -80,6 +102,8 @@ def latent_map(
     }
     if text:
         out["text_emb"] = _npy(sample["text_emb.npy"])
+        if text_shape is not None and tuple(out["text_emb"].shape) != tuple(text_shape):
+            raise ValueError(f"text embedding of shape {tuple(out['text_emb'].shape)}, not {tuple(text_shape)}")
     else:
         out["caption"] = sample["txt"].decode("utf-8")
     return out
@@ -95,6 +119,11 @@ def empty_embedding(latents: LatentSet, encoder, storage_options: dict | None) -
         if encoder is None:
             raise ValueError(f"{latents.root}: no empty_text_emb.npy and no text encoder to compute it") from None
         return encoder.empty().float().cpu()
+    if encoder is not None and tuple(encoder.empty().shape) != tuple(stored.shape):
+        raise ValueError(
+            f"the text encoder's embeddings are {tuple(encoder.empty().shape)} (tokens, width), the dataset's "
+            f"{tuple(stored.shape)}: another encoder?"
+        )
     if encoder is not None and (encoder.empty().float().cpu() - stored).norm() > 0.05 * stored.norm():
         # float16 storage or a bf16 encode differ by well under 5%; another encoder by ~100%
         raise ValueError("the text encoder's empty-prompt embedding differs from the dataset's: another encoder?")

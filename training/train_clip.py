@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except ValueError as e:  # a bad setting found when the run starts (no GPU, another run's checkpoint, ...)
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.stderr.write(f"error: {error_line(e)}\n")  # one write: the ranks of a torchrun share the pipe
         return 2
     return 0 if result["step"] > 0 else 1
 

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import distributed
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from training.data import DataPosition, LoaderConfig, error_line, make_loader, make_plan, plan_fingerprint
 from training.latent_data import empty_embedding, inspect_latents, latent_map
 from training.ldm_outputs import export_model, log_sample_grid, sampling_pipeline
@@ -95,7 +95,7 @@ class LdmTrainConfig:
     shuffle_buffer: int = 1000  # samples per worker
     split: str = "shard"  # "shard" or "sample" (see training.data)
     seed: int = 0
-    log_every: int = 50  # steps between log lines
+    log_every: int = 50  # steps between log lines; 0 = only at the end
     save_every: int = 1000  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
     sample_every: int = 0  # steps between image grids (EMA weights; needs a VAE); 0 = no grids
@@ -118,6 +118,12 @@ class LdmTrainConfig:
             raise ValueError(f"text_lr_scale must be > 0, got {self.text_lr_scale}")
         if self.grad_accum < 1 or self.steps < 1:
             raise ValueError("steps and grad_accum must be >= 1")
+        at_least = {"keep_checkpoints": 1, "batch_size": 1}
+        at_least.update(dict.fromkeys(("log_every", "save_every", "sample_every", "stop_after", "workers"), 0))
+        at_least.update(dict.fromkeys(("warmup", "threads", "shuffle_buffer"), 0))
+        bad = [f"{k} = {getattr(self, k)} (needs >= {v})" for k, v in at_least.items() if getattr(self, k) < v]
+        if bad or self.max_minutes < 0:
+            raise ValueError(f"settings out of range: {', '.join(bad) or f'max_minutes = {self.max_minutes}'}")
         guidance_ok = math.isfinite(self.sample_guidance) and self.sample_guidance > 0
         if not 1 <= self.sample_steps <= 1000 or not guidance_ok:
             raise ValueError(
@@ -209,6 +215,12 @@ def train(cfg: LdmTrainConfig) -> dict:
     # ---- model, EMA, optimizer, precision
     torch.manual_seed(cfg.seed)  # the same init on every rank, and whether or not a text encoder was loaded above
     unet = build_unet(cfg.config, cross_attention_dim=width, sample_size=latents.latent_shape[-1]).to(dist.device)
+    channels = latents.latent_shape[0]
+    if unet.config.in_channels != channels or unet.config.out_channels != channels:
+        raise ValueError(
+            f"--config {cfg.config} takes {unet.config.in_channels} latent channels and predicts "
+            f"{unet.config.out_channels}, the latents have {channels}: use a U-Net config for this VAE"
+        )
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
     both = torch.nn.ModuleDict({"unet": unet, "ema": ema})  # one checkpoint file holds both, written atomically
     groups = param_groups(unet, cfg.weight_decay)
@@ -237,8 +249,22 @@ def train(cfg: LdmTrainConfig) -> dict:
 
     # ---- resume
     step, history, train_seconds = 0, {"train": [], "samples": []}, 0.0
+    # what a resume must share with the run it continues, besides the tensors' shapes (checked on load): the
+    # architecture, the target, and the text conditioning the U-Net learnt from
+    identity = json.loads(json.dumps({
+        "model_config": {k: v for k, v in unet.config.items() if not k.startswith("_")},
+        "prediction": cfg.prediction,
+        "text": {"model": te_model, "pretrained": te_pretrained, "in_loop": in_loop, "tuned": cfg.train_text_encoder},
+    }, default=str))  # fmt: skip
     ckpt = latest_checkpoint(out) if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
     if ckpt is not None:
+        saved = read_state(ckpt).get("identity")
+        if saved is not None and saved != identity:
+            what = [k for k in identity if saved.get(k) != identity[k]]
+            raise ValueError(
+                f"{ckpt} was trained with another {' and '.join(w.replace('_', ' ') for w in what)}: start over "
+                "with --resume none, or use another --out"
+            )
         doc = load_checkpoint(ckpt, both, optimizer)
         step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
         scaler.load_state_dict(doc["scaler"])
@@ -256,6 +282,8 @@ def train(cfg: LdmTrainConfig) -> dict:
         text=stored_text,
         offset=cfg.offset_noise,
         flip_p=cfg.flip_p,
+        shape=latents.latent_shape,  # a sample of another shape is a counted skip, not a failed batch
+        text_shape=latents.text_shape if stored_text else None,
     )
     batches = iter(make_loader(plan, loader_cfg, dist.rank, map_fn, position))
 
@@ -274,6 +302,8 @@ def train(cfg: LdmTrainConfig) -> dict:
             pipe = sampling_pipeline(ema, vae_ref, tuned or encoder, empty, cfg.prediction)
         else:
             print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): no image grids")
+    if dist.is_main and pipe is None and vae_ref and te_model:  # the pipeline folder needs both: check them now,
+        check_export_parts(vae_ref, te_model, te_pretrained, encoder)  # not after the last step
 
     def grid() -> None:
         if pipe is not None:
@@ -296,6 +326,7 @@ def train(cfg: LdmTrainConfig) -> dict:
                 "data_plan": data_plan,
                 "metrics": history,
                 "train_seconds": train_seconds,
+                "identity": identity,  # a resume with another architecture, target or text tower is refused
             }
             save_checkpoint(out, step, both, optimizer, state, cfg.keep_checkpoints)
         distributed.barrier()
@@ -308,7 +339,16 @@ def train(cfg: LdmTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
     window = new_window()
     model.train()
-    while step < cfg.steps:
+
+    def reached_stop() -> bool:  # --stop-after or --max-minutes (rank 0's clock decides under DDP, below)
+        return (cfg.stop_after > 0 and step >= cfg.stop_after) or (
+            cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
+        )
+
+    stop = reached_stop()  # a relaunch of a run that already got there leaves at once (the same on every rank)
+    if stop and step < cfg.steps and dist.is_main:
+        print(f"step {step}: --stop-after {cfg.stop_after} or --max-minutes {cfg.max_minutes} already reached")
+    while step < cfg.steps and not stop:
         t_step = time.perf_counter()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -356,11 +396,11 @@ def train(cfg: LdmTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
-        stop = (cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60) or step == cfg.stop_after
+        stop = reached_stop()
         if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
             stop = distributed.all_gather_object(stop)[0]
 
-        if step % cfg.log_every == 0 or step == cfg.steps or stop:
+        if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or stop:
             row = log_row(window, step, lr, global_batch, train_seconds, dist)
             history["train"].append(row)
             if dist.is_main:
@@ -411,6 +451,21 @@ def train(cfg: LdmTrainConfig) -> dict:
     distributed.barrier()
     distributed.cleanup()
     return result
+
+
+def check_export_parts(vae_ref: str, te_model: str, te_pretrained: str | None, encoder) -> None:
+    """Load the VAE (and the text encoder, when not loaded yet) the pipeline folder will hold: a bad reference is a
+    one-line ``ValueError`` before training, not after the last step."""
+    from training.models.vae import load_vae
+
+    load_vae(vae_ref)
+    if encoder is None:
+        from training.models.text import load_text_encoder
+
+        try:
+            load_text_encoder(te_model, te_pretrained, device="cpu")
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"cannot load the text encoder {te_model!r}: {str(e).strip().splitlines()[0]}") from None
 
 
 def log_row(window: dict, step: int, lr: float, global_batch: int, train_seconds: float, dist) -> dict:
@@ -471,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except (ValueError, FileNotFoundError) as e:  # a setting or input refused as training starts: one line
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.stderr.write(f"error: {error_line(e)}\n")  # one write: the ranks of a torchrun share the pipe
         return 2
     return 0 if result["step"] > 0 else 1
 

@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except (ValueError, FileNotFoundError) as e:  # a setting or input refused as training starts: one line
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.stderr.write(f"error: {error_line(e)}\n")  # one write: the ranks of a torchrun share the pipe
         return 2
     return 0 if result["step"] > 0 else 1
 

@@ -56,3 +56,20 @@ def test_train_steps_zero_is_refused_not_dropped(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == ["error: --steps must be at least 1, got 0"]
     assert not (tmp_path / "r").exists()  # nothing started
+
+
+def test_ranks_failing_under_torchrun_end_in_their_own_lines_not_torchruns_report(tmp_path):
+    (tmp_path / "empty").mkdir()  # exists, so the CLI hands it to the ranks, which find no shards
+    cmd = [sys.executable, "-m", "flows.cli", "train", "ldm", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]
+    p = subprocess.run(
+        [*cmd, "--steps", "2", "--nproc-per-node", "2", "--workers", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not set(ln) <= {"*"} and "OMP_NUM_THREADS" not in ln]
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
+    assert lines.count(f"error: no shards found in {tmp_path / 'empty'}") == 2  # one per rank
+    assert lines[-1] == "error: 2 rank(s) failed (exit code 2); their own errors are above" and len(lines) == 3

@@ -423,3 +423,63 @@ def test_refused_settings_and_missing_data_are_one_line_errors(module, tmp_path)
         r = subprocess.run(argv + flags, capture_output=True, text=True, timeout=300, env={**os.environ})
         err = r.stderr.strip()
         assert r.returncode == 2 and named in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_inputs_that_cannot_train_are_refused_before_the_first_step(env, tmp_path):
+    from types import SimpleNamespace
+
+    from training.latent_data import empty_embedding
+    from training.models.unet import unet_config
+
+    data = env["root"] / "lat"
+    wide = SimpleNamespace(empty=lambda: torch.zeros(16, 64))  # a tower of another width than the stored (16, 32)
+    with pytest.raises(ValueError, match=r"\(16, 64\).*\(16, 32\).*another encoder"):
+        empty_embedding(inspect_latents(str(data)), wide, None)
+    eight = {k: v for k, v in unet_config("tiny", 32, 8).items() if not k.startswith("_")}
+    (tmp_path / "unet8.json").write_text(json.dumps({**eight, "in_channels": 8, "out_channels": 8}))
+    with pytest.raises(ValueError, match="takes 8 latent channels.*the latents have 4"):
+        train(base_cfg(data, tmp_path / "c8", config=str(tmp_path / "unet8.json")))
+    with pytest.raises(ValueError, match="cannot load"):  # found now, not after the last step
+        train(base_cfg(data, tmp_path / "novae", vae=str(tmp_path / "no-such-vae"), text_encoder=str(env["clip"])))
+    assert not (tmp_path / "novae" / "checkpoints").exists()
+    with pytest.raises(ValueError, match="log_every = -1"):
+        base_cfg(data, tmp_path / "x", log_every=-1)
+
+
+def test_a_resume_with_another_target_is_refused_and_a_relaunch_past_stop_after_stops(env, tmp_path):
+    data = env["root"] / "lat"
+    kw = {"steps": 6, "workers": 0}
+    first = train(base_cfg(data, tmp_path / "run", stop_after=3, **kw))
+    again = train(base_cfg(data, tmp_path / "run", stop_after=3, **kw))  # nothing left before --stop-after
+    assert first["step"] == again["step"] == 3 and len(again["train"]) == len(first["train"])
+    with pytest.raises(ValueError, match="another prediction.*--resume none"):
+        train(base_cfg(data, tmp_path / "run", prediction="v_prediction", **kw))
+
+
+def test_a_sample_of_another_shape_is_a_counted_skip_and_a_bad_caption_does_not_refuse_the_set(env, tmp_path):
+    src = env["root"] / "lat"
+    dst = tmp_path / "odd"
+    import shutil
+
+    shutil.copytree(src, dst)
+    enc = env["encoder"]
+    with ShardWriter(str(dst), 50) as w:  # an extra shard: a latent of another size, then a good one
+        emb = enc.encode(["a red bar"])[0].numpy().astype(np.float16)
+        w.write(
+            {"__key__": "z000000", "latent.npy": np.zeros((4, 16, 16), np.float16), "txt": "x", "text_emb.npy": emb}
+        )
+        w.write({"__key__": "z000001", "latent.npy": np.zeros((4, 8, 8), np.float16), "txt": "x", "text_emb.npy": emb})
+        w.publish(StageStats(seen=2, kept=2))
+    from pipeline.shards import write_sizes
+
+    write_sizes(str(dst))
+    write_manifest(
+        str(dst), build_manifest(str(dst), "encode", json.loads((src / "manifest.json").read_text())["config"])
+    )
+    got = train(base_cfg(dst, tmp_path / "run", steps=12, workers=0, shuffle_buffer=0))  # one epoch: 97 usable
+    assert got["step"] == 12 and got["data_errors"].get("decode_error") == 1
+    bad = tmp_path / "badcap"
+    with ShardWriter(str(bad), 0) as w:
+        w.write({"__key__": "a000000", "latent.npy": np.zeros((4, 8, 8), np.float16), "txt": b"\xff\xfe bad"})
+        w.publish(StageStats(seen=1, kept=1))
+    assert inspect_latents(str(bad)).latent_shape == (4, 8, 8)  # the caption is the loop's concern
