@@ -97,6 +97,36 @@ class ClipTrainConfig:
         return cls(**d)
 
 
+def trainer_main(train_fn, parse_fn, argv: list[str] | None) -> int:
+    """A trainer's entry point, also each torchrun rank's: parse, train; a setting or input refused as training
+    starts is one ``error:`` line and exit status 2 (a rank that trained no step exits 1)."""
+    if hasattr(sys.stdout, "reconfigure"):  # whole lines, as they happen, into the launcher's shared pipe
+        sys.stdout.reconfigure(line_buffering=True)
+    cfg = parse_fn(argv)
+    try:
+        result = train_fn(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"error: {error_line(e)}\n")  # one write: the ranks of a torchrun share the pipe
+        return 2
+    return 0 if result["step"] > 0 else 1
+
+
+def reached_stop(cfg, step: int, train_seconds: float) -> bool:
+    """Whether ``--stop-after`` or ``--max-minutes`` ends a run at ``step`` (any trainer config with both fields)."""
+    return (cfg.stop_after > 0 and step >= cfg.stop_after) or (
+        cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
+    )
+
+
+def stop_before_start(cfg, step: int, train_seconds: float, is_main: bool) -> bool:
+    """:func:`reached_stop` before the first step: a relaunch of a run that already got there leaves at once (the
+    same on every rank, from the checkpoint's numbers)."""
+    stop = reached_stop(cfg, step, train_seconds)
+    if stop and step < cfg.steps and is_main:
+        print(f"step {step}: --stop-after {cfg.stop_after} or --max-minutes {cfg.max_minutes} already reached")
+    return stop
+
+
 def lr_at(step: int, cfg: ClipTrainConfig) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
     if step < cfg.warmup_steps:
@@ -248,15 +278,7 @@ def train(cfg: ClipTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
     window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "loss": torch.zeros((), device=dist.device)}
     model.train()
-
-    def reached_stop() -> bool:  # --stop-after or --max-minutes (rank 0's clock decides under DDP, below)
-        return (cfg.stop_after > 0 and step >= cfg.stop_after) or (
-            cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
-        )
-
-    stop = reached_stop()  # a relaunch of a run that already got there leaves at once (the same on every rank)
-    if stop and step < cfg.steps and dist.is_main:
-        print(f"step {step}: --stop-after {cfg.stop_after} or --max-minutes {cfg.max_minutes} already reached")
+    stop = stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
     while step < cfg.steps and not stop:
         t_step = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -287,7 +309,7 @@ def train(cfg: ClipTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
-        stop = reached_stop()
+        stop = reached_stop(cfg, step, train_seconds)
         if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
             stop = distributed.all_gather_object(stop)[0]
 
@@ -385,15 +407,7 @@ def parse_args(argv: list[str] | None = None) -> ClipTrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m training.train_clip`` and torchrun."""
-    if hasattr(sys.stdout, "reconfigure"):  # whole lines, as they happen, into the launcher's shared pipe
-        sys.stdout.reconfigure(line_buffering=True)
-    cfg = parse_args(argv)
-    try:
-        result = train(cfg)
-    except ValueError as e:  # a bad setting found when the run starts (no GPU, another run's checkpoint, ...)
-        sys.stderr.write(f"error: {error_line(e)}\n")  # one write: the ranks of a torchrun share the pipe
-        return 2
-    return 0 if result["step"] > 0 else 1
+    return trainer_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

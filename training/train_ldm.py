@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from training.data import DataPosition, LoaderConfig, error_line, make_loader, make_plan, plan_fingerprint
+from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.latent_data import empty_embedding, inspect_latents, latent_map
 from training.ldm_outputs import export_model, log_sample_grid, sampling_pipeline
 from training.models.text import TextTunedUNet, trainable_text_tower
@@ -45,7 +44,7 @@ from training.objectives import (
     scaled_linear_betas,
     swap_in_empty,
 )
-from training.train_clip import resolve_precision, write_json
+from training.train_clip import reached_stop, resolve_precision, stop_before_start, trainer_main, write_json
 
 N_BUCKETS = 4  # the loss is also logged per timestep quarter: t in [0, 250), [250, 500), ...
 DEMO_PROMPTS = (
@@ -339,15 +338,7 @@ def train(cfg: LdmTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
     window = new_window()
     model.train()
-
-    def reached_stop() -> bool:  # --stop-after or --max-minutes (rank 0's clock decides under DDP, below)
-        return (cfg.stop_after > 0 and step >= cfg.stop_after) or (
-            cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
-        )
-
-    stop = reached_stop()  # a relaunch of a run that already got there leaves at once (the same on every rank)
-    if stop and step < cfg.steps and dist.is_main:
-        print(f"step {step}: --stop-after {cfg.stop_after} or --max-minutes {cfg.max_minutes} already reached")
+    stop = stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
     while step < cfg.steps and not stop:
         t_step = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -396,7 +387,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
-        stop = reached_stop()
+        stop = reached_stop(cfg, step, train_seconds)
         if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
             stop = distributed.all_gather_object(stop)[0]
 
@@ -520,15 +511,7 @@ def parse_args(argv: list[str] | None = None) -> LdmTrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m training.train_ldm`` and torchrun."""
-    if hasattr(sys.stdout, "reconfigure"):  # whole lines, as they happen, into the launcher's shared pipe
-        sys.stdout.reconfigure(line_buffering=True)
-    cfg = parse_args(argv)
-    try:
-        result = train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # a setting or input refused as training starts: one line
-        sys.stderr.write(f"error: {error_line(e)}\n")  # one write: the ranks of a torchrun share the pipe
-        return 2
-    return 0 if result["step"] > 0 else 1
+    return trainer_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import functools
 import json
 import math
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from pipeline.latents import prepare_image
 from pipeline.shards import iter_samples, shard_urls
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from training.data import DataPosition, LoaderConfig, error_line, make_loader, make_plan, plan_fingerprint
+from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.models.vae import (
     build_vae,
     downsample_factor,
@@ -45,7 +44,7 @@ from training.models.vae import (
     save_vae,
     vae_config,
 )
-from training.train_clip import lr_at, resolve_precision, write_json
+from training.train_clip import lr_at, reached_stop, resolve_precision, stop_before_start, trainer_main, write_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -343,15 +342,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
     window = new_window()
     model.train()
-
-    def reached_stop() -> bool:  # --stop-after or --max-minutes (rank 0's clock decides under DDP, below)
-        return (cfg.stop_after > 0 and step >= cfg.stop_after) or (
-            cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
-        )
-
-    stop = reached_stop()  # a relaunch of a run that already got there leaves at once (the same on every rank)
-    if stop and step < cfg.steps and dist.is_main:
-        print(f"step {step}: --stop-after {cfg.stop_after} or --max-minutes {cfg.max_minutes} already reached")
+    stop = stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
     while step < cfg.steps and not stop:
         t_step = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -384,7 +375,7 @@ def train(cfg: VaeTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
-        stop = reached_stop()
+        stop = reached_stop(cfg, step, train_seconds)
         if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
             stop = distributed.all_gather_object(stop)[0]
 
@@ -490,15 +481,7 @@ def parse_args(argv: list[str] | None = None) -> VaeTrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m training.train_vae`` and torchrun."""
-    if hasattr(sys.stdout, "reconfigure"):  # whole lines, as they happen, into the launcher's shared pipe
-        sys.stdout.reconfigure(line_buffering=True)
-    cfg = parse_args(argv)
-    try:
-        result = train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # a setting or input refused as training starts: one line
-        sys.stderr.write(f"error: {error_line(e)}\n")  # one write: the ranks of a torchrun share the pipe
-        return 2
-    return 0 if result["step"] > 0 else 1
+    return trainer_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":
