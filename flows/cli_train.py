@@ -7,6 +7,7 @@ Every trainer flag (``--batch-size``, ``--lr``, ``--eval-data``, ...) passes thr
 import importlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from typing import Annotated
@@ -44,40 +45,67 @@ ELASTIC_LOG = re.compile(r"^[WEI]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic
 
 
 def run_torchrun(cmd: list[str]) -> int:
-    """Run torchrun with its ranks' output passed through as it comes; torchrun's own report of a failed rank (its
-    log lines, traceback and ChildFailedError table, after the ranks printed their errors) shrinks to one line.
-    Returns the failed ranks' exit code (2 for the trainers' one-line errors), else torchrun's."""
+    """Run torchrun; returns the failed rank's exit code (2 for the trainers' one-line errors), else torchrun's.
+
+    On a terminal everything passes through as is (progress bars included). Otherwise (logs, CI, a launcher) the
+    ranks' output passes through as it comes, and torchrun's own report of a failed rank (its log lines, traceback
+    and ChildFailedError table, after the ranks printed their errors) shrinks to one line that names the rank and
+    its exit code, or the signal that killed it.
+    """
+    if sys.stderr.isatty():
+        return subprocess.call(cmd)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
     logs: list[str] = []  # torchrun's log lines: shown at the end unless its failure report follows
     traceback: list[str] = []  # a traceback being read: a rank's (shown) or torchrun's (the report)
     report: list[str] | None = None
-    try:
-        for line in proc.stderr:
-            if report is not None:
-                report.append(line)
-            elif traceback:
-                traceback.append(line)
-                if "torch/distributed/run.py" in line:  # torchrun's traceback, not a rank's
-                    report, traceback = traceback, []
-                elif not line.startswith((" ", "\t")):  # a rank's traceback ended: show it
-                    sys.stderr.write("".join(traceback))
-                    traceback = []
-            elif line.startswith("Traceback (most recent call last)"):
-                traceback = [line]
-            elif ELASTIC_LOG.match(line):  # the ranks write to the same pipe: these interleave with their lines
-                logs.append(line)
-            else:
-                sys.stderr.write(line)
-        code = proc.wait()
-    except KeyboardInterrupt:  # the ranks get the signal too; wait for them to leave
-        code = proc.wait()
+
+    def take(line: str) -> None:
+        nonlocal traceback, report
+        if report is not None:
+            report.append(line)
+        elif traceback:
+            traceback.append(line)
+            if "torch/distributed/run.py" in line:  # torchrun's traceback, not a rank's
+                report, traceback = traceback, []
+            elif not line.startswith((" ", "\t")):  # a rank's traceback ended: show it
+                sys.stderr.write("".join(traceback))
+                traceback = []
+        elif line.startswith("Traceback (most recent call last)"):
+            traceback = [line]
+        elif ELASTIC_LOG.match(line):  # the ranks write to the same pipe: these interleave with their lines
+            logs.append(line)
+        else:
+            sys.stderr.write(line)
+
+    while True:  # after Ctrl-C keep reading: the ranks print their own interrupts, and a full pipe would block them
+        try:
+            for line in proc.stderr:
+                take(line)
+            break
+        except KeyboardInterrupt:
+            continue
+    code = proc.wait()
     if report is None:
         sys.stderr.write("".join(logs + traceback))
         return code
-    codes = [int(c) for c in re.findall(r"exitcode\s+:\s*(-?\d+)", "".join(report))]  # its table, one per rank
-    failed = next((c for c in codes if c > 0), code)  # a rank's own exit code, not a signal torchrun sent
-    sys.stderr.write(f"error: {len(codes) or 'a'} rank(s) failed (exit code {failed}); their own errors are above\n")
-    return failed if failed > 0 else 1
+    return _summarise_failure("".join(report), code)
+
+
+def _summarise_failure(report: str, code: int) -> int:
+    """One line from torchrun's ChildFailedError table: the root-cause rank and its exit code or signal."""
+    ranks = [(int(r), int(c)) for r, c in re.findall(r"rank\s+:\s*(\d+)[^\n]*\n\s*exitcode\s+:\s*(-?\d+)", report)]
+    root = report.split("Root Cause", 1)[-1]
+    cause = re.search(r"rank\s+:\s*(\d+)[^\n]*\n\s*exitcode\s+:\s*(-?\d+)", root)
+    rank, exit_code = (int(cause.group(1)), int(cause.group(2))) if cause else (None, code)
+    failed = [r for r, c in ranks if c != -signal.SIGTERM] or [r for r, _ in ranks]  # not the ones torchrun stopped
+    who = f"rank {rank}" if rank is not None else f"{len(failed)} rank(s)"
+    if exit_code < 0:
+        name = signal.Signals(-exit_code).name if -exit_code in signal.valid_signals() else f"signal {-exit_code}"
+        hint = " (out of memory?)" if -exit_code == signal.SIGKILL else ""
+        sys.stderr.write(f"error: {who} was killed by {name}{hint}\n")
+        return 128 - exit_code
+    sys.stderr.write(f"error: {who} failed (exit code {exit_code}); its own error is above\n")
+    return exit_code if exit_code > 0 else 1
 
 
 def trainer_command(kind: str, summary: str, default_config: str):

@@ -338,7 +338,8 @@ def write_run_report(ctx: StageContext) -> None:
     lineage = {}
     for kind, url in ctx.datasets.items():
         try:
-            lineage[kind] = read_manifest(url, ctx.so).get("parent")
+            parent = read_manifest(url, ctx.so).get("parent")  # a version's is relative to its own folder
+            lineage[kind] = storage.resolve_ref(url, parent) if parent else None
         except FileNotFoundError:
             lineage[kind] = None
     doc = {**res.to_dict(), "lineage": lineage, "code_version": ctx.code}

@@ -7,6 +7,7 @@ process killed at any moment leaves either a finished shard or nothing a reader 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ from pipeline.stats import StageStats
 SHARD_RE = re.compile(r"^(\d{6})\.tar$")
 TMP_PREFIX = ".tmp-"
 SPOOL_PREFIX = "altforge-shard-"  # local spool directories of object-store writers: altforge-shard-PID-XXXX
+SPOOL_LOCK = ".lock"  # inside a spool, flock'ed by its writer while it lives
 
 # One parquet row per attempted input record; stages add their own columns (clip_score, ...).
 BASE_COLUMNS = pa.schema(
@@ -124,6 +126,10 @@ class ShardWriter:
         else:  # spooled locally, uploaded at publish; a killed writer's spool is removed by the next writer
             remove_dead_spools()
             self._tmp_dir = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
+            # held while the spool lives: a cleaner that can take the lock knows its writer is gone, whatever pid
+            # namespace either runs in (the kernel drops the lock when the writer dies)
+            self._spool_lock = os.open(os.path.join(self._tmp_dir, SPOOL_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(self._spool_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         tag = f"{TMP_PREFIX}{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tmp = {k: os.path.join(self._tmp_dir, f"{tag}.{k}") for k in ("tar", "parquet", "stats")}
         self._tar = tarfile.open(self._tmp["tar"], "w", format=tarfile.USTAR_FORMAT)
@@ -213,6 +219,7 @@ class ShardWriter:
             for f in os.listdir(self._tmp_dir):
                 os.remove(os.path.join(self._tmp_dir, f))
             os.rmdir(self._tmp_dir)
+            os.close(self._spool_lock)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -353,19 +360,24 @@ def read_shard_stats(dataset_url: str, name: str, storage_options: dict | None =
     return json.loads(storage.read_bytes(storage.join(dataset_url, f"{name}_stats.json"), storage_options))
 
 
-def _alive(pid: int) -> bool:
+def _spool_abandoned(path: str) -> bool:
+    """Whether a spool's writer is gone: its lock can be taken (a live writer holds it until it is done)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(os.path.join(path, SPOOL_LOCK), os.O_RDWR)
+    except FileNotFoundError:  # being created (the lock comes right after the folder), or already removed
         return False
-    except PermissionError:  # another user's process
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def remove_dead_spools(tmp_root: str | None = None) -> int:
-    """Remove the local spool directories of object-store writers whose process is gone (killed mid-shard); returns
-    how many. Each is named after its writer's pid; a live process keeps its spool."""
+    """Remove the local spool directories of object-store writers that are gone (killed mid-shard); returns how
+    many. A live writer holds its spool's lock, so its spool stays, in this pid namespace or another."""
     root = tmp_root or tempfile.gettempdir()
     n = 0
     try:
@@ -373,9 +385,9 @@ def remove_dead_spools(tmp_root: str | None = None) -> int:
     except OSError:
         return 0
     for name in names:
-        m = re.fullmatch(re.escape(SPOOL_PREFIX) + r"(\d+)-\w+", name)
-        if m and not _alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        path = os.path.join(root, name)
+        if re.fullmatch(re.escape(SPOOL_PREFIX) + r"\d+-\w+", name) and _spool_abandoned(path):
+            shutil.rmtree(path, ignore_errors=True)
             n += 1
     return n
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -266,10 +267,12 @@ def slot_batches(plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle
 def error_line(e: BaseException) -> str:
     """One line for an error that stops a trainer: the original message when a DataLoader worker raised it (the
     loader re-raises it as "Caught ValueError in DataLoader worker process 0." with the worker's traceback)."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
-    if lines[0].startswith("Caught ") and len(lines) > 1:
-        return lines[-1].split(": ", 1)[-1]
-    return lines[0]
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    if lines[0].startswith("Caught ") and len(lines) > 1:  # the message follows the last "SomeError: " line
+        heads = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception): ", ln)]
+        if heads:
+            return lines[heads[-1]].split(": ", 1)[1].strip()
+    return lines[0].strip()
 
 
 # ------------------------------------------------------------------------------------------------- dataset

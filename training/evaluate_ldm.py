@@ -65,17 +65,21 @@ class LdmEvalConfig:
     batch_size: int = 64  # images per U-Net batch
     precision: str = "auto"  # autocast on CUDA; fp32 on CPU
     guidance_interval: tuple[int, int] | None = None  # guide only at timesteps lo..hi (training.sample); None = all
-    target_guidance: float = 7.5  # where the targets are checked (generate's default); 1 is the unguided baseline
+    # where the targets are checked: None = 7.5 (generate's default) when swept, else the largest guidance swept;
+    # guidance 1 is the unguided baseline that guidance must beat
+    target_guidance: float | None = None
 
     def __post_init__(self):
         counts = ("n_per_prompt", "n_real", "negative_steps", "batch_size")
         bad = [f"{k} = {getattr(self, k)}" for k in counts if getattr(self, k) < 1]
         bad += [f"steps = {v}" for v in self.steps if v < 1]
         scales = [("guidance", g) for g in self.guidances]
-        scales += [("negative_guidance", self.negative_guidance), ("target_guidance", self.target_guidance)]
+        scales += [("negative_guidance", self.negative_guidance)]
         bad += [f"{k} = {g}" for k, g in scales if not (math.isfinite(g) and g > 0)]
         if self.negative_n < 0:
             bad.append(f"negative_n = {self.negative_n}")
+        if self.target_guidance is not None and self.target_guidance not in self.guidances:
+            bad.append(f"target_guidance = {self.target_guidance} (not one of the guidances {list(self.guidances)})")
         iv = self.guidance_interval
         if iv is not None and not (len(iv) == 2 and 0 <= iv[0] <= iv[1]):
             bad.append(f"guidance_interval = {list(iv)} (needs 0 <= lo <= hi)")
@@ -361,12 +365,19 @@ def negative_prompt_check(pipe, cfg: LdmEvalConfig) -> dict:
     return out
 
 
+def target_guidance(cfg: LdmEvalConfig) -> float:
+    """The guidance the targets are checked at: ``cfg.target_guidance``, else 7.5 when swept, else the largest."""
+    if cfg.target_guidance is not None:
+        return cfg.target_guidance
+    return 7.5 if 7.5 in cfg.guidances else max(cfg.guidances)
+
+
 def check_targets(sweep: dict, negative: dict, cfg: LdmEvalConfig, judge_trusted: bool = True) -> dict:
     """The issue's targets: at ``cfg.target_guidance`` and 20 steps colour >= 0.95, shape >= 0.90; guidance (against
     guidance 1) raises both. A check is None when it was not measured: the sweep lacks the setting, the judge is
     untrusted (below 98% on real renders, so its verdicts do not count), or no colour was there to remove."""
     rows = {(r["guidance"], r["steps"]): r["judge"] for r in sweep["settings"]}
-    target, unguided = cfg.target_guidance, 1.0
+    target, unguided = target_guidance(cfg), 1.0
     out = {"guidance_raises_accuracy": {}}
     for steps in cfg.steps:
         if (target, steps) in rows and (unguided, steps) in rows and target != unguided:
@@ -440,6 +451,8 @@ def evaluate_pipeline(pipe, judge, cfg: LdmEvalConfig = LdmEvalConfig(), clip=No
         report["notes"].append("the judge is below 98% on held-out real renders: its verdicts do not count")
     if "colours" in negative and not negative["colours"] and "skipped" not in negative:
         report["notes"].append("negative check: the colourless prompts showed no colour to remove, nothing tested")
+    if 1.0 not in cfg.guidances:
+        report["notes"].append("guidance 1 was not swept: whether guidance raises accuracy was not measured")
     fd = sweep["real"].get("frechet_samples")
     if fd and min(fd["real"], fd["generated"]) < 2 * fd["feature_dim"]:
         report["notes"].append(
@@ -484,8 +497,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--target-guidance",
         type=float,
-        default=LdmEvalConfig.target_guidance,
-        help="the guidance the targets are checked at (one of --guidance; 1 is the unguided baseline)",
+        default=None,
+        help="the guidance the targets are checked at, one of --guidance (default: 7.5 if swept, else the largest)",
     )
     p.add_argument("--scheduler", choices=("dpm", "ddim"), default="dpm")
     p.add_argument(

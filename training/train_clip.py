@@ -11,9 +11,12 @@ import contextlib
 import functools
 import json
 import math
+import os
 import random
+import re
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -106,9 +109,23 @@ def trainer_main(train_fn, parse_fn, argv: list[str] | None) -> int:
     try:
         result = train_fn(cfg)
     except (ValueError, FileNotFoundError) as e:
+        if not _raised_by_project(e):  # torch, numpy or PIL: a bug to see whole, not a refusal
+            raise
         sys.stderr.write(f"error: {error_line(e)}\n")  # one write: the ranks of a torchrun share the pipe
         return 2
     return 0 if result["step"] > 0 else 1
+
+
+def _raised_by_project(e: BaseException) -> bool:
+    """Whether the innermost frame that raised ``e`` is altforge's own code (a deliberate refusal), also for an
+    error a DataLoader worker raised (its traceback is in the message)."""
+    root = str(Path(__file__).resolve().parents[1])
+    files = re.findall(r'File "([^"]+)"', str(e)) if str(e).startswith("Caught ") else []
+    if not files:
+        tb = traceback.extract_tb(e.__traceback__)
+        files = [tb[-1].filename] if tb else []
+    last = str(Path(files[-1]).resolve()) if files else ""
+    return last.startswith(root + os.sep) and f"{os.sep}site-packages{os.sep}" not in last
 
 
 def reached_stop(cfg, step: int, train_seconds: float) -> bool:

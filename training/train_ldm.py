@@ -250,10 +250,16 @@ def train(cfg: LdmTrainConfig) -> dict:
     step, history, train_seconds = 0, {"train": [], "samples": []}, 0.0
     # what a resume must share with the run it continues, besides the tensors' shapes (checked on load): the
     # architecture, the target, and the text conditioning the U-Net learnt from
+    if in_loop:  # the tower's weights (sha256), however its folder was named
+        prov = encoder.provenance
+        text_id = {"encoder": prov.get("sha256") or f"{prov.get('model')}:{prov.get('pretrained')}"}
+        text_id["tuned"] = cfg.train_text_encoder
+    else:  # the shards' embeddings; the encoder that made them is checked through the empty prompt above
+        text_id = {"stored_embeddings": list(latents.text_shape or ())}
     identity = json.loads(json.dumps({
         "model_config": {k: v for k, v in unet.config.items() if not k.startswith("_")},
         "prediction": cfg.prediction,
-        "text": {"model": te_model, "pretrained": te_pretrained, "in_loop": in_loop, "tuned": cfg.train_text_encoder},
+        "text_encoder": text_id,
     }, default=str))  # fmt: skip
     ckpt = latest_checkpoint(out) if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
     if ckpt is not None:

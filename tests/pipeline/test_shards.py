@@ -175,15 +175,24 @@ def test_a_shard_cut_at_a_member_boundary_is_counted(tmp_path):
     assert len(list(shards.iter_samples(str(tmp_path / "000000.tar"), errors=whole))) == 5 and not whole
 
 
-def test_a_killed_object_store_writers_spool_is_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"{shards.SPOOL_PREFIX}{int(dead.stdout)}-abc123"
-    live = tmp_path / f"{shards.SPOOL_PREFIX}{os.getpid()}-def456"
-    for d in (stale, live):
-        d.mkdir()
-        (d / ".tmp-000000-1-x.tar").write_bytes(b"x" * 100)
-    assert shards.remove_dead_spools(str(tmp_path)) == 1
-    assert not stale.exists() and live.exists()
+def test_a_killed_object_store_writers_spool_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards.tempfile, "tempdir", str(tmp_path))
+    live = shards.ShardWriter("memory://bucket/spools", 0)  # an object-store writer: spooled under tmp_path
+    live.write(make_sample(0))
+    script = (
+        "import sys, tempfile; sys.path.insert(0, sys.argv[1]); tempfile.tempdir = sys.argv[2];"
+        "from pipeline import shards; from tests.pipeline.test_shards import make_sample;"
+        "w = shards.ShardWriter('memory://bucket/spools', 1); w.write(make_sample(1)); print(w._tmp_dir, flush=True);"
+        "import os; os._exit(0)"  # gone without cleaning up, as a killed writer is
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dead = subprocess.run([sys.executable, "-c", script, root, str(tmp_path)], capture_output=True, text=True)
+    dead_spool = dead.stdout.strip()
+    assert os.path.isdir(dead_spool) and os.listdir(dead_spool)
+    assert shards.remove_dead_spools(str(tmp_path)) == 1  # the dead writer's; the live one holds its lock
+    assert not os.path.exists(dead_spool) and os.path.isdir(live._tmp_dir)
+    live.abort()
+    assert not os.listdir(tmp_path)
 
 
 KILL_SCRIPT = textwrap.dedent(

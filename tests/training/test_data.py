@@ -267,3 +267,15 @@ def test_a_slot_short_of_its_batches_wraps_only_after_its_whole_share(tmp_path):
         share = len(set(keys))
         assert share in (20, 30)  # the long slot stops at its 30th sample; the short one has 20
         assert len(set(keys[:share])) == share  # its whole share comes first, each sample once
+
+
+def test_error_line_is_the_workers_own_message():
+    from training.data import error_line
+
+    wrapped = ValueError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "/x/training/data.py", line 1, in f\n    raise ValueError("bad thing: details")\n'
+        "ValueError: bad thing: details\nhint: do X"
+    )
+    assert error_line(wrapped) == "bad thing: details"
+    assert error_line(ValueError("one line\nmore")) == "one line"

@@ -123,6 +123,11 @@ def test_targets_are_checked_at_the_target_guidance_not_the_largest():
     assert got["colour_accuracy_ge_0.95"] is True and got["guidance_raises_accuracy"] == {"20": True}
     low = LdmEvalConfig(guidances=(0.5, 1.0), steps=(20,), target_guidance=0.5)  # not the unguided row
     assert check_targets({"settings": rows[:1]}, neg, low)["colour_accuracy_ge_0.95"] is None
+    five = [{**rows[0]}, {"guidance": 5.0, "steps": 20, "judge": {"colour": 0.96, "shape": 0.91}}]
+    swept = check_targets({"settings": five}, neg, LdmEvalConfig(guidances=(1.0, 5.0), steps=(20,)))
+    assert swept["colour_accuracy_ge_0.95"] is True  # 7.5 not swept: the largest guidance that was
+    with pytest.raises(ValueError, match="not one of the guidances"):
+        LdmEvalConfig(guidances=(1.0, 5.0), target_guidance=7.5)
 
 
 def test_evaluation_settings_out_of_range_are_refused():

@@ -454,6 +454,28 @@ def test_a_resume_with_another_target_is_refused_and_a_relaunch_past_stop_after_
     assert first["step"] == again["step"] == 3 and len(again["train"]) == len(first["train"])
     with pytest.raises(ValueError, match="another prediction.*--resume none"):
         train(base_cfg(data, tmp_path / "run", prediction="v_prediction", **kw))
+    # naming the encoder that made the stored embeddings (by any spelling) resumes: the U-Net reads the same states
+    named = train(base_cfg(data, tmp_path / "run", stop_after=4, text_encoder=str(env["clip"]) + "/", **kw))
+    assert named["step"] == 4
+    with pytest.raises(ValueError, match="another text encoder"):  # but encoding the captions in the loop is other
+        train(base_cfg(data, tmp_path / "run", text_encoder=str(env["clip"]), text_in_loop=True, **kw))
+
+
+def test_only_refusals_are_one_line_a_library_error_keeps_its_traceback(capsys):
+    import torch.nn.functional as F
+
+    from training.train_clip import trainer_main
+
+    def refused(cfg):
+        raise ValueError("--thing must be >= 1")
+
+    def library_bug(cfg):
+        F.binary_cross_entropy(torch.rand(4), torch.rand(3))  # torch raises ValueError
+
+    assert trainer_main(refused, lambda argv: None, []) == 2
+    assert capsys.readouterr().err == "error: --thing must be >= 1\n"
+    with pytest.raises(ValueError, match="target size"):
+        trainer_main(library_bug, lambda argv: None, [])
 
 
 def test_a_sample_of_another_shape_is_a_counted_skip_and_a_bad_caption_does_not_refuse_the_set(env, tmp_path):
