@@ -275,7 +275,8 @@ def train(cfg: VaeTrainConfig) -> dict:
     # ---- logging, reconstruction grids and held-out PSNR (rank 0)
     writer = None
     grid_images = None
-    read_errors: Counter = Counter()  # bad samples met while reading eval / grid / scaling images
+    read_errors: Counter = Counter()  # bad samples met while reading the grid and scaling images
+    eval_errors: Counter = Counter()  # ... and the held-out images, as the last evaluation met them (each re-reads)
     if dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -302,8 +303,9 @@ def train(cfg: VaeTrainConfig) -> dict:
             grid = torch.cat([grid_images, recon]).add(1).div(2).clamp(0, 1)
             writer.add_image("reconstructions/top_input_bottom_output", _grid(grid, len(grid_images)), step)
             if cfg.eval_data:
+                eval_errors.clear()
                 held = image_batches(
-                    cfg.eval_data, cfg.resolution, cfg.eval_limit, cfg.batch_size, read_errors, cfg.storage_options
+                    cfg.eval_data, cfg.resolution, cfg.eval_limit, cfg.batch_size, eval_errors, cfg.storage_options
                 )
                 value, n = heldout_psnr(vae, held)
                 history["eval"].append(
@@ -435,12 +437,12 @@ def train(cfg: VaeTrainConfig) -> dict:
             scaling_factor=factor,
             latent_std=std,
             latent_elements=n_latent,
-            read_errors=dict(read_errors),
+            read_errors=dict(read_errors + eval_errors),
         )
         write_json(out / "metrics.json", result)
         writer.close()
-        if result["data_errors"] or read_errors:
-            print(f"skipped samples: {result['data_errors']} {dict(read_errors)}")
+        if result["data_errors"] or result["read_errors"]:
+            print(f"skipped samples: {result['data_errors']} {result['read_errors']}")
         print(f"scaling factor {factor:.5f} (latent std {std:.4f}); saved the VAE to {out}", flush=True)
     distributed.barrier()
     distributed.cleanup()

@@ -57,28 +57,20 @@ def test_ranks_failing_under_torchrun_end_in_their_own_lines_not_torchruns_repor
     assert len(lines) == 3
 
 
-REPORT = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
-============================================================
-training.train_ldm FAILED
-------------------------------------------------------------
-Failures:
-[1]:
-  time      : 2026-11-28_01:00:12
-  host      : localhost
-  rank      : 0 (local_rank: 0)
-  exitcode  : -15 (pid: 18037)
-  error_file: <N/A>
-------------------------------------------------------------
-Root Cause (first observed failure):
-[0]:
-  time      : 2026-11-28_01:00:12
-  host      : localhost
-  rank      : 1 (local_rank: 1)
-  exitcode  : -9 (pid: 18036)
-  error_file: <N/A>
-  traceback : Signal 9 (SIGKILL) received by PID 18036
-============================================================
-"""
+def failure_entry(n: int, rank: int, code: int) -> str:
+    return (
+        f"[{n}]:\n  time      : 2026-11-28_01:00:12\n  host      : localhost\n"
+        f"  rank      : {rank} (local_rank: {rank})\n  exitcode  : {code} (pid: {18036 + rank})\n  error_file: <N/A>\n"
+    )
+
+
+# torchrun's ChildFailedError table: rank 0 stopped by torchrun (SIGTERM) after rank 1 was killed (SIGKILL)
+RULE, LINE = "=" * 60, "-" * 60
+REPORT = (
+    f"torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n{RULE}\ntraining.train_ldm FAILED\n{LINE}\n"
+    f"Failures:\n{failure_entry(1, 0, -15)}{LINE}\n"
+    f"Root Cause (first observed failure):\n{failure_entry(0, 1, -9)}{RULE}\n"
+)
 
 
 def test_a_rank_killed_by_a_signal_is_named_with_it(capsys):

@@ -197,3 +197,22 @@ def test_a_diverged_run_stops_with_one_line_before_saving_nan_weights(data, tmp_
     with pytest.raises(ValueError, match="the loss is (nan|inf); lower --lr"):
         train(base_cfg(data, tmp_path / "o", lr=1e6, steps=6, sample_every=0))
     assert not list((tmp_path / "o").glob("checkpoints/step_*"))
+
+
+def test_bad_held_out_images_are_counted_once_not_per_evaluation(data, tmp_path):
+    import shutil
+
+    from pipeline.shards import ShardWriter, write_sizes
+    from pipeline.stats import StageStats
+
+    held = tmp_path / "held"
+    shutil.copytree(data / "eval", held)
+    (held / "manifest.json").unlink()  # read as its done shards, the one added below included
+    with ShardWriter(str(held), 7) as w:  # two held-out samples that do not decode
+        for i in range(2):
+            w.write({"__key__": f"bad{i}", "png": b"not a png", "txt": "x"})
+            w.add_row({"key": f"bad{i}", "status": "success"})
+        w.publish(StageStats(seen=2, kept=2))
+    write_sizes(str(held))
+    got = train(base_cfg(data, tmp_path / "o", eval_data=str(held), eval_limit=64, sample_every=2))
+    assert len(got["eval"]) == 3 and got["read_errors"] == {"decode_error": 2}  # three evaluations, two bad images
