@@ -7,16 +7,13 @@ process killed at any moment leaves either a finished shard or nothing a reader 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
 import os
 import posixpath
 import re
-import shutil
 import tarfile
-import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -30,8 +27,6 @@ from pipeline.stats import StageStats
 
 SHARD_RE = re.compile(r"^(\d{6})\.tar$")
 TMP_PREFIX = ".tmp-"
-SPOOL_PREFIX = "altforge-shard-"  # local spool directories of object-store writers: altforge-shard-PID-XXXX
-SPOOL_LOCK = ".lock"  # inside a spool, flock'ed by its writer while it lives
 
 # One parquet row per attempted input record; stages add their own columns (clip_score, ...).
 BASE_COLUMNS = pa.schema(
@@ -124,12 +119,7 @@ class ShardWriter:
             os.makedirs(root, exist_ok=True)
             self._tmp_dir = root  # same filesystem: os.replace is atomic
         else:  # spooled locally, uploaded at publish; a killed writer's spool is removed by the next writer
-            remove_dead_spools()
-            self._tmp_dir = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
-            # held while the spool lives: a cleaner that can take the lock knows its writer is gone, whatever pid
-            # namespace either runs in (the kernel drops the lock when the writer dies)
-            self._spool_lock = os.open(os.path.join(self._tmp_dir, SPOOL_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(self._spool_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._tmp_dir, self._spool_lock = storage.open_spool()
         tag = f"{TMP_PREFIX}{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tmp = {k: os.path.join(self._tmp_dir, f"{tag}.{k}") for k in ("tar", "parquet", "stats")}
         self._tar = tarfile.open(self._tmp["tar"], "w", format=tarfile.USTAR_FORMAT)
@@ -215,11 +205,8 @@ class ShardWriter:
             os.remove(tmp_path)
 
     def _cleanup(self) -> None:
-        if not self._local and os.path.isdir(self._tmp_dir):
-            for f in os.listdir(self._tmp_dir):
-                os.remove(os.path.join(self._tmp_dir, f))
-            os.rmdir(self._tmp_dir)
-            os.close(self._spool_lock)
+        if not self._local:
+            storage.close_spool(self._tmp_dir, self._spool_lock)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -360,42 +347,10 @@ def read_shard_stats(dataset_url: str, name: str, storage_options: dict | None =
     return json.loads(storage.read_bytes(storage.join(dataset_url, f"{name}_stats.json"), storage_options))
 
 
-def _spool_abandoned(path: str) -> bool:
-    """Whether a spool's writer is gone: its lock can be taken (a live writer holds it until it is done)."""
-    try:
-        fd = os.open(os.path.join(path, SPOOL_LOCK), os.O_RDWR)
-    except FileNotFoundError:  # being created (the lock comes right after the folder), or already removed
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def remove_dead_spools(tmp_root: str | None = None) -> int:
-    """Remove the local spool directories of object-store writers that are gone (killed mid-shard); returns how
-    many. A live writer holds its spool's lock, so its spool stays, in this pid namespace or another."""
-    root = tmp_root or tempfile.gettempdir()
-    n = 0
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return 0
-    for name in names:
-        path = os.path.join(root, name)
-        if re.fullmatch(re.escape(SPOOL_PREFIX) + r"\d+-\w+", name) and _spool_abandoned(path):
-            shutil.rmtree(path, ignore_errors=True)
-            n += 1
-    return n
-
-
 def clean_temporaries(dataset_url: str, storage_options: dict | None = None) -> int:
     """Remove temporary files a killed writer left behind (in the dataset, and the local spools of object-store
     writers); returns how many were removed."""
-    n = 0 if storage.is_local(dataset_url) else remove_dead_spools()
+    n = 0 if storage.is_local(dataset_url) else storage.remove_dead_spools()
     for name in storage.listdir(dataset_url, storage_options):
         if name.startswith(TMP_PREFIX):
             storage.remove(storage.join(dataset_url, name), storage_options)

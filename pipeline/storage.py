@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import posixpath
+import re
+import shutil
+import tempfile
 
 import fsspec
 from fsspec.core import url_to_fs
+
+SPOOL_PREFIX = "altforge-shard-"  # local spool directories of object-store writers: altforge-shard-PID-XXXX
+SPOOL_LOCK = ".lock"  # inside a spool, flock'ed by its writer while it lives
 
 
 def options_from_json(text: str | None) -> dict | None:
@@ -113,3 +120,59 @@ def listdir(url: str, storage_options: dict | None = None) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+
+# ---------------------------------------------------------------- local spools of object-store writers
+
+
+def open_spool() -> tuple[str, int]:
+    """A new local directory for an object-store writer's files, and the descriptor of its lock (held until
+    :func:`close_spool`); killed writers' spools are removed first."""
+    remove_dead_spools()
+    path = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
+    # held while the spool lives: a cleaner that can take the lock knows its writer is gone, whatever pid
+    # namespace either runs in (the kernel drops the lock when the writer dies)
+    fd = os.open(os.path.join(path, SPOOL_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return path, fd
+
+
+def close_spool(path: str, lock_fd: int) -> None:
+    """Remove a spool made by :func:`open_spool` and release its lock (once; later calls do nothing)."""
+    if os.path.isdir(path):
+        for f in os.listdir(path):
+            os.remove(os.path.join(path, f))
+        os.rmdir(path)
+        os.close(lock_fd)
+
+
+def _spool_abandoned(path: str) -> bool:
+    """Whether a spool's writer is gone: its lock can be taken (a live writer holds it until it is done)."""
+    try:
+        fd = os.open(os.path.join(path, SPOOL_LOCK), os.O_RDWR)
+    except FileNotFoundError:  # being created (the lock comes right after the folder), or already removed
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_dead_spools(tmp_root: str | None = None) -> int:
+    """Remove the local spool directories of object-store writers that are gone (killed mid-shard); returns how
+    many. A live writer holds its spool's lock, so its spool stays, in this pid namespace or another."""
+    root = tmp_root or tempfile.gettempdir()
+    n = 0
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(root, name)
+        if re.fullmatch(re.escape(SPOOL_PREFIX) + r"\d+-\w+", name) and _spool_abandoned(path):
+            shutil.rmtree(path, ignore_errors=True)
+            n += 1
+    return n

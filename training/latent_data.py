@@ -1,4 +1,4 @@
-"""Latent shards as the diffusion trainer reads them: what a dataset holds, and one sample's random draws."""
+"""Latent shards as the diffusion trainer reads them: what a dataset holds, its text side, one sample's draws."""
 
 from __future__ import annotations
 
@@ -119,12 +119,61 @@ def empty_embedding(latents: LatentSet, encoder, storage_options: dict | None) -
         if encoder is None:
             raise ValueError(f"{latents.root}: no empty_text_emb.npy and no text encoder to compute it") from None
         return encoder.empty().float().cpu()
-    if encoder is not None and tuple(encoder.empty().shape) != tuple(stored.shape):
+    if encoder is None:
+        return stored
+    own = encoder.empty().float().cpu()  # one forward of the tower
+    if tuple(own.shape) != tuple(stored.shape):
         raise ValueError(
-            f"the text encoder's embeddings are {tuple(encoder.empty().shape)} (tokens, width), the dataset's "
+            f"the text encoder's embeddings are {tuple(own.shape)} (tokens, width), the dataset's "
             f"{tuple(stored.shape)}: another encoder?"
         )
-    if encoder is not None and (encoder.empty().float().cpu() - stored).norm() > 0.05 * stored.norm():
+    if (own - stored).norm() > 0.05 * stored.norm():
         # float16 storage or a bf16 encode differ by well under 5%; another encoder by ~100%
         raise ValueError("the text encoder's empty-prompt embedding differs from the dataset's: another encoder?")
     return stored
+
+
+@dataclass(frozen=True)
+class TextSide:
+    """How the U-Net is conditioned: the text encoder (or None), the empty prompt, where the embeddings come from."""
+
+    encoder: object  # training.models.text.TextEncoder, or None when the stored embeddings are enough
+    empty: torch.Tensor  # (L, D) empty-prompt embedding on the training device
+    width: int  # D, the U-Net's cross-attention width
+    stored: bool  # the shards' text_emb.npy condition the U-Net (else the encoder runs on the captions)
+    in_loop: bool  # the encoder runs in the loop (--text-in-loop or --train-text-encoder)
+    model: str | None  # the encoder's reference: the config's, else the latent manifest's
+    pretrained: str | None
+
+
+def text_conditioning(cfg, latents: LatentSet, device: torch.device, is_main: bool) -> TextSide:
+    """Load what the trainer's ``cfg`` needs to condition on ``latents``; a mismatch is a one-line ``ValueError``."""
+    from training.models.text import load_text_encoder
+
+    te = latents.info.get("text_encoder") or {}  # the encoder the latent manifest records, unless the config names one
+    model, pretrained = (
+        (cfg.text_encoder, cfg.text_pretrained) if cfg.text_encoder else (te.get("model"), te.get("pretrained"))
+    )
+    encoder = None
+    in_loop = cfg.text_in_loop or cfg.train_text_encoder
+    stored = latents.text_in_shards and not in_loop  # the shards' embeddings condition the U-Net
+    if cfg.text_in_loop and not cfg.text_encoder:
+        raise ValueError("--text-in-loop needs --text-encoder: the encoder to run on the captions")
+    # a named encoder is always loaded: with stored embeddings, its empty-prompt embedding must match theirs, or
+    # the pipeline folder would pair the U-Net with a text encoder it never saw
+    if not stored or cfg.text_encoder or (is_main and cfg.sample_every > 0 and model):
+        if model is None:
+            need = "--train-text-encoder needs a tower" if cfg.train_text_encoder else "the shards hold captions only"
+            raise ValueError(f"{need}: give --text-encoder (the latent manifest names none)")
+        encoder = load_text_encoder(model, pretrained, device=str(device))
+    if not in_loop:  # the dataset's empty embedding, checked against the encoder when one is loaded
+        try:
+            empty = empty_embedding(latents, encoder, cfg.storage_options).to(device)
+        except ValueError as e:
+            hint = " (re-encode the latents with it, or add --text-in-loop)" if cfg.text_encoder else ""
+            raise ValueError(f"{e}{hint}") from None
+        width = latents.text_width or encoder.width
+    else:
+        empty = encoder.empty().float().to(device)
+        width = encoder.width
+    return TextSide(encoder, empty, width, stored, in_loop, model, pretrained)

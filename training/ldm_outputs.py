@@ -8,19 +8,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from training.loop import write_json
 from training.models.pipeline import default_scheduler_config
-from training.train_clip import write_json
 
 if TYPE_CHECKING:
     from training.train_ldm import LdmTrainConfig
 
 
-def sampling_pipeline(ema, vae_ref: str, encoder, empty: torch.Tensor, prediction: str):
-    """An in-memory :class:`~training.models.pipeline.LdmPipeline` around the EMA U-Net, for the grids."""
+def sampling_pipeline(ema, vae, encoder, empty: torch.Tensor, prediction: str):
+    """An in-memory :class:`~training.models.pipeline.LdmPipeline` around the EMA U-Net, for the grids (moves ``vae``
+    to ``empty``'s device)."""
     from training.models.pipeline import LdmPipeline
-    from training.models.vae import downsample_factor, load_vae
+    from training.models.vae import downsample_factor
 
-    vae = load_vae(vae_ref, device=empty.device)
+    vae = vae.to(empty.device)
     side = int(ema.config.sample_size)
     return LdmPipeline(
         ema,
@@ -54,7 +55,7 @@ def log_sample_grid(writer, step: int, pipe, cfg: LdmTrainConfig, out: Path) -> 
 def export_model(
     out: Path,
     ema,
-    vae_ref,
+    vae,
     te_model,
     te_pretrained,
     empty,
@@ -64,12 +65,11 @@ def export_model(
 ) -> str:
     """Write the pipeline folder (EMA U-Net) at the top of ``out``; only ``unet/`` and ``scheduler/`` without a VAE.
 
-    ``text_state``: the tuned text tower's weights (``--train-text-encoder``), written over the copied tower's."""
-    if vae_ref and te_model:
+    ``vae``: the loaded AutoencoderKL, or None. ``text_state``: the tuned text tower's weights
+    (``--train-text-encoder``), written over the copied tower's."""
+    if vae is not None and te_model:
         from training.models.pipeline import save_pipeline
-        from training.models.vae import load_vae
 
-        vae = load_vae(vae_ref)
         sched = default_scheduler_config(cfg.prediction)
         save_pipeline(
             out, ema, vae, te_model, sched, cfg.prediction, lineage, te_pretrained, empty.cpu(), text_state=text_state

@@ -31,10 +31,12 @@ from tqdm import tqdm
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
-from training.latent_data import empty_embedding, inspect_latents, latent_map
+from training.latent_data import inspect_latents, latent_map, text_conditioning
 from training.ldm_outputs import export_model, log_sample_grid, sampling_pipeline
-from training.models.text import TextTunedUNet, trainable_text_tower
+from training.loop import reached_stop, resolve_precision, stop_before_start, trainer_main, warmup_cosine, write_json
+from training.models.text import TextTunedUNet, load_text_encoder, trainable_text_tower
 from training.models.unet import build_unet, count_parameters
+from training.models.vae import load_vae
 from training.objectives import (
     NUM_TRAIN_TIMESTEPS,
     PREDICTION_TYPES,
@@ -44,7 +46,6 @@ from training.objectives import (
     scaled_linear_betas,
     swap_in_empty,
 )
-from training.train_clip import reached_stop, resolve_precision, stop_before_start, trainer_main, write_json
 
 N_BUCKETS = 4  # the loss is also logged per timestep quarter: t in [0, 250), [250, 500), ...
 DEMO_PROMPTS = (
@@ -144,10 +145,7 @@ class LdmTrainConfig:
 
 def lr_at(step: int, cfg: LdmTrainConfig) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+    return warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -182,34 +180,9 @@ def train(cfg: LdmTrainConfig) -> dict:
     latents = inspect_latents(cfg.data, cfg.storage_options)
     if latents.has_logvar and latents.scaling_factor is None:
         raise ValueError(f"{cfg.data}: latents with logvar but no scaling_factor in the manifest")
-    te = latents.info.get("text_encoder") or {}  # the encoder the latent manifest records, unless the config names one
-    te_model, te_pretrained = (
-        (cfg.text_encoder, cfg.text_pretrained) if cfg.text_encoder else (te.get("model"), te.get("pretrained"))
-    )
-    encoder = None
-    in_loop = cfg.text_in_loop or cfg.train_text_encoder
-    stored_text = latents.text_in_shards and not in_loop  # the shards' embeddings condition the U-Net
-    if cfg.text_in_loop and not cfg.text_encoder:
-        raise ValueError("--text-in-loop needs --text-encoder: the encoder to run on the captions")
-    # a named encoder is always loaded: with stored embeddings, its empty-prompt embedding must match theirs, or
-    # the pipeline folder would pair the U-Net with a text encoder it never saw
-    if not stored_text or cfg.text_encoder or (dist.is_main and cfg.sample_every > 0 and te_model):
-        if te_model is None:
-            need = "--train-text-encoder needs a tower" if cfg.train_text_encoder else "the shards hold captions only"
-            raise ValueError(f"{need}: give --text-encoder (the latent manifest names none)")
-        from training.models.text import load_text_encoder
-
-        encoder = load_text_encoder(te_model, te_pretrained, device=str(dist.device))
-    if not in_loop:  # the dataset's empty embedding, checked against the encoder when one is loaded
-        try:
-            empty = empty_embedding(latents, encoder, cfg.storage_options).to(dist.device)
-        except ValueError as e:
-            hint = " (re-encode the latents with it, or add --text-in-loop)" if cfg.text_encoder else ""
-            raise ValueError(f"{e}{hint}") from None
-        width = latents.text_width or encoder.width
-    else:
-        empty = encoder.empty().float().to(dist.device)
-        width = encoder.width
+    side = text_conditioning(cfg, latents, dist.device, dist.is_main)
+    encoder, empty, width, stored_text, in_loop = side.encoder, side.empty, side.width, side.stored, side.in_loop
+    te_model, te_pretrained = side.model, side.pretrained
 
     # ---- model, EMA, optimizer, precision
     torch.manual_seed(cfg.seed)  # the same init on every rank, and whether or not a text encoder was loaded above
@@ -301,14 +274,16 @@ def train(cfg: LdmTrainConfig) -> dict:
         (out / "train_config.json").write_text(cfg.to_json(), encoding="utf-8")
         print(f"U-Net {cfg.config}: {count_parameters(unet) / 1e6:.2f}M parameters, latents {latents.latent_shape}")
     vae_ref = cfg.vae or (latents.info.get("vae") or {}).get("ref")
-    pipe = None
+    vae = pipe = None
+    if dist.is_main and vae_ref and te_model:  # the grids and the pipeline folder need both: loaded (so checked)
+        vae = load_vae(vae_ref)  # now, not after the last step
+        if encoder is None:
+            check_text_encoder(te_model, te_pretrained)
     if dist.is_main and cfg.sample_every > 0:
-        if vae_ref and encoder is not None:
-            pipe = sampling_pipeline(ema, vae_ref, tuned or encoder, empty, cfg.prediction)
+        if vae is not None and encoder is not None:
+            pipe = sampling_pipeline(ema, vae, tuned or encoder, empty, cfg.prediction)
         else:
             print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): no image grids")
-    if dist.is_main and pipe is None and vae_ref and te_model:  # the pipeline folder needs both: check them now,
-        check_export_parts(vae_ref, te_model, te_pretrained, encoder)  # not after the last step
 
     def grid() -> None:
         if pipe is not None:
@@ -439,7 +414,7 @@ def train(cfg: LdmTrainConfig) -> dict:
             text_state = {k: v.detach().cpu() for k, v in ema_text.state_dict().items()}
             empty = tuned.empty().float()
         result["exported"] = export_model(
-            out, ema, vae_ref, te_model, te_pretrained, empty, cfg, lineage, text_state=text_state
+            out, ema, vae, te_model, te_pretrained, empty, cfg, lineage, text_state=text_state
         )
         write_json(out / "metrics.json", result)
         writer.close()
@@ -450,19 +425,13 @@ def train(cfg: LdmTrainConfig) -> dict:
     return result
 
 
-def check_export_parts(vae_ref: str, te_model: str, te_pretrained: str | None, encoder) -> None:
-    """Load the VAE (and the text encoder, when not loaded yet) the pipeline folder will hold: a bad reference is a
-    one-line ``ValueError`` before training, not after the last step."""
-    from training.models.vae import load_vae
-
-    load_vae(vae_ref)
-    if encoder is None:
-        from training.models.text import load_text_encoder
-
-        try:
-            load_text_encoder(te_model, te_pretrained, device="cpu")
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"cannot load the text encoder {te_model!r}: {str(e).strip().splitlines()[0]}") from None
+def check_text_encoder(te_model: str, te_pretrained: str | None) -> None:
+    """Load the text encoder the pipeline folder will copy: a bad reference is a one-line ``ValueError`` before
+    training, not after the last step."""
+    try:
+        load_text_encoder(te_model, te_pretrained, device="cpu")
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"cannot load the text encoder {te_model!r}: {str(e).strip().splitlines()[0]}") from None
 
 
 def log_row(window: dict, step: int, lr: float, global_batch: int, train_seconds: float, dist) -> dict:

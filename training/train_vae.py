@@ -34,6 +34,7 @@ from pipeline.shards import iter_samples, shard_urls
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
+from training.loop import reached_stop, resolve_precision, stop_before_start, trainer_main, warmup_cosine, write_json
 from training.models.vae import (
     build_vae,
     downsample_factor,
@@ -44,7 +45,6 @@ from training.models.vae import (
     save_vae,
     vae_config,
 )
-from training.train_clip import lr_at, reached_stop, resolve_precision, stop_before_start, trainer_main, write_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -317,12 +317,15 @@ def train(cfg: VaeTrainConfig) -> dict:
         distributed.barrier()
         return value
 
+    def lr_at(at: int) -> float:
+        return warmup_cosine(at, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+
     def save() -> None:
         data = distributed.all_gather_object(position.to_dict())
         if dist.is_main:
             state = {
                 "config": asdict(cfg),
-                "scheduler": {"step": step, "lr": lr_at(max(0, step - 1), cfg)},
+                "scheduler": {"step": step, "lr": lr_at(max(0, step - 1))},
                 "scaler": scaler.state_dict(),
                 "data": data,
                 "world_size": dist.world_size,
@@ -347,7 +350,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     stop = stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
     while step < cfg.steps and not stop:
         t_step = time.perf_counter()
-        lr = lr_at(step, cfg)
+        lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)

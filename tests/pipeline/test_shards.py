@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import shards
+from pipeline import shards, storage
 from pipeline.manifest import build_manifest, read_manifest, write_manifest
 from pipeline.stats import StageStats
 
@@ -176,7 +176,7 @@ def test_a_shard_cut_at_a_member_boundary_is_counted(tmp_path):
 
 
 def test_a_killed_object_store_writers_spool_is_removed(tmp_path, monkeypatch):
-    monkeypatch.setattr(shards.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(storage.tempfile, "tempdir", str(tmp_path))
     live = shards.ShardWriter("memory://bucket/spools", 0)  # an object-store writer: spooled under tmp_path
     live.write(make_sample(0))
     script = (
@@ -189,7 +189,7 @@ def test_a_killed_object_store_writers_spool_is_removed(tmp_path, monkeypatch):
     dead = subprocess.run([sys.executable, "-c", script, root, str(tmp_path)], capture_output=True, text=True)
     dead_spool = dead.stdout.strip()
     assert os.path.isdir(dead_spool) and os.listdir(dead_spool)
-    assert shards.remove_dead_spools(str(tmp_path)) == 1  # the dead writer's; the live one holds its lock
+    assert storage.remove_dead_spools(str(tmp_path)) == 1  # the dead writer's; the live one holds its lock
     assert not os.path.exists(dead_spool) and os.path.isdir(live._tmp_dir)
     live.abort()
     assert not os.listdir(tmp_path)

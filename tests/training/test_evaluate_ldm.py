@@ -16,18 +16,15 @@ from training.evaluate_ldm import (
     check_targets,
     default_clip,
     evaluate_pipeline,
-    frechet_distance,
     held_out_prompts,
-    hue_ambiguous,
-    hue_mass,
     judge_accuracy,
     load_clip_judge,
     main,
     negative_prompt_check,
-    pixel_share,
     real_renders,
     text_separation,
 )
+from training.image_measures import frechet_distance, hue_ambiguous, hue_mass, pixel_share
 from training.judge import Judge, JudgeConfig, JudgeNet, save_judge
 
 torch.set_num_threads(1)

@@ -464,7 +464,7 @@ def test_a_resume_with_another_target_is_refused_and_a_relaunch_past_stop_after_
 def test_only_refusals_are_one_line_a_library_error_keeps_its_traceback(capsys):
     import torch.nn.functional as F
 
-    from training.train_clip import trainer_main
+    from training.loop import trainer_main
 
     def refused(cfg):
         raise ValueError("--thing must be >= 1")

@@ -1,0 +1,94 @@
+"""What the three trainers share around their loops: the entry point, stopping, the schedule, precision, JSON.
+
+Each trainer's loop stays in its own ``train_*.py`` and reads top to bottom; these are the few lines they would
+otherwise each repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from training.data import error_line
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def trainer_main(train_fn, parse_fn, argv: list[str] | None) -> int:
+    """A trainer's entry point, also each torchrun rank's: parse, train; a setting or input refused as training
+    starts is one ``error:`` line and exit status 2 (a rank that trained no step exits 1)."""
+    if hasattr(sys.stdout, "reconfigure"):  # whole lines, as they happen, into the launcher's shared pipe
+        sys.stdout.reconfigure(line_buffering=True)
+    cfg = parse_fn(argv)
+    try:
+        result = train_fn(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        if not _raised_by_project(e):  # torch, numpy or PIL: a bug to see whole, not a refusal
+            raise
+        sys.stderr.write(f"error: {error_line(e)}\n")  # one write: the ranks of a torchrun share the pipe
+        return 2
+    return 0 if result["step"] > 0 else 1
+
+
+def _raised_by_project(e: BaseException) -> bool:
+    """Whether the innermost frame that raised ``e`` is altforge's own code (a deliberate refusal), also for an
+    error a DataLoader worker raised (its traceback is in the message)."""
+    root = str(Path(__file__).resolve().parents[1])
+    files = re.findall(r'File "([^"]+)"', str(e)) if str(e).startswith("Caught ") else []
+    if not files:
+        tb = traceback.extract_tb(e.__traceback__)
+        files = [tb[-1].filename] if tb else []
+    last = str(Path(files[-1]).resolve()) if files else ""
+    return last.startswith(root + os.sep) and f"{os.sep}site-packages{os.sep}" not in last
+
+
+def reached_stop(cfg, step: int, train_seconds: float) -> bool:
+    """Whether ``--stop-after`` or ``--max-minutes`` ends a run at ``step`` (any trainer config with both fields)."""
+    return (cfg.stop_after > 0 and step >= cfg.stop_after) or (
+        cfg.max_minutes > 0 and train_seconds >= cfg.max_minutes * 60
+    )
+
+
+def stop_before_start(cfg, step: int, train_seconds: float, is_main: bool) -> bool:
+    """:func:`reached_stop` before the first step: a relaunch of a run that already got there leaves at once (the
+    same on every rank, from the checkpoint's numbers)."""
+    stop = reached_stop(cfg, step, train_seconds)
+    if stop and step < cfg.steps and is_main:
+        print(f"step {step}: --stop-after {cfg.stop_after} or --max-minutes {cfg.max_minutes} already reached")
+    return stop
+
+
+def warmup_cosine(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32 on CPU; on GPU bf16 where supported, else fp16, unless given. One-line ``ValueError`` for an unknown
+    precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if device.type != "cuda":
+        if precision not in ("auto", "fp32"):
+            raise ValueError(f"precision {precision} needs a GPU; CPU training runs in fp32")
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """Write JSON atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    tmp.replace(path)
