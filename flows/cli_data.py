@@ -14,6 +14,21 @@ from flows.cli_common import STORAGE_OPTIONS_HELP, fail, parse_storage_options
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
+LAUNCH_HELP = """
+launcher options (read by altforge, not passed on):
+  --nproc-per-node N    processes (GPUs) on this node; more than 1 launches torchrun
+  --nnodes N            nodes, for multi-node torchrun
+  --rdzv-endpoint H:P   host:port of the rendezvous, multi-node
+"""
+
+
+def module_help(module: str) -> int:
+    """Print ``python -m module --help`` and then the launcher options altforge adds around it."""
+    code = subprocess.call([sys.executable, "-m", module, "--help"])
+    print(LAUNCH_HELP, end="")
+    return code
+
+
 def torchrun_prefix(nproc_per_node: int, nnodes: int, rdzv_endpoint: str | None) -> list[str]:
     """``python -m torch.distributed.run`` with the process and node flags (standalone on one node)."""
     launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
@@ -33,7 +48,7 @@ def encode(
 ) -> None:
     """Encode an image dataset into VAE latents + text embeddings: IN_DIR --out DIR --vae PATH --text-encoder PATH."""
     if help_ or not ctx.args:
-        raise typer.Exit(subprocess.call([sys.executable, "-m", "flows.encode", "--help"]))
+        raise typer.Exit(module_help("flows.encode"))
     if nproc_per_node * nnodes > 1:
         launch = torchrun_prefix(nproc_per_node, nnodes, rdzv_endpoint)
         raise typer.Exit(subprocess.call([*launch, "-m", "flows.encode", *ctx.args]))

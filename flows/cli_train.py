@@ -124,7 +124,9 @@ def trainer_command(kind: str, summary: str, default_config: str):
         help_: Annotated[bool, typer.Option("--help", help="show every training option")] = False,
     ) -> None:
         if help_:
-            raise typer.Exit(subprocess.call([sys.executable, "-m", module, "--help"]))
+            from flows.cli_data import module_help
+
+            raise typer.Exit(module_help(module))
         if not data or not out:
             fail(f"usage: altforge train {kind} DATA --out DIR [--config NAME] [--steps N] [training flags]")
         if "://" not in data and "{" not in data and not os.path.exists(data):

@@ -136,11 +136,12 @@ def new_plan(partitions: list[dict], extraction: Counter, sources: list[dict]) -
     }
 
 
-def source_records(source, fetcher, drops: Counter) -> Iterator:
+def source_records(source, fetcher, drops: Counter, storage_options: dict | None = None) -> Iterator:
     """Records of one recipe source (a ``pipeline.recipe`` source model); drops are counted in ``drops``.
 
     ``fetcher`` (a BackgroundFetcher) is needed to crawl sites; demo_site sources are turned into site sources by
-    the caller, which starts the server.
+    the caller, which starts the server. ``storage_options`` reach the URL-list and WARC readers (an ``s3://``
+    input on another endpoint, credentials).
     """
     kind = source.kind
     if kind == "site":
@@ -161,13 +162,14 @@ def source_records(source, fetcher, drops: Counter) -> Iterator:
                 caption_col=source.caption_col,
                 extra_cols=tuple(source.extra_cols),
                 drops=drops,
+                storage_options=storage_options,
             )
     elif kind == "warc":
         from pipeline.sources.warc import iter_warc
 
         for pattern in source.paths:
             for path in _expand(pattern):
-                yield from iter_warc(path, drops)
+                yield from iter_warc(path, drops, storage_options=storage_options)
     elif kind == "hf_dataset":
         from pipeline.sources.url_list import iter_hf_dataset
 

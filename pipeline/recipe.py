@@ -161,7 +161,7 @@ class ScrapeConfig(_Strict):
 class ClipModelRef(_Strict):
     """An open_clip model: architecture name plus a pretrained tag, checkpoint path or a run of this recipe."""
 
-    model: str  # e.g. "ViT-B-32", or a JSON config name of this project
+    model: str  # an open_clip architecture ("ViT-B-32", with pretrained) or a run directory of `altforge train clip`
     pretrained: str | None = None  # e.g. "laion2b_s34b_b79k", a checkpoint path, or "train:clip"
 
 

@@ -37,6 +37,16 @@ def trainer_main(train_fn, parse_fn, argv: list[str] | None) -> int:
     return 0 if result["step"] > 0 else 1
 
 
+def config_from_flags(make, flags: dict):
+    """``make(**flags)`` (a trainer config); a value it refuses is one ``error:`` line and exit status 2, without
+    argparse's usage block (argparse's own errors, an unknown flag, keep theirs)."""
+    try:
+        return make(**flags)
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        raise SystemExit(2) from None
+
+
 def _raised_by_project(e: BaseException) -> bool:
     """Whether the innermost frame that raised ``e`` is altforge's own code (a deliberate refusal), also for an
     error a DataLoader worker raised (its traceback is in the message)."""

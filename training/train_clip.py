@@ -28,6 +28,7 @@ from training.data import DataPosition, LoaderConfig, make_loader, make_plan, pl
 from training.evaluate import demo_tasks, evaluate_clip, load_eval_set
 from training.loop import (
     PRECISIONS,
+    config_from_flags,
     reached_stop,
     resolve_precision,
     stop_before_start,
@@ -351,10 +352,7 @@ def parse_args(argv: list[str] | None = None) -> ClipTrainConfig:
             p.add_argument(flag, type=kind, default=f.default)
     ns = vars(p.parse_args(argv))
     ns["betas"] = tuple(ns["betas"])
-    try:
-        return ClipTrainConfig(**ns)
-    except ValueError as e:
-        p.error(str(e))
+    return config_from_flags(ClipTrainConfig, ns)
 
 
 def main(argv: list[str] | None = None) -> int:

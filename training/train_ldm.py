@@ -33,7 +33,15 @@ from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, 
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.latent_data import inspect_latents, latent_map, text_conditioning
 from training.ldm_outputs import export_model, log_sample_grid, sampling_pipeline
-from training.loop import reached_stop, resolve_precision, stop_before_start, trainer_main, warmup_cosine, write_json
+from training.loop import (
+    config_from_flags,
+    reached_stop,
+    resolve_precision,
+    stop_before_start,
+    trainer_main,
+    warmup_cosine,
+    write_json,
+)
 from training.models.text import TextTunedUNet, load_text_encoder, trainable_text_tower
 from training.models.unet import build_unet, count_parameters
 from training.models.vae import load_vae
@@ -478,10 +486,7 @@ def parse_args(argv: list[str] | None = None) -> LdmTrainConfig:
             p.add_argument(flag, type=kind, default=f.default)
     ns = vars(p.parse_args(argv))
     ns["betas"], ns["sample_prompts"] = tuple(ns["betas"]), tuple(ns["sample_prompts"])
-    try:
-        return LdmTrainConfig(**ns)
-    except ValueError as e:
-        p.error(str(e))
+    return config_from_flags(LdmTrainConfig, ns)
 
 
 def main(argv: list[str] | None = None) -> int:

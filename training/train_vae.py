@@ -34,7 +34,15 @@ from pipeline.shards import iter_samples, shard_urls
 from training import distributed
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
-from training.loop import reached_stop, resolve_precision, stop_before_start, trainer_main, warmup_cosine, write_json
+from training.loop import (
+    config_from_flags,
+    reached_stop,
+    resolve_precision,
+    stop_before_start,
+    trainer_main,
+    warmup_cosine,
+    write_json,
+)
 from training.models.vae import (
     build_vae,
     downsample_factor,
@@ -478,10 +486,7 @@ def parse_args(argv: list[str] | None = None) -> VaeTrainConfig:
             p.add_argument(flag, type=kind, default=f.default)
     ns = vars(p.parse_args(argv))
     ns["betas"] = tuple(ns["betas"])
-    try:
-        return VaeTrainConfig(**ns)
-    except ValueError as e:
-        p.error(str(e))
+    return config_from_flags(VaeTrainConfig, ns)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,13 @@ def test_train_clip_bad_input_is_one_line(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_help_shows_the_trainers_flags_and_the_launcher_options():
+    for args, own in ((["train", "ldm"], "--prediction"), (["train", "vae"], "--kl-weight"), (["encode"], "--vae")):
+        p = cli(*args, "--help", timeout=120)
+        assert p.returncode == 0 and own in p.stdout, p.stderr[-2000:]
+        assert all(f in p.stdout for f in ("--nproc-per-node", "--nnodes", "--rdzv-endpoint")), p.stdout
+
+
 def test_train_steps_zero_is_refused_not_dropped(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

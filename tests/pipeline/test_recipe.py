@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from pipeline.recipe import RecipeError, load_recipe, parse_recipe
 
@@ -25,6 +26,17 @@ def test_shipped_recipes_validate():
     assert web.encode.vae == "stabilityai/sd-vae-ft-mse"
     assert web.runtime.task_runner == "dask" and web.runtime.dask_address.startswith("tcp://")
     assert not web.scrape.allow_private_network
+
+
+def test_the_readme_recipe_is_a_valid_recipe():
+    """README's annotated recipe, with its three ``...`` placeholders filled in, parses as it reads."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = text.index("```yaml\nname: demo") + len("```yaml\n")
+    block = text[start : text.index("```", start)]
+    block = block.replace(", ...}", "}").replace("[...]", "[a cat]").replace("pretrained: ...", "pretrained: x")
+    recipe = parse_recipe(yaml.safe_load(block), "README.md")  # a YAML error in README fails here
+    assert [s.kind for s in recipe.sources] == ["demo_site", "site", "url_list", "warc", "hf_dataset"]
+    assert recipe.sources[2].path == "lists/part-{00..09}.parquet" and recipe.train[2].options == {"min_snr_gamma": 5}
 
 
 def test_defaults_and_round_trip():

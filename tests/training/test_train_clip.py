@@ -212,8 +212,8 @@ def test_bad_settings_are_one_line_cli_errors(capsys):
     ):
         with pytest.raises(SystemExit) as exit_:
             parse_args(["DATA", "--out", "OUT", *flags])
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert exit_.value.code == 2 and message in err, (flags, err)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert parse_args(["DATA", "--out", "OUT", "--device", "cuda:1"]).device == "cuda:1"
 
 

@@ -394,7 +394,7 @@ def test_ema_update_is_the_exponential_average():
     assert all(torch.equal(e, m) for e, m in zip(ema.parameters(), model.parameters(), strict=True))
 
 
-def test_config_round_trips_and_cli_flags():
+def test_config_round_trips_and_cli_flags(capsys):
     cfg = parse_args(
         ["DATA", "--out", "OUT", "--config", "sd15", "--steps", "7", "--prediction", "v_prediction"]
         + ["--min-snr-gamma", "5", "--sample-prompts", "a red circle", "a blue star", "--no-progress"]
@@ -408,6 +408,10 @@ def test_config_round_trips_and_cli_flags():
     for bad in ({"sample_steps": 0}, {"sample_steps": 2000}, {"sample_guidance": float("nan")}):
         with pytest.raises(ValueError, match="sample_steps must be 1..1000"):  # checked before any training
             LdmTrainConfig(data="d", out="o", steps=100, **bad)
+    with pytest.raises(SystemExit) as exit_:  # on the command line: one line, without argparse's usage block
+        parse_args(["DATA", "--out", "OUT", "--sample-steps", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: sample_steps must be 1..1000"), err
     sched = LdmTrainConfig(data="d", out="o", steps=100, warmup=10, lr=1.0, min_lr=0.1)
     assert lr_at(0, sched) == pytest.approx(0.1) and lr_at(9, sched) == pytest.approx(1.0)
     assert lr_at(100, sched) == pytest.approx(0.1)

@@ -126,7 +126,7 @@ def test_images_are_resized_center_cropped_and_scaled_to_minus_one_one():
         image_tensor({"__key__": "k", "txt": b"no image"}, 16)
 
 
-def test_config_flags_round_trip_and_bad_values_fail():
+def test_config_flags_round_trip_and_bad_values_fail(capsys):
     cfg = parse_args(
         ["DATA", "--out", "OUT", "--config", "sd", "--resolution", "256", "--loss", "mse", "--kl-weight", "1e-5"]
         + ["--no-progress", "--storage-options", '{"anon": true}', "--eval-data", "EV"]
@@ -136,8 +136,10 @@ def test_config_flags_round_trip_and_bad_values_fail():
     assert VaeTrainConfig.from_json(cfg.to_json()) == cfg
     bad_values = (["--loss", "l3"], ["--perceptual-weight", "0.1"], ["--latent-noise", "-0.1"], ["--log-every", "-1"])
     for bad in (*bad_values, ["--sample-images", "0"], ["--eval-limit", "0"], ["--save-every", "-2"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_:
             parse_args(["DATA", "--out", "OUT", *bad])
+        err = capsys.readouterr().err.strip().splitlines()  # one line, no usage block
+        assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), (bad, err)
 
 
 def test_latent_noise_perturbs_the_decoder_input_relative_to_the_latent_scale():

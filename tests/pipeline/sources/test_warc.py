@@ -228,3 +228,25 @@ def test_warc_from_s3(tmp_path, s3_bucket):
     recs = list(iter_warc(f"{prefix}/in/s.warc.gz", drops, storage_options=opts))
     assert recs == list(iter_warc(str(local), Counter()))
     assert len(recs) == 4 and drops["not_html"] == 1
+
+
+def test_recipe_sources_on_s3_get_the_storage_options(tmp_path, s3_bucket):
+    """The plan reads recipe sources with the recipe's storage_options (an S3 endpoint of one's own), not the
+    default endpoint: a URL list and a WARC archive in the loopback bucket."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.plan import source_records
+    from pipeline.recipe import parse_source
+
+    prefix, opts = s3_bucket
+    _write_warc(tmp_path / "s.warc.gz")
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a red kite"]}), tmp_path / "l.parquet")
+    fs = fsspec.filesystem("s3", **opts)
+    fs.put(str(tmp_path / "s.warc.gz"), f"{prefix}/in/s.warc.gz")
+    fs.put(str(tmp_path / "l.parquet"), f"{prefix}/in/l.parquet")
+    warc = parse_source({"kind": "warc", "paths": [f"{prefix}/in/s.warc.gz"]})
+    urls = parse_source({"kind": "url_list", "path": f"{prefix}/in/l.parquet"})
+    drops = Counter()
+    assert len(list(source_records(warc, None, drops, opts))) == 4
+    assert [r.caption for r in source_records(urls, None, drops, opts)] == ["a red kite"]
