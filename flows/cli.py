@@ -198,6 +198,17 @@ def scrape(
             parse_source(src)
         except ValidationError as e:
             fail(_option_error(e))
+    if incremental and retry_failed:
+        fail("--retry-failed does not combine with --incremental: an incremental run attempts the earlier "
+             "versions' transient failures again by itself")  # fmt: skip
+    if not incremental:  # a rerun must continue what the output holds: checked before Prefect starts
+        from pipeline.plan import load_plan
+        from pipeline.scrape import check_resume
+
+        try:
+            check_resume(load_plan(out, so), sources, cfg, out, retry_failed)
+        except (ValueError, OSError) as e:
+            fail(str(e).splitlines()[0])
     tempserver.start()  # before prefect is imported; run_flow waits for it
     from flows.scrape import run_scrape
 

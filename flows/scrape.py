@@ -18,7 +18,7 @@ from pipeline import shards, versions
 from pipeline.fetch_thread import BackgroundFetcher
 from pipeline.manifest import build_manifest, write_manifest
 from pipeline.recipe import ScrapeConfig, parse_source
-from pipeline.scrape import failed_records
+from pipeline.scrape import check_resume, failed_records, plan_settings
 from pipeline.stats import StageStats
 
 
@@ -40,6 +40,7 @@ def plan_inputs(
     log = get_run_logger()
     cfg = ScrapeConfig.model_validate_json(cfg_json)
     plan = plans.load_plan(dst, storage_options)
+    check_resume(plan, sources, cfg, dst, retry_failed)
     if plan is None:
         drops: Counter = Counter()
         seen = versions.seen_urls(seen_from, storage_options) if seen_from else None
@@ -52,10 +53,18 @@ def plan_inputs(
                 records = plans.skip_seen(records, seen, drops, versions.SEEN_URL)
             parts = plans.write_partitions(records, dst, cfg.shard_size, start_index, storage_options)
         plan = plans.new_plan(parts, drops, sources)
+        plan["settings"] = plan_settings(cfg)  # a rerun with other image settings or policy is refused
         plans.save_plan(dst, plan, storage_options)
         log.info("planned %d records in %d partitions; extraction drops: %s", plan["records"], len(parts), dict(drops))
-    if retry_failed:
-        retry = failed_records(dst, storage_options)
+    unfinished_retry = retry_failed and any(
+        p.get("kind", "").startswith("retry") and not shards.is_done(dst, p["index"], storage_options)
+        for p in plan["partitions"]
+    )
+    if unfinished_retry:  # a killed retry run: finish its round, or its records would be attempted twice
+        log.info("retry %d: resuming its unfinished shards instead of starting another round", plan.get("retries", 0))
+    elif retry_failed:  # a new round from the newest outcome of each record in the finished shards
+        inputs = {p["index"]: p["url"] for p in plan["partitions"]}
+        retry = failed_records(dst, storage_options, inputs)
         n = plan.get("retries", 0) + 1
         start = max((p["index"] for p in plan["partitions"]), default=start_index - 1) + 1
         parts = plans.write_partitions(retry, dst, cfg.shard_size, start, storage_options, kind=f"retry-{n}")
@@ -112,6 +121,8 @@ def scrape_flow(
     version's manifest names the previous one as ``parent`` (overriding the ``parent`` argument).
     """
     log = get_run_logger()
+    if incremental and retry_failed:  # the next version attempts earlier transient failures again by itself
+        raise ValueError("retry_failed does not combine with incremental")
     scfg = ScrapeConfig.model_validate(cfg)
     cfg_json = scfg.model_dump_json()
     target = versions.next_version(dst, storage_options) if incremental else None

@@ -21,7 +21,7 @@ def scrape_partition(
     its ancestors stored into ``seen_content`` drops.
     """
     cfg = ScrapeConfig.model_validate_json(cfg_json)
-    fetch_cfg = cfg.fetch_config()
+    fetch_cfg = cfg.fetch_config().for_processes(cfg.processes)  # the per-host limits are shared by the processes
     fetcher = workers.worker_object(f"fetcher:{fetch_cfg!r}", BackgroundFetcher, fetch_cfg)
     if seen_from:
         fetcher = versions.SeenContentFetcher(fetcher, stored_content(seen_from, storage_options))

@@ -7,17 +7,22 @@
 ``read_timeout``, waiting for headers or body), ``connection_error`` (refused, reset, incomplete body, bad HTTP),
 ``tls_error`` (a certificate or TLS handshake the server will fail again: not retried), ``dns_error``,
 ``body_too_large``, ``refused_address``, ``refused_scheme``, ``invalid_url``,
-``too_many_redirects`` (also loops), ``robots_disallowed``, ``opt_out`` (X-Robots-Tag noai / noimageai).
+``too_many_redirects`` (also loops), ``robots_disallowed`` (robots.txt disallows the path),
+``robots_unavailable`` (robots.txt answered 5xx / 429 or failed on the network: the host is treated as disallowed
+for ``ROBOTS_RETRY_SECONDS``, and a later run may retry), ``opt_out`` (X-Robots-Tag noai / noimageai).
 
 Safety: every URL, redirect hops included, passes :func:`pipeline.netguard.check_url`; host names resolve through
 :class:`pipeline.netguard.GuardedResolver`, so connections go only to checked addresses. Politeness: robots.txt
-per origin (fetched once, shared by concurrent callers, cached), a per-host concurrency cap and optional rate,
-an identifying User-Agent, retries with exponential backoff and jitter for transient failures only.
+per origin (fetched once, shared by concurrent callers, cached; a failed fetch only briefly), a per-host concurrency
+cap and optional rate (per Fetcher: see :meth:`FetchConfig.for_processes`), an identifying User-Agent, retries with
+exponential backoff and jitter for transient failures only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import random
 import time
 from collections import Counter
@@ -43,6 +48,7 @@ REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 TRANSIENT = frozenset({"timeout", "stalled", "connection_error", "http_429"})  # plus every http_5xx
 CHUNK_BYTES = 256 * 1024  # read size for response bodies
 ROBOTS_CACHE_SIZE = 100_000  # origins whose robots.txt is kept
+ROBOTS_RETRY_SECONDS = 60.0  # a robots.txt that could not be fetched (5xx, 429, network) is fetched again after this
 _ACCEPT = {
     "image": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5",
     "page": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.5",
@@ -64,16 +70,35 @@ class FetchConfig:
     backoff: float = 0.5  # seconds before the first retry, doubled each time, times a 0.5-1.5 jitter
     retry_after_cap: float = 10.0  # seconds; a longer Retry-After on 429/503 is not waited for (no retry)
     concurrency: int = 64  # open requests per Fetcher (per process)
-    per_host_concurrency: int = 16  # open requests per scheme+host+port
-    per_host_rate: float = 0.0  # requests per second per scheme+host+port; 0 = unlimited
+    per_host_concurrency: int = 16  # open requests per scheme+host+port, per Fetcher (see for_processes)
+    per_host_rate: float = 0.0  # requests per second per scheme+host+port, per Fetcher; 0 = unlimited
     allow_private_network: bool = False  # allow loopback/private addresses (the demo site); never link-local
     respect_robots: bool = True  # check robots.txt before image and page requests (redirect hops too)
     respect_opt_out: bool = True  # X-Robots-Tag noai / noimageai (also "altforge: noai") on image and page responses
 
+    def for_processes(self, n: int) -> FetchConfig:
+        """This config with the per-host limits split across ``n`` processes that fetch at once, one Fetcher each.
+
+        A Fetcher enforces ``per_host_rate`` and ``per_host_concurrency`` on its own requests only, so when ``n``
+        processes fetch at once the caller must give each of them ``cfg.for_processes(n)``: the rate is split
+        exactly (rate / n), the concurrency rounded up (ceil(c / n), at least 1: a host may see up to ``n - 1`` more
+        open requests than ``c`` when ``n`` does not divide it). ``concurrency`` stays per process; ``n`` = 1 returns
+        the config unchanged.
+        """
+        if n < 1:
+            raise ValueError(f"the number of fetching processes must be at least 1, not {n}")
+        if n == 1:
+            return self
+        return dataclasses.replace(
+            self,
+            per_host_rate=self.per_host_rate / n,
+            per_host_concurrency=max(1, math.ceil(self.per_host_concurrency / n)),
+        )
+
 
 @dataclass
 class FetchResult:
-    """What one ``fetch`` produced: a body on success, else a reason; never an exception."""
+    """What one ``fetch`` produced: a body on success (and on a page's ``opt_out``), else a reason; never raises."""
 
     url: str
     final_url: str
@@ -186,6 +211,7 @@ class Fetcher:
         self._global: asyncio.Semaphore | None = None
         self._hosts: dict[str, _Host] = {}
         self._robots: dict[str, asyncio.Task] = {}
+        self._robots_expiry: dict[str, float] = {}  # origin -> loop time after which a failed robots.txt is refetched
 
     async def __aenter__(self) -> Fetcher:
         cfg = self.cfg
@@ -216,6 +242,7 @@ class Fetcher:
         for task in self._robots.values():
             task.cancel()
         self._robots.clear()
+        self._robots_expiry.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -313,6 +340,8 @@ class Fetcher:
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 status, detail = _error_reason(exc)
                 return _Hop(status, error=detail)
+            except ValueError as exc:  # UnicodeError too: a host or URL aiohttp cannot encode, past check_url
+                return _Hop("invalid_url", error=f"cannot request URL: {type(exc).__name__}: {exc}"[:200])
 
     async def _read(self, resp: aiohttp.ClientResponse, kind: str, limit: int) -> _Hop:
         code, headers = resp.status, _headers(resp)
@@ -322,7 +351,8 @@ class Fetcher:
         if not 200 <= code < 300:
             await self._drain(resp)
             return _Hop(f"http_{code}", code, headers, error=f"HTTP {code} {resp.reason or ''}".strip())
-        if kind != "robots" and self.cfg.respect_opt_out and opt_out(resp.headers.getall("X-Robots-Tag", ())):
+        opted_out = kind != "robots" and self.cfg.respect_opt_out and opt_out(resp.headers.getall("X-Robots-Tag", ()))
+        if opted_out and kind == "image":
             resp.close()
             return _Hop("opt_out", code, headers, error=f"X-Robots-Tag: {headers.get('x-robots-tag')}")
         too_large = _Hop("body_too_large", code, headers, error=f"body larger than {limit} bytes")
@@ -339,6 +369,8 @@ class Fetcher:
                     return too_large
                 chunks[-1] = chunk[: len(chunk) - (size - limit)]  # robots.txt: keep the first 500 KB
                 break
+        if opted_out:  # a page's body still comes back: a crawl follows its links (its images are not taken)
+            return _Hop("opt_out", code, headers, b"".join(chunks), f"X-Robots-Tag: {headers.get('x-robots-tag')}")
         return _Hop("success", code, headers, b"".join(chunks))
 
     @staticmethod
@@ -380,11 +412,13 @@ class Fetcher:
         """None if robots.txt allows ``url``; else (status, detail) to report."""
         origin = _origin(url)
         task = self._robots.get(origin)
-        if task is None:
+        if task is None or self._robots_expiry.get(origin, math.inf) <= asyncio.get_running_loop().time():
             if len(self._robots) >= ROBOTS_CACHE_SIZE:
                 done = [k for k, t in self._robots.items() if t.done()][: ROBOTS_CACHE_SIZE // 10]
                 for k in done:
                     del self._robots[k]
+                    self._robots_expiry.pop(k, None)
+            self._robots_expiry.pop(origin, None)
             task = self._robots[origin] = asyncio.ensure_future(self._load_robots(url))
         rules, failure = await asyncio.shield(task)
         if failure is not None:
@@ -392,19 +426,28 @@ class Fetcher:
         return None if rules.allowed(url.raw_path_qs) else ("robots_disallowed", "robots.txt disallows this path")
 
     async def _load_robots(self, url: URL) -> tuple[RobotsRules, tuple[str, str] | None]:
-        """Fetch and parse robots.txt of ``url``'s origin: (rules, None), or (DISALLOW_ALL, (status, detail)).
-
-        As Google does: 2xx is parsed, 4xx (but 429) or a redirect chain too long allows everything, 5xx, 429 and
-        network failures disallow everything. A refused address or a failed name lookup is reported as itself:
-        it is about the host, and the page or image itself would fail the same way.
-        """
+        """Fetch and parse robots.txt of ``url``'s origin; a failure is kept for ``ROBOTS_RETRY_SECONDS`` only."""
         result = await self._fetch(str(url.origin().with_path("/robots.txt")), "robots")
-        if result.status == "success":
-            return parse_robots(result.body or b""), None
-        if result.status == "too_many_redirects" or (
-            result.http_status is not None and 400 <= result.http_status < 500 and result.http_status != 429
-        ):
-            return ALLOW_ALL, None
-        if result.status in ("refused_address", "dns_error"):
-            return DISALLOW_ALL, (result.status, result.error or "")
-        return DISALLOW_ALL, ("robots_disallowed", f"robots.txt unavailable ({result.status}): disallow all")
+        rules, failure = _robots_outcome(result)
+        if failure is not None:
+            self._robots_expiry[_origin(url)] = asyncio.get_running_loop().time() + ROBOTS_RETRY_SECONDS
+        return rules, failure
+
+
+def _robots_outcome(result: FetchResult) -> tuple[RobotsRules, tuple[str, str] | None]:
+    """The rules a robots.txt fetch gives: (rules, None), or (DISALLOW_ALL, (status, detail)) on failure.
+
+    As Google does: 2xx is parsed, 4xx (but 429) or a redirect chain too long allows everything, 5xx, 429 and
+    network failures disallow everything (RFC 9309 2.3.1.4) as ``robots_unavailable``, a transient status. A refused
+    address or a failed name lookup is reported as itself: it is about the host, and the page or image itself would
+    fail the same way.
+    """
+    if result.status == "success":
+        return parse_robots(result.body or b""), None
+    if result.status == "too_many_redirects" or (
+        result.http_status is not None and 400 <= result.http_status < 500 and result.http_status != 429
+    ):
+        return ALLOW_ALL, None
+    if result.status in ("refused_address", "dns_error"):
+        return DISALLOW_ALL, (result.status, result.error or "")
+    return DISALLOW_ALL, ("robots_unavailable", f"robots.txt unavailable ({result.status}): disallow all")

@@ -65,6 +65,8 @@ PRIVATE = tuple(
 
 _NAT64 = ip_network("64:ff9b::/96")
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # after IDNA encoding; no empty labels
+MAX_LABEL = 63  # octets per DNS label (RFC 1035); getaddrinfo's IDNA step raises UnicodeError beyond it
+MAX_NAME = 253  # octets per host name, without the trailing dot
 _LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
@@ -150,8 +152,8 @@ def parse_ip_host(host: str) -> IPv4Address | IPv6Address | None:
 def check_url(url: str | URL, allow_private: bool) -> None:
     """Raise :class:`RefusedURL` unless ``url`` is an http(s) URL without credentials to an allowed host.
 
-    Host names are checked here only for the local names (``localhost``); their resolved addresses are checked
-    by the fetcher's resolver right before connecting.
+    Host names are checked here for their form (DNS label and name lengths) and the local names (``localhost``);
+    their resolved addresses are checked by the fetcher's resolver right before connecting.
     """
     try:
         u = url if isinstance(url, URL) else URL(url)
@@ -178,6 +180,9 @@ def check_url(url: str | URL, allow_private: bool) -> None:
     name = host.lower().rstrip(".")
     if not _HOST_NAME.fullmatch(name):
         raise RefusedURL("invalid_url", f"malformed host name {host[:100]!r}")
+    if len(name) > MAX_NAME or any(len(label) > MAX_LABEL for label in name.split(".")):
+        limits = f"labels up to {MAX_LABEL} octets, {MAX_NAME} in all"
+        raise RefusedURL("invalid_url", f"host name too long ({limits}): {host[:100]!r}")
     if not allow_private and (name in _LOCAL_NAMES or name.endswith(".localhost")):
         raise RefusedURL("refused_address", f"host {name!r} is local")
 
@@ -223,6 +228,8 @@ class GuardedResolver(AbstractResolver):
             results = await self._inner.resolve(host, port, family)
         except OSError as exc:
             raise NameLookupError(f"cannot resolve {host!r}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # UnicodeError too: getaddrinfo's IDNA encoding refuses the name
+            raise NameLookupError(f"cannot resolve {host[:100]!r}: {type(exc).__name__}: {exc}") from None
         if not results:
             raise NameLookupError(f"no address for {host!r}")
         for res in results:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.shards import shard_name
+from pipeline.shards import arrow_array, shard_name
 
 PLAN_DIR = "_inputs"
 PARTITION_SCHEMA = pa.schema(
@@ -97,7 +97,9 @@ def write_partitions(
     def flush() -> None:
         nonlocal index, batch
         url = storage.join(plan_dir(dataset_url), f"{shard_name(index)}.parquet")
-        table = pa.Table.from_pylist(batch, schema=PARTITION_SCHEMA)
+        # arrow_array writes a lone surrogate (a "\ud800" escape in a JSON list or WAT record) as U+FFFD, not an error
+        columns = [arrow_array([row[f.name] for row in batch], f.type) for f in PARTITION_SCHEMA]
+        table = pa.Table.from_arrays(columns, schema=PARTITION_SCHEMA)
         fs, path = storage.get_fs(url, storage_options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "wb") as f:

@@ -144,8 +144,8 @@ def parse_robots(data: bytes | str, agent: str = AGENT_TOKEN) -> RobotsRules:
     return ALLOW_ALL
 
 
-def opt_out(header_values: Iterable[str], agent: str = AGENT_TOKEN) -> bool:
-    """True if any X-Robots-Tag value says noai / noimageai for everyone or for ``agent``.
+def header_says(header_values: Iterable[str], directives: frozenset[str], agent: str = AGENT_TOKEN) -> bool:
+    """True if any X-Robots-Tag value holds one of ``directives`` for everyone or for ``agent``.
 
     Each header value is a comma-separated directive list, optionally opened by ``<useragent>:`` which scopes
     the directives after it (``"altforge: noai"``, ``"otherbot: noindex, noai"``). Case-insensitive.
@@ -159,6 +159,11 @@ def opt_out(header_values: Iterable[str], agent: str = AGENT_TOKEN) -> bool:
                 head, rest = (part.strip() for part in item.split(":", 1))
                 if head not in _VALUED_DIRECTIVES:
                     scope, item = _agent_name(head), rest
-            if item in OPT_OUT_DIRECTIVES and scope in (None, agent):
+            if item in directives and scope in (None, agent):
                 return True
     return False
+
+
+def opt_out(header_values: Iterable[str], agent: str = AGENT_TOKEN) -> bool:
+    """True if any X-Robots-Tag value says noai / noimageai for everyone or for ``agent``."""
+    return header_says(header_values, OPT_OUT_DIRECTIVES, agent)

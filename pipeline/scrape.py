@@ -8,17 +8,23 @@ Every input record ends as exactly one parquet row: ``success`` or the reason it
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
+from pipeline.fetch import FetchResult
 from pipeline.images import ImageConfig, ImageRejected, process_image
 from pipeline.recipe import ScrapeConfig
 from pipeline.shards import ShardWriter, shard_name
 from pipeline.stats import StageStats
 
 # Failures worth another try later (``--retry-failed``): the server or the network, not the content.
-TRANSIENT_STATUSES = frozenset({"timeout", "stalled", "connection_error", "dns_error", "http_429"})
+TRANSIENT_STATUSES = frozenset(
+    {"timeout", "stalled", "connection_error", "dns_error", "http_408", "http_429", "robots_unavailable"}
+)
+POLICY_SETTINGS = ("respect_robots", "respect_opt_out")  # with the image settings: what decides a dataset's samples
 PROGRESS_EVERY = 0.5  # seconds between progress callbacks
 
 
@@ -77,7 +83,11 @@ def scrape_shard(
             done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for fut in done:
                 i = pending.pop(fut)
-                result = fut.result()
+                try:
+                    result = fut.result()
+                except Exception as e:  # a fetch bug costs its record, not the shard (whose retries would fail too)
+                    url = str(records[i].get("url") or "")
+                    result = FetchResult(url, url, "fetch_error", error=f"{type(e).__name__}: {e}"[:500])
                 with stats.timer("process"):
                     sample, row = build_sample(records[i], sample_key(index, i), result, icfg)
                 writer.add_row(row)
@@ -160,21 +170,70 @@ def build_sample(record: Mapping, key: str, result, icfg: ImageConfig) -> tuple[
     return {"__key__": key, img.ext: img.data, "txt": caption or "", "json": meta}, row
 
 
-def failed_records(dataset_url: str, storage_options: dict | None = None) -> list[dict]:
+def failed_records(
+    dataset_url: str, storage_options: dict | None = None, partitions: Mapping[int, str] | None = None
+) -> list[dict]:
     """Records whose newest attempt in a scraped dataset failed transiently (``--retry-failed`` input).
 
-    A retried record carries ``retry_of``: the key of its first attempt, so chains of retries group together.
+    Reads every finished shard (not the manifest, which a run killed before its end has not rewritten). A retried
+    record carries ``retry_of``: the key of its first attempt, so chains of retries group together. ``partitions``
+    (a plan's partition index -> URL) give each record back as it was planned: its raw alt text and a URL list's
+    other columns, which the shard's parquet does not hold.
     """
-    from pipeline.shards import read_parquet
+    import fsspec
+    import pandas as pd
+    import pyarrow.parquet as pq
 
-    df = read_parquet(dataset_url, storage_options)
-    if df.empty:
+    from pipeline import plan as plans
+    from pipeline import shards
+
+    frames = []
+    for name in shards.done_shards(dataset_url, storage_options):
+        with fsspec.open(shards.shard_files(dataset_url, int(name))["parquet"], "rb", **(storage_options or {})) as f:
+            frames.append(pq.read_table(f, columns=None).to_pandas())
+    if not frames:
         return []
+    df = pd.concat(frames, ignore_index=True)
     df = df.astype(object).where(df.notna(), None)
     root = df["retry_of"].fillna(df["key"]) if "retry_of" in df else df["key"]
     latest = df.assign(root=root).sort_values("key").groupby("root", sort=True).tail(1)
     latest = latest[latest["status"].map(lambda s: is_transient(str(s)))]
-    return [
-        {"url": r.url, "caption": r.caption, "page_url": r.page_url, "retry_of": r.root}
-        for r in latest.sort_values("root").itertuples(index=False)
-    ]
+    planned: dict[int, list[dict]] = {}
+    out = []
+    for r in latest.sort_values("root").itertuples(index=False):
+        rec = {"url": r.url, "caption": r.caption, "page_url": r.page_url}
+        index, position = int(r.root[:6]), int(r.root[6:])
+        if partitions and index in partitions:
+            if index not in planned:
+                planned[index] = plans.read_partition(partitions[index], storage_options)
+            rows = planned[index]
+            if position < len(rows) and rows[position].get("url") == r.url:
+                rec = {k: rows[position].get(k) for k in ("url", "caption", "page_url", "alt_raw", "extra")}
+        out.append({**rec, "retry_of": r.root})
+    return out
+
+
+def plan_settings(cfg: ScrapeConfig) -> dict:
+    """The settings every shard of one dataset must share: image processing and the robots/opt-out policy."""
+    d = dataclasses.asdict(cfg.image_config())
+    d.update({k: getattr(cfg, k) for k in POLICY_SETTINGS})
+    return json.loads(json.dumps(d))
+
+
+def check_resume(plan: dict | None, sources: list[dict], cfg: ScrapeConfig, dst: str, retry_failed: bool) -> None:
+    """A one-line ``ValueError`` when a scrape into ``dst`` cannot go on from its ``plan`` (None: not planned yet):
+    other inputs or sample settings than the finished shards had, or ``--retry-failed`` with nothing to retry."""
+    if plan is None:
+        if retry_failed and not sources:
+            raise ValueError(f"--retry-failed: {dst} holds no earlier scrape to retry (no plan there)")
+        return
+    if sources and plan.get("sources") != json.loads(json.dumps(sources)):
+        kinds = ", ".join(sorted({str(s.get("kind")) for s in plan.get("sources") or []})) or "none"
+        raise ValueError(
+            f"{dst} was planned from other inputs ({kinds}): rerun with the same inputs to resume, or use another "
+            "--out"
+        )
+    saved, now = plan.get("settings"), plan_settings(cfg)
+    if saved is not None and saved != now:
+        changed = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if saved.get(k) != now[k])
+        raise ValueError(f"{dst} was scraped with other settings ({changed}): use another --out, or the old ones")

@@ -233,7 +233,7 @@ def _sort_tar(path: str) -> None:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _array(values: list, type=None) -> pa.Array:
+def arrow_array(values: list, type=None) -> pa.Array:
     """``pa.array``, with strings that hold lone surrogates (undecodable header bytes a server sent, kept by
     surrogateescape) written with U+FFFD in their place instead of failing the whole shard."""
     try:
@@ -252,12 +252,12 @@ def write_parquet(rows: list[dict], path: str) -> None:
                 extra.append(k)
     columns = {}
     for field in BASE_COLUMNS:
-        columns[field.name] = _array([r.get(field.name) for r in rows], field.type)
+        columns[field.name] = arrow_array([r.get(field.name) for r in rows], field.type)
     for k in extra:
         values = [r.get(k) for r in rows]
         if any(isinstance(v, dict | list) for v in values):
             values = [None if v is None else json.dumps(v, sort_keys=True) for v in values]
-        columns[k] = _array(values)
+        columns[k] = arrow_array(values)
     pq.write_table(pa.table(columns), path, compression="zstd")
 
 

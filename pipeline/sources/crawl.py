@@ -2,10 +2,12 @@
 
 The ``fetcher`` is a :class:`pipeline.fetch.Fetcher` (already entered): it applies robots.txt, the X-Robots-Tag
 opt-out and the address guard to every page request. The crawl adds the site boundary, depth and page budgets,
-sitemaps and the page-level ``<meta name="robots">`` opt-out. Counters added to ``drops``:
+sitemaps and the page-level ``<meta name="robots">`` opt-out. An X-Robots-Tag noai page is treated as a meta noai
+one: its images are dropped, its links followed (when the fetcher hands over its body), unless a ``nofollow`` in
+the meta tags or the X-Robots-Tag header says otherwise. Counters added to ``drops``:
 
-- per page: ``page_<status>`` for failed fetches (``page_robots_disallowed``, ``page_http_404``, ...; the
-  fetcher's ``opt_out`` becomes ``page_opt_out_header``), ``not_html``, ``page_offsite_redirect``,
+- per page: ``page_<status>`` for failed fetches (``page_robots_disallowed``, ``page_http_404``, ...),
+  ``page_opt_out_header`` (X-Robots-Tag noai / noimageai), ``not_html``, ``page_offsite_redirect``,
   ``page_parse_error``, ``page_nofollow`` (links not followed);
 - per unique URL not fetched: ``offsite_link``, ``max_depth_reached``, ``max_pages_reached``;
 - per sitemap file: ``sitemap_<status>``, ``sitemap_invalid``, ``offsite_sitemap``, ``sitemap_not_fetched``;
@@ -21,12 +23,15 @@ import io
 import zlib
 from collections import Counter, deque
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 from xml.etree import ElementTree
 
+from pipeline.robots import AGENT_TOKEN, header_says
 from pipeline.sources.html import ExtractConfig, Page, charset_from_content_type, extract_page, resolve_url
 from pipeline.sources.records import Record, SeenPairs
+
+NOFOLLOW_DIRECTIVES = frozenset({"nofollow", "none"})  # X-Robots-Tag values that stop link-following
 
 HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -106,6 +111,11 @@ def parse_sitemap(body: bytes, max_bytes: int) -> tuple[str, list[str]] | None:
             if child.tag.rsplit("}", 1)[-1] == "loc" and child.text and child.text.strip():
                 locs.append(child.text.strip())
     return kind, locs
+
+
+def header_nofollow(value: str | None, agent: str = AGENT_TOKEN) -> bool:
+    """True if an X-Robots-Tag value says nofollow or none, to everyone or to ``agent`` (scoped as ``opt_out``)."""
+    return header_says([value or ""], NOFOLLOW_DIRECTIVES, agent)
 
 
 def _robots_sitemaps(body: bytes | None) -> list[str]:
@@ -205,8 +215,13 @@ async def _visit(url: str, fetcher, sem: asyncio.Semaphore, frontier: _Frontier)
     drops = frontier.drops
     async with sem:
         result = await fetcher.fetch(url, kind="page")
-    if result.status != "success":
-        drops["page_opt_out_header" if result.status == "opt_out" else f"page_{result.status}"] += 1
+    header_out = result.status == "opt_out"  # X-Robots-Tag noai / noimageai: as a meta noai, links still followed
+    if header_out:
+        drops["page_opt_out_header"] += 1
+        if result.body is None:  # a fetcher that does not read an opted-out page: no links to follow
+            return None
+    elif result.status != "success":
+        drops[f"page_{result.status}"] += 1
         return None
     final_url = result.final_url or url
     if normalize_url(final_url) != url and not frontier.in_bounds(final_url):  # redirected off the site
@@ -220,10 +235,14 @@ async def _visit(url: str, fetcher, sem: asyncio.Semaphore, frontier: _Frontier)
         return None
     charset = charset_from_content_type(result.headers.get("content-type"))
     try:
-        page = extract_page(body, final_url, encoding=charset, drops=drops, cfg=frontier.cfg.extract)
+        page = extract_page(
+            body, final_url, encoding=charset, drops=drops, cfg=frontier.cfg.extract, opted_out=header_out
+        )
     except Exception:  # one odd page must not end a crawl of thousands
         drops["page_parse_error"] += 1
         return None
+    if not page.nofollow and header_nofollow(result.headers.get("x-robots-tag")):
+        page = replace(page, nofollow=True)
     return final_url, page
 
 

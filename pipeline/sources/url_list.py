@@ -5,8 +5,12 @@ array of objects, or pandas' column layout), ``jsonl`` (one object a line) and `
 be gzipped (``tsv.gz``, ``jsonl.gz``, ... or a ``.gz`` file name). A directory stands for its ``*.<format>``
 files in name order. Nothing is loaded whole except pandas' column-layout JSON, which cannot be streamed.
 
-Counted in ``drops``: ``bad_url`` (missing, empty or not http(s)), ``bad_row`` (an unreadable line or row).
-A missing or empty caption gives ``caption=None``; it is not a drop.
+Counted in ``drops``: ``bad_url`` (missing, empty or not http(s)), ``bad_row`` (an unreadable line or row, or
+JSON nested too deeply to decode). A missing or empty caption gives ``caption=None``; it is not a drop.
+
+TSV has no quoting convention, so each line is one row: a line written with CSV quoting (``csv.writer``,
+pandas' ``to_csv(sep="\t")``) is unquoted, any other line is split at its tabs as it is (a caption that opens
+with ``"`` keeps it). A CSV field may be quoted across lines.
 """
 
 from __future__ import annotations
@@ -101,9 +105,23 @@ def _open_text(path: str, gz: bool, opts: dict, newline: str | None = None):
     )
 
 
+def _tsv_row(line: str) -> list[str]:
+    """One TSV line's fields: CSV-unquoted if the line parses so, else split at its tabs (csv.Error if too long)."""
+    line = line.rstrip("\r\n")
+    if '"' in line:
+        try:
+            return next(csv.reader([line], delimiter="\t", strict=True), [])
+        except csv.Error:  # an unmatched or stray quote: literal text, not a field going on over the next lines
+            pass
+    row = line.split("\t") if line else []
+    if any(len(f) > csv.field_size_limit() for f in row):
+        raise csv.Error("field larger than field limit")
+    return row
+
+
 def _read_csv(path, gz, delimiter, url_col, caption_col, extra_cols, opts, drops) -> Iterator[Record]:
     with _open_text(path, gz, opts, newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
+        reader = map(_tsv_row, fh) if delimiter == "\t" else csv.reader(fh, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
             return
@@ -135,7 +153,7 @@ def _read_jsonl(path, gz, url_col, caption_col, extra_cols, opts, drops) -> Iter
                 continue
             try:
                 yield json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter's limit
                 drops["bad_row"] += 1
 
     with _open_text(path, gz, opts) as fh:
@@ -162,6 +180,9 @@ def _json_values(fh, drops: Counter) -> Iterator[Any]:
             return
         try:
             value, end = decoder.raw_decode(buf, pos)
+        except RecursionError:  # nested too deeply to decode, and so to skip: nothing after it can be read
+            drops["bad_row"] += 1
+            return
         except json.JSONDecodeError:
             if eof:  # malformed or cut: nothing after this point can be read reliably
                 drops["bad_row"] += 1

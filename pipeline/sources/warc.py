@@ -196,6 +196,8 @@ def iter_warc(
                 out = _records_of(record, rec_drops, cfg, seen)
             except (ValueError, KeyError, TypeError, AttributeError, LookupError, UnicodeError, zlib.error, OSError):
                 out = None
+            except RecursionError:  # WAT JSON nested deeper than the interpreter's limit
+                out = None
             while record.raw_stream.read(READ_BYTES):  # drain, so a short record shows in its byte count
                 pass
             if getattr(record.raw_stream, "limit", 0) > 0:  # the file ends inside this record

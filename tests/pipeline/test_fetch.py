@@ -8,6 +8,7 @@ import time
 import pytest
 from aiohttp.abc import AbstractResolver
 
+from pipeline import fetch as fetch_module
 from pipeline.fetch import FetchConfig, Fetcher
 from tests.pipeline.badserver import (
     LATIN1_HTML,
@@ -62,11 +63,15 @@ class TableResolver(AbstractResolver):
 
     def __init__(self, table):
         self.table = table
+        self.asked = []  # every host name looked up
 
     async def resolve(self, host, port=0, family=socket.AF_INET):
+        self.asked.append(host)
         if host not in self.table:
             raise OSError(-2, "Name or service not known")
         ip = self.table[host]
+        if isinstance(ip, BaseException):
+            raise ip
         return [{"hostname": host, "host": ip, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}]
 
     async def close(self):
@@ -259,6 +264,51 @@ def test_bad_redirect_location(srv):
     assert fetch(srv.url("/redirect?to=http://a%20b/")).status == "invalid_url"  # never looked up
 
 
+def test_overlong_host_names_refused_before_any_lookup(srv):
+    long_host = "a" * 64 + ".example.org"
+    resolver = TableResolver({})
+    r = fetch(srv.url(f"/redirect?to=http://{long_host}/x.jpg"), resolver=resolver)
+    assert (r.status, r.http_status, r.final_url) == (
+        "invalid_url",
+        302,
+        srv.url(f"/redirect?to=http://{long_host}/x.jpg"),
+    )
+    assert "too long" in r.error and r.error.startswith("redirect:")
+    direct = fetch(f"http://{long_host}/x.jpg", resolver=resolver)
+    assert direct.status == "invalid_url" and direct.attempts == 0 and "too long" in direct.error
+    name_too_long = ".".join(["b" * 63] * 4)
+    assert fetch(f"http://{name_too_long}/x.jpg", resolver=resolver).status == "invalid_url"
+    assert resolver.asked == []  # neither the image, its robots.txt nor the redirect target was looked up
+
+    async def go():
+        async with Fetcher(FAST, resolver=resolver) as f:
+            return await f.robots_allowed(f"http://{long_host}/x.jpg")
+
+    assert asyncio.run(go()) is False and resolver.asked == []
+
+
+@pytest.mark.parametrize("exc", [UnicodeError("label empty or too long"), ValueError("bad name")])
+def test_a_resolver_encoding_error_is_a_dns_error(exc):
+    resolver = TableResolver({"odd.test": exc})
+    r = fetch("http://odd.test/a.png", resolver=resolver, retries=0)
+    assert r.status == "dns_error" and "odd.test" in r.error and type(exc).__name__ in r.error
+    assert resolver.asked == ["odd.test"]  # robots.txt failed on the lookup; the image was not tried again
+
+
+@pytest.mark.parametrize("exc", [UnicodeError("encoding with 'idna' codec failed"), ValueError("weird URL")])
+def test_value_errors_from_the_http_client_end_as_invalid_url(exc):
+    def boom(*args, **kwargs):
+        raise exc
+
+    async def go():
+        async with Fetcher(dataclasses.replace(FAST, respect_robots=False)) as f:
+            f._session.get = boom
+            return await f.fetch("http://127.0.0.1:1/a.png"), await f.fetch("http://127.0.0.1:1/p", "page")
+
+    for r in asyncio.run(go()):
+        assert r.status == "invalid_url" and type(exc).__name__ in r.error and r.attempts == 1
+
+
 def test_tls_to_a_plain_http_port(srv):
     r = fetch(f"https://127.0.0.1:{srv.port}/ok.png", respect_robots=False, retries=2)
     assert r.status == "tls_error" and r.attempts == 1  # the handshake fails the same way every time: no retry
@@ -338,23 +388,60 @@ def test_robots_specific_agent_group(fresh):
     assert fetch(fresh.url("/ok.png")).status == "robots_disallowed" and fresh.hits("/ok.png") == 0
 
 
-@pytest.mark.parametrize(("status", "expected"), [(404, "success"), (403, "success"), (500, "robots_disallowed")])
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(404, "success"), (403, "success"), (500, "robots_unavailable"), (503, "robots_unavailable")],
+)
 def test_robots_status_rules(fresh, status, expected):
     fresh.set_robots(b"User-agent: *\nDisallow: /\n", status=status)  # the body only counts on 2xx
     results, _ = fetch_all([fresh.url("/ok.png"), fresh.url("/ok.png?again")])
     assert [r.status for r in results] == [expected, expected]
     assert fresh.hits("/ok.png") == (2 if expected == "success" else 0)
-    assert fresh.hits("/robots.txt") == (3 if status == 500 else 1)  # 5xx retried, then cached
+    assert fresh.hits("/robots.txt") == (3 if status >= 500 else 1)  # 5xx retried, then cached
+    if expected == "robots_unavailable":
+        assert f"robots.txt unavailable (http_{status})" in results[0].error
+
+
+def test_robots_429_is_unavailable_not_disallowed(fresh):
+    fresh.set_robots(b"", status=429)
+    r = fetch(fresh.url("/ok.png"), retries=0)
+    assert r.status == "robots_unavailable" and "http_429" in r.error and fresh.hits("/ok.png") == 0
 
 
 def test_robots_network_failure_disallows(fresh):
     fresh.route("/robots.txt", lambda ex: ex.reset())
     r = fetch(fresh.url("/ok.png"))
-    assert r.status == "robots_disallowed" and fresh.hits("/ok.png") == 0 and "connection_error" in r.error
+    assert r.status == "robots_unavailable" and fresh.hits("/ok.png") == 0 and "connection_error" in r.error
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens once closed
-    assert fetch(f"http://127.0.0.1:{port}/x.png").status == "robots_disallowed"
+    assert fetch(f"http://127.0.0.1:{port}/x.png").status == "robots_unavailable"
+
+
+def test_a_failed_robots_fetch_expires_but_a_fetched_one_stays_cached(fresh, monkeypatch):
+    monkeypatch.setattr(fetch_module, "ROBOTS_RETRY_SECONDS", 0.3)
+    fresh.set_robots(b"busy", status=503)
+    cfg = dataclasses.replace(FAST, retries=0)
+
+    async def go():
+        statuses = []
+        async with Fetcher(cfg) as f:
+            statuses.append((await f.fetch(fresh.url("/ok.png?1"))).status)
+            fresh.set_robots(ROBOTS_DISALLOW_PRIVATE)
+            statuses.append((await f.fetch(fresh.url("/ok.png?2"))).status)  # the failure is still cached
+            hits = [fresh.hits("/robots.txt")]
+            await asyncio.sleep(0.4)
+            statuses.append((await f.fetch(fresh.url("/ok.png?3"))).status)  # expired: fetched again
+            statuses.append((await f.fetch(fresh.url("/private/a.png"))).status)
+            fresh.set_robots(b"busy", status=503)
+            await asyncio.sleep(0.4)
+            statuses.append((await f.fetch(fresh.url("/ok.png?4"))).status)  # a fetched robots.txt is kept
+            hits.append(fresh.hits("/robots.txt"))
+        return statuses, hits
+
+    statuses, hits = asyncio.run(go())
+    assert statuses == ["robots_unavailable", "robots_unavailable", "success", "robots_disallowed", "success"]
+    assert hits == [1, 2]
 
 
 def test_robots_redirect_followed(fresh):
@@ -421,6 +508,35 @@ def test_global_concurrency_limit(fresh):
     cfg = dataclasses.replace(FAST, concurrency=2, read_timeout=2.0)
     results, _ = fetch_all([fresh.url(f"/slow?s=0.1&i={i}") for i in range(6)], cfg)
     assert all(r.status == "success" for r in results) and fresh.max_in_flight == 2
+
+
+def test_for_processes_splits_the_per_host_limits():
+    cfg = FetchConfig(per_host_rate=2.0, per_host_concurrency=16, concurrency=64)
+    assert cfg.for_processes(1) is cfg
+    two = cfg.for_processes(2)
+    assert (two.per_host_rate, two.per_host_concurrency, two.concurrency) == (1.0, 8, 64)
+    assert dataclasses.replace(two, per_host_rate=2.0, per_host_concurrency=16) == cfg  # nothing else changes
+    three = cfg.for_processes(3)
+    assert three.per_host_rate == pytest.approx(2 / 3) and three.per_host_concurrency == 6  # ceil(16 / 3)
+    small = FetchConfig(per_host_rate=0.0, per_host_concurrency=1).for_processes(4)
+    assert (small.per_host_rate, small.per_host_concurrency) == (0.0, 1)  # unlimited stays unlimited; never 0
+    assert (cfg.per_host_rate, cfg.per_host_concurrency) == (2.0, 16)  # the original is untouched
+    with pytest.raises(ValueError):
+        cfg.for_processes(0)
+
+
+def test_for_processes_configures_each_fetchers_limiter(fresh):
+    cfg = dataclasses.replace(FAST, per_host_rate=10.0, per_host_concurrency=6).for_processes(2)
+
+    async def go():  # two Fetchers in one loop stand for two worker processes
+        async with Fetcher(cfg) as a, Fetcher(cfg) as b:
+            assert a._session.connector.limit_per_host == b._session.connector.limit_per_host == 3
+            urls = [fresh.url(f"/ok.png?i={i}") for i in range(3)]
+            return await asyncio.gather(*(f.fetch(u) for f in (a, b) for u in urls))
+
+    assert all(r.status == "success" for r in asyncio.run(go()))
+    times = sorted(q.time for q in fresh.log)  # each Fetcher: robots.txt + 3 images at 5/s
+    assert len(times) == 8 and times[-1] - times[0] >= 0.55  # the 10/s of one Fetcher would take 0.3 s
 
 
 def test_per_host_rate_limit(fresh):

@@ -80,6 +80,11 @@ cases = {
     "redirect_to_name_to_private": public.url("/redirect?to=" + evil_url),
     "redirect_to_localhost": public.url(f"/redirect?to=http://localhost:{internal['loopback'].port}/ok.png"),
 }
+long_host = "a" * 64 + ".example.org"
+long_names = {  # fetched with the system resolver: getaddrinfo would raise UnicodeError on these names
+    "direct_long_label": f"http://{long_host}/x.jpg",
+    "redirect_to_long_label": public.url(f"/redirect?to=http://{long_host}/x.jpg"),
+}
 
 
 async def main():
@@ -90,8 +95,17 @@ async def main():
             for name, r in zip(cases, results)}
 
 
+async def system_resolver():
+    cfg = FetchConfig(allow_private_network=False, connect_timeout=1, read_timeout=1, total_timeout=3, retries=0)
+    async with Fetcher(cfg) as f:
+        results = [await f.fetch(u) for u in long_names.values()]
+    return {name: {"status": r.status, "error": r.error} for name, r in zip(long_names, results)}
+
+
 out = {
     "results": asyncio.run(main()),
+    "redirects_served_before": public.hits("/redirect"),
+    "long_names": asyncio.run(system_resolver()),
     "control": control,
     "internal_hits": {name: srv.hits() for name, srv in internal.items()},
     "redirects_served": public.hits("/redirect"),
@@ -140,5 +154,10 @@ def test_guard_end_to_end_in_isolated_namespace(tmp_path):
     for name in ("name_to_private", "name_to_mixed", "name_to_metadata", "redirect_to_name_to_private"):
         assert "resolves to non-public address" in results[name]["error"], results[name]
 
-    assert out["redirects_served"] == 5  # each redirect was answered by the public server ...
+    assert out["redirects_served_before"] == 5  # each redirect was answered by the public server ...
     assert out["internal_hits"] == {"loopback": 0, "private": 0, "metadata": 0}  # ... and nothing followed it
+
+    long_names = out["long_names"]  # refused by the URL guard: the UnicodeError of getaddrinfo is never reached
+    statuses = {name: r["status"] for name, r in long_names.items()}
+    assert statuses == dict.fromkeys(long_names, "invalid_url"), long_names
+    assert all("too long" in r["error"] for r in long_names.values()) and out["redirects_served"] == 6

@@ -223,6 +223,19 @@ def test_check_url_invalid(url):
     assert _reason(url) == "invalid_url"
 
 
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_check_url_refuses_overlong_host_names(allow_private):
+    label63, label64 = "a" * 63, "a" * 64
+    long_name = ".".join([label63] * 4)  # 255 octets
+    for host in (f"{label64}.example.org", f"{label64}.com.", f"x.{label64}", long_name, long_name + "."):
+        assert _reason(f"http://{host}/x.jpg", allow_private) == "invalid_url", host
+    with pytest.raises(RefusedURL, match="too long"):
+        check_url(f"http://{label64}.example.org/x.jpg", allow_private)
+    assert _reason("http://" + "\u00e4" * 64 + ".com/", allow_private) == "invalid_url"  # too long once IDNA-encoded
+    for host in (f"{label63}.com", f"{label63}.com.", ".".join([label63] * 3 + ["a" * 61])):  # at the limits
+        check_url(f"http://{host}/x.jpg", allow_private)
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -308,6 +321,19 @@ def test_guarded_resolver_with_allow_private():
 def test_guarded_resolver_lookup_failures(host):
     with pytest.raises(NameLookupError):
         _resolve(host)
+
+
+@pytest.mark.parametrize("exc", [UnicodeError("label empty or too long"), ValueError("embedded null character")])
+def test_guarded_resolver_turns_encoding_errors_into_lookup_failures(exc):
+    class Raising(FakeResolver):
+        async def resolve(self, host, port=0, family=socket.AF_INET):
+            raise exc
+
+    async def go():
+        return await GuardedResolver(False, Raising({})).resolve("a" * 64 + ".example.org", 80)
+
+    with pytest.raises(NameLookupError, match="cannot resolve"):
+        asyncio.run(go())
 
 
 @pytest.mark.parametrize("host", ["shop.invalid", "cdn.shop.INVALID.", "a.test", "www.example", "printer.local"])

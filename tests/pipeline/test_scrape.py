@@ -105,7 +105,7 @@ def test_every_record_ends_in_exactly_one_row_with_a_reason(server, tmp_path):
         assert status[sample_key(7, i)] == expected, path
     n = len(CASES)
     assert status[sample_key(7, n)] == "refused_scheme"
-    assert status[sample_key(7, n + 1)] == "robots_disallowed"  # robots.txt unreachable: disallow, as Google does
+    assert status[sample_key(7, n + 1)] == "robots_unavailable"  # robots.txt unreachable: disallow, for now
     assert status[sample_key(7, n + 2)] == "success"
     assert df.loc[df.status != "success", "error"].notna().all()  # every failure says what happened
     assert stats.seen == len(records) and stats.kept == sum(1 for s in status.values() if s == "success")

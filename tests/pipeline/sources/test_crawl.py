@@ -1,6 +1,7 @@
 """The crawler end to end against a real loopback web site, through the real Fetcher."""
 
 import asyncio
+import dataclasses
 import gzip
 import threading
 from collections import Counter
@@ -9,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from pipeline.fetch import FetchConfig, Fetcher
-from pipeline.sources.crawl import CrawlConfig, crawl, normalize_url, parse_sitemap
+from pipeline.robots import opt_out
+from pipeline.sources.crawl import CrawlConfig, crawl, header_nofollow, normalize_url, parse_sitemap
 
 SITEMAP_NS = 'xmlns="http://www.sitemaps.org/schemas/sitemap/0.9"'
 
@@ -110,12 +112,24 @@ class _RecordingFetcher:
         return await self.inner.robots_allowed(url)
 
 
-def _run(seeds, cfg) -> tuple[list, Counter, list]:
+class _PageBodyOnOptOut(_RecordingFetcher):
+    """The real Fetcher, its X-Robots-Tag opt-out applied here to pages as the crawl expects: the body kept."""
+
+    async def fetch(self, url, kind="image"):
+        result = await super().fetch(url, kind)
+        if kind == "page" and result.ok and opt_out([result.headers.get("x-robots-tag", "")]):
+            result.status = "opt_out"
+        return result
+
+
+def _run(seeds, cfg, wrapper=_RecordingFetcher) -> tuple[list, Counter, list]:
     async def go():
         drops = Counter()
         fcfg = FetchConfig(allow_private_network=True, retries=0, connect_timeout=2, total_timeout=5)
+        if wrapper is _PageBodyOnOptOut:
+            fcfg = dataclasses.replace(fcfg, respect_opt_out=False)
         async with Fetcher(fcfg) as real:
-            fetcher = _RecordingFetcher(real)
+            fetcher = wrapper(real)
             records = [r async for r in crawl(seeds, cfg, fetcher, drops)]
         return records, drops, fetcher.asked
 
@@ -186,6 +200,35 @@ def test_offsite_redirect_and_header_opt_out(site):
     assert records == []
     assert drops["page_offsite_redirect"] == 1
     assert drops["page_opt_out_header"] == 1
+
+
+@pytest.mark.parametrize("wrapper", [_PageBodyOnOptOut, _RecordingFetcher])
+def test_header_opt_out_page_is_treated_as_a_meta_one(site, wrapper):
+    origin, requests, server = site
+    server.pages["/hdr.html"] = _page('<img src="/img/h.jpg" alt="home picture of a cat"><a href="/c.html">c</a>')
+    server.extra_headers["/hdr.html"] = {"X-Robots-Tag": "noai"}
+    records, drops, _ = _run([origin + "/hdr.html"], CrawlConfig(use_sitemaps=False), wrapper)
+    # Its images are dropped, its links followed: a noai home page does not hide the whole site.
+    assert [r.url.removeprefix(origin) for r in records] == ["/img/c.jpg"]
+    assert drops == Counter({"page_opt_out_header": 1, "page_opt_out": 1})
+    server.extra_headers["/hdr.html"] = {"X-Robots-Tag": "noai, nofollow"}
+    records, drops, _ = _run([origin + "/hdr.html"], CrawlConfig(use_sitemaps=False), wrapper)
+    assert records == []
+    assert drops == Counter({"page_opt_out_header": 1, "page_opt_out": 1, "page_nofollow": 1})
+
+
+def test_header_nofollow_is_honoured_as_a_meta_one(site):
+    origin, requests, server = site
+    server.pages["/hdr.html"] = _page('<img src="/img/h.jpg" alt="home picture of a cat"><a href="/c.html">c</a>')
+    server.extra_headers["/hdr.html"] = {"X-Robots-Tag": "otherbot: nofollow"}
+    records, drops, _ = _run([origin + "/hdr.html"], CrawlConfig(use_sitemaps=False))
+    assert [r.url.removeprefix(origin) for r in records] == ["/img/h.jpg", "/img/c.jpg"]
+    server.extra_headers["/hdr.html"] = {"X-Robots-Tag": "unavailable_after: 1 Jan 2000 00:00:00 GMT, nofollow"}
+    records, drops, _ = _run([origin + "/hdr.html"], CrawlConfig(use_sitemaps=False))
+    assert [r.url.removeprefix(origin) for r in records] == ["/img/h.jpg"]
+    assert drops == Counter({"page_nofollow": 1})
+    assert header_nofollow("NONE") and header_nofollow("otherbot: noai, altforge: nofollow")
+    assert not header_nofollow("noindex") and not header_nofollow(None) and not header_nofollow("googlebot: none")
 
 
 def test_bad_seeds_fail_loudly():

@@ -222,3 +222,49 @@ def test_json_array_is_decoded_across_chunk_boundaries(tmp_path, monkeypatch):
     drops = Counter()
     assert _pairs(iter_url_list(str(tmp_path / "cut.json"), drops=drops)) == EXPECTED[:2]
     assert drops == Counter({"bad_url": 2, "bad_row": 1})
+
+
+def test_json_nested_too_deeply_is_a_bad_row(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000  # past the interpreter's recursion limit: RecursionError, not ValueError
+    ok = [json.dumps({"url": f"https://a.example/{i}.jpg", "caption": f"row {i}"}) for i in (1, 2)]
+    (tmp_path / "deep.jsonl").write_text("\n".join([ok[0], deep, ok[1]]) + "\n")
+    drops = Counter()
+    assert [r.url for r in iter_url_list(str(tmp_path / "deep.jsonl"), drops=drops)] == [
+        "https://a.example/1.jpg",
+        "https://a.example/2.jpg",
+    ]
+    assert drops == Counter({"bad_row": 1})
+    (tmp_path / "deep.json").write_text(f"[{ok[0]}, {deep}, {ok[1]}]")
+    drops = Counter()
+    assert [r.url for r in iter_url_list(str(tmp_path / "deep.json"), drops=drops)] == ["https://a.example/1.jpg"]
+    assert drops == Counter({"bad_row": 1})  # as a malformed value: nothing after it can be found reliably
+
+
+@pytest.mark.parametrize("name", ["q.tsv", "q.tsv.gz"])
+def test_tsv_line_is_one_row_whatever_its_quotes(tmp_path, name):
+    lines = [
+        "url\tcaption\twidth",
+        'https://a.example/1.jpg\t"Best dog ever\t1',  # an unmatched quote: literal, not a field over 3 lines
+        "https://a.example/2.jpg\tA cat\t2",
+        'https://a.example/3.jpg\tHe said "hi"\t3',
+        'https://a.example/4.jpg\t"Best" cat\t4',
+        'https://a.example/5.jpg\t"""Quoted"" by pandas, with\ta tab"\t5',  # csv.writer / to_csv quoting
+    ]
+    with _open(tmp_path / name) as fh:
+        fh.write("\n".join(lines) + "\n")
+    drops = Counter()
+    recs = list(iter_url_list(str(tmp_path / name), extra_cols=("width",), drops=drops))
+    assert [(r.caption, r.extra) for r in recs] == [
+        ('"Best dog ever', (("width", "1"),)),
+        ("A cat", (("width", "2"),)),
+        ('He said "hi"', (("width", "3"),)),
+        ('"Best" cat', (("width", "4"),)),
+        ('"Quoted" by pandas, with a tab', (("width", "5"),)),
+    ]
+    assert drops == Counter()
+
+
+def test_csv_keeps_quoted_fields_over_lines(tmp_path):
+    (tmp_path / "q.csv").write_text('url,caption\nhttps://a.example/1.jpg,"two\nlines, one caption"\n')
+    recs = list(iter_url_list(str(tmp_path / "q.csv"), drops=Counter()))
+    assert [r.alt_raw for r in recs] == ["two\nlines, one caption"]

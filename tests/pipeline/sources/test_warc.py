@@ -250,3 +250,27 @@ def test_recipe_sources_on_s3_get_the_storage_options(tmp_path, s3_bucket):
     drops = Counter()
     assert len(list(source_records(warc, None, drops, opts))) == 4
     assert [r.caption for r in source_records(urls, None, drops, opts)] == ["a red kite"]
+
+
+def test_wat_record_nested_too_deeply_is_a_bad_record(tmp_path):
+    path = tmp_path / "deep.wat"
+    good = {
+        "Envelope": {
+            "WARC-Header-Metadata": {"WARC-Type": "response", "WARC-Target-URI": "https://w.example/p"},
+            "Payload-Metadata": {
+                "HTTP-Response-Metadata": {
+                    "HTML-Metadata": {"Links": [{"path": "IMG@/src", "url": "a.jpg", "alt": "A boat at sea"}]}
+                }
+            },
+        }
+    }
+    with open(path, "wb") as fh:
+        w = WARCWriter(fh, gzip=False)
+        for payload in (b"[" * 100_000 + b"]" * 100_000, json.dumps(good).encode()):
+            rec = w.create_warc_record(
+                "https://w.example/p", "metadata", payload=io.BytesIO(payload), warc_content_type="application/json"
+            )
+            w.write_record(rec)
+    drops = Counter()
+    assert [r.url for r in iter_warc(str(path), drops)] == ["https://w.example/a.jpg"]
+    assert drops == Counter({"warc_bad_record": 1})
