@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing as mp
+import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -20,6 +22,7 @@ _progress_queue = None  # set by the CLI to show live progress
 
 # per-process state, filled by the initializer (or lazily when running inline)
 _worker_state: dict = {}
+PARENT_CHECK_SECONDS = 1.0  # how often a worker checks that the process that started it is alive
 
 
 def set_progress_queue(queue) -> None:
@@ -37,6 +40,16 @@ def _init_worker(state: dict) -> None:
     _worker_state.clear()
     _worker_state.update(state)
     _worker_state["loaded"] = {}
+    parent = state.get("parent", os.getppid())  # given by the parent: it may be gone before this runs
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker soon after its parent is gone (SIGKILLed, OOM-killed): an orphan would go on writing its
+    shard while a rerun writes the same one."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)
 
 
 def worker_object(name: str, factory, *args):
@@ -68,7 +81,10 @@ def get_pool(kind: str, processes: int) -> ProcessPoolExecutor:
         if pool is None or getattr(pool, "_broken", False):
             ctx = mp.get_context("spawn")
             pool = ProcessPoolExecutor(
-                max_workers=processes, mp_context=ctx, initializer=_init_worker, initargs=({"queue": _progress_queue},)
+                max_workers=processes,
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=({"queue": _progress_queue, "parent": os.getpid()},),
             )
             _pools[key] = pool
         return pool
