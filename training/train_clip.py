@@ -22,20 +22,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training import distributed
+from training import distributed, loop
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.evaluate import demo_tasks, evaluate_clip, load_eval_set
-from training.loop import (
-    PRECISIONS,
-    config_from_flags,
-    reached_stop,
-    resolve_precision,
-    stop_before_start,
-    trainer_main,
-    warmup_cosine,
-    write_json,
-)
 from training.models import create_clip, export_open_clip, get_tokenizer, make_clip_map, model_config
 from training.objectives import clamp_logit_scale, clip_loss
 
@@ -82,8 +72,8 @@ class ClipTrainConfig:
 
     def __post_init__(self):
         distributed.check_device(self.device)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+        if self.precision not in loop.PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: use {', '.join(loop.PRECISIONS)}")
         if self.steps < 1 or self.batch_size < 1 or self.accum_steps < 1:
             raise ValueError("steps, batch_size and accum_steps must be >= 1")
         for name in ("log_every", "save_every", "eval_every", "stop_after", "warmup_steps", "workers", "threads"):
@@ -106,7 +96,7 @@ class ClipTrainConfig:
 
 def lr_at(step: int, cfg: ClipTrainConfig) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
-    return warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+    return loop.warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -138,7 +128,7 @@ def train(cfg: ClipTrainConfig) -> dict:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.init_logit_scale))
     tokenizer = get_tokenizer(cfg.model)
-    precision = resolve_precision(cfg.precision, dist.device)
+    precision = loop.resolve_precision(cfg.precision, dist.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -231,7 +221,7 @@ def train(cfg: ClipTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
     window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "loss": torch.zeros((), device=dist.device)}
     model.train()
-    stop = stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
+    stop = loop.stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
     while step < cfg.steps and not stop:
         t_step = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -262,7 +252,7 @@ def train(cfg: ClipTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
-        stop = reached_stop(cfg, step, train_seconds)
+        stop = loop.reached_stop(cfg, step, train_seconds)
         if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
             stop = distributed.all_gather_object(stop)[0]
 
@@ -286,7 +276,7 @@ def train(cfg: ClipTrainConfig) -> dict:
                         writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("data/errors", sum(position.errors.values()), step)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
-                write_json(out / "metrics.json", {"config": asdict(cfg), "step": step, **history})
+                loop.write_json(out / "metrics.json", {"config": asdict(cfg), "step": step, **history})
                 if bar.disable:  # no terminal: one log line per window instead of the bar
                     print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
             window = {"t": time.perf_counter(), "data": 0.0, "steps": 0, "loss": torch.zeros((), device=dist.device)}
@@ -310,7 +300,7 @@ def train(cfg: ClipTrainConfig) -> dict:
     result = {"config": asdict(cfg), "step": step, "train_seconds": round(train_seconds, 2), **history}
     result["data_errors"] = dict(sum((Counter(e) for e in errors), start=Counter()))
     if dist.is_main:
-        write_json(out / "metrics.json", result)
+        loop.write_json(out / "metrics.json", result)
         writer.close()
         if result["data_errors"]:
             print(f"skipped samples: {result['data_errors']}")
@@ -352,12 +342,12 @@ def parse_args(argv: list[str] | None = None) -> ClipTrainConfig:
             p.add_argument(flag, type=kind, default=f.default)
     ns = vars(p.parse_args(argv))
     ns["betas"] = tuple(ns["betas"])
-    return config_from_flags(ClipTrainConfig, ns)
+    return loop.config_from_flags(ClipTrainConfig, ns)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m training.train_clip`` and torchrun."""
-    return trainer_main(train, parse_args, argv)
+    return loop.trainer_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

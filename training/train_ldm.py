@@ -28,20 +28,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training import distributed
+from training import distributed, loop
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.latent_data import inspect_latents, latent_map, text_conditioning
 from training.ldm_outputs import export_model, log_sample_grid, sampling_pipeline
-from training.loop import (
-    config_from_flags,
-    reached_stop,
-    resolve_precision,
-    stop_before_start,
-    trainer_main,
-    warmup_cosine,
-    write_json,
-)
 from training.models.text import TextTunedUNet, load_text_encoder, trainable_text_tower
 from training.models.unet import build_unet, count_parameters
 from training.models.vae import load_vae
@@ -153,7 +144,7 @@ class LdmTrainConfig:
 
 def lr_at(step: int, cfg: LdmTrainConfig) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
-    return warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
+    return loop.warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -214,7 +205,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         tower = [p for p in text.parameters() if p.requires_grad]
         groups.append({"params": tower, "weight_decay": 0.0, "lr_scale": cfg.text_lr_scale})
     trainable = [p for g in groups for p in g["params"]]
-    precision = resolve_precision(cfg.precision, dist.device)
+    precision = loop.resolve_precision(cfg.precision, dist.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     fused = dist.device.type == "cuda"  # one kernel for all parameters
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
@@ -327,7 +318,7 @@ def train(cfg: LdmTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
     window = new_window()
     model.train()
-    stop = stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
+    stop = loop.stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
     while step < cfg.steps and not stop:
         t_step = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -376,7 +367,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
-        stop = reached_stop(cfg, step, train_seconds)
+        stop = loop.reached_stop(cfg, step, train_seconds)
         if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
             stop = distributed.all_gather_object(stop)[0]
 
@@ -389,7 +380,7 @@ def train(cfg: LdmTrainConfig) -> dict:
                         writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("data/errors", sum(position.errors.values()), step)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
-                write_json(out / "metrics.json", {"config": asdict(cfg), "step": step, **history})
+                loop.write_json(out / "metrics.json", {"config": asdict(cfg), "step": step, **history})
                 if bar.disable:  # no terminal: one log line per window instead of the bar
                     print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
             window = new_window()
@@ -424,7 +415,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         result["exported"] = export_model(
             out, ema, vae, te_model, te_pretrained, empty, cfg, lineage, text_state=text_state
         )
-        write_json(out / "metrics.json", result)
+        loop.write_json(out / "metrics.json", result)
         writer.close()
         if result["data_errors"]:
             print(f"skipped samples: {result['data_errors']}")
@@ -486,12 +477,12 @@ def parse_args(argv: list[str] | None = None) -> LdmTrainConfig:
             p.add_argument(flag, type=kind, default=f.default)
     ns = vars(p.parse_args(argv))
     ns["betas"], ns["sample_prompts"] = tuple(ns["betas"]), tuple(ns["sample_prompts"])
-    return config_from_flags(LdmTrainConfig, ns)
+    return loop.config_from_flags(LdmTrainConfig, ns)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m training.train_ldm`` and torchrun."""
-    return trainer_main(train, parse_args, argv)
+    return loop.trainer_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

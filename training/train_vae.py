@@ -31,18 +31,9 @@ from tqdm import tqdm
 
 from pipeline.latents import prepare_image
 from pipeline.shards import iter_samples, shard_urls
-from training import distributed
+from training import distributed, loop
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
-from training.loop import (
-    config_from_flags,
-    reached_stop,
-    resolve_precision,
-    stop_before_start,
-    trainer_main,
-    warmup_cosine,
-    write_json,
-)
 from training.models.vae import (
     build_vae,
     downsample_factor,
@@ -241,7 +232,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     down = downsample_factor(vae.config)
     if cfg.resolution % down:
         raise ValueError(f"--resolution {cfg.resolution} is not a multiple of this VAE's {down}x downsampling")
-    precision = resolve_precision(cfg.precision, dist.device)
+    precision = loop.resolve_precision(cfg.precision, dist.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -326,7 +317,7 @@ def train(cfg: VaeTrainConfig) -> dict:
         return value
 
     def lr_at(at: int) -> float:
-        return warmup_cosine(at, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+        return loop.warmup_cosine(at, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
 
     def save() -> None:
         data = distributed.all_gather_object(position.to_dict())
@@ -355,7 +346,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not (dist.is_main and cfg.progress) or None, unit="step")
     window = new_window()
     model.train()
-    stop = stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
+    stop = loop.stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
     while step < cfg.steps and not stop:
         t_step = time.perf_counter()
         lr = lr_at(step)
@@ -388,7 +379,7 @@ def train(cfg: VaeTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
-        stop = reached_stop(cfg, step, train_seconds)
+        stop = loop.reached_stop(cfg, step, train_seconds)
         if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
             stop = distributed.all_gather_object(stop)[0]
 
@@ -416,7 +407,7 @@ def train(cfg: VaeTrainConfig) -> dict:
                         writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("data/errors", sum(position.errors.values()), step)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f}")
-                write_json(out / "metrics.json", {"config": asdict(cfg), "step": step, **history})
+                loop.write_json(out / "metrics.json", {"config": asdict(cfg), "step": step, **history})
                 if bar.disable:  # no terminal: one log line per window instead of the bar
                     print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
             window = new_window()
@@ -450,7 +441,7 @@ def train(cfg: VaeTrainConfig) -> dict:
             latent_elements=n_latent,
             read_errors=dict(read_errors + eval_errors),
         )
-        write_json(out / "metrics.json", result)
+        loop.write_json(out / "metrics.json", result)
         writer.close()
         if result["data_errors"] or result["read_errors"]:
             print(f"skipped samples: {result['data_errors']} {result['read_errors']}")
@@ -486,12 +477,12 @@ def parse_args(argv: list[str] | None = None) -> VaeTrainConfig:
             p.add_argument(flag, type=kind, default=f.default)
     ns = vars(p.parse_args(argv))
     ns["betas"] = tuple(ns["betas"])
-    return config_from_flags(VaeTrainConfig, ns)
+    return loop.config_from_flags(VaeTrainConfig, ns)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m training.train_vae`` and torchrun."""
-    return trainer_main(train, parse_args, argv)
+    return loop.trainer_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":
