@@ -50,8 +50,10 @@ def encode(
     if help_ or not ctx.args:
         raise typer.Exit(module_help("flows.encode"))
     if nproc_per_node * nnodes > 1:
+        from flows.cli_train import run_torchrun  # the ranks' one-line errors, not torchrun's report
+
         launch = torchrun_prefix(nproc_per_node, nnodes, rdzv_endpoint)
-        raise typer.Exit(subprocess.call([*launch, "-m", "flows.encode", *ctx.args]))
+        raise typer.Exit(run_torchrun([*launch, "-m", "flows.encode", *ctx.args]))
     from flows.encode import main as encode_main
 
     try:

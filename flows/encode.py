@@ -263,13 +263,20 @@ def encode_ranks(
         plan = latent_shards(src, storage_options)
         mine = None
         if info.is_main:
-            config = loaded.config(cfg)
-            prepare_latents(dst, config, loaded.text.empty(), storage_options, source_record(plan, storage_options))
-            shards.clean_temporaries(dst, storage_options)
-            pending = [n for n in plan if not shards.is_done(dst, int(n), storage_options)]
-            urls = [[[n, plan[n]] for n in names] for names in assign_shards(pending, info.world_size)]
-            mine = {"assignment": urls, "config": config, "all": list(plan)}
+            try:
+                config, source = loaded.config(cfg), source_record(plan, storage_options)
+                prepare_latents(dst, config, loaded.text.empty(), storage_options, source)
+                shards.clean_temporaries(dst, storage_options)
+                pending = [n for n in plan if not shards.is_done(dst, int(n), storage_options)]
+                urls = [[[n, plan[n]] for n in names] for names in assign_shards(pending, info.world_size)]
+                mine = {"assignment": urls, "config": config, "all": list(plan)}
+            except ValueError as e:  # refused: every rank learns it, so the others leave quietly
+                mine = {"refused": str(e)}
         mine = all_gather_object(mine)[0]  # rank 0's plan, the same on every rank
+        if "refused" in mine:
+            if info.is_main:
+                raise ValueError(mine["refused"])
+            return {"rank": info.rank, "shards": [], "stats": StageStats().to_dict(), "wrote_manifest": False}
         work = mine["assignment"][info.rank]  # [name, source URL] pairs: this rank's and no other's
         say(f"rank {info.rank}/{info.world_size} on {device}: {len(work)} shard(s)")
         total = StageStats()

@@ -34,7 +34,7 @@ from pipeline import manifest as manifests
 from pipeline import shards, storage
 from pipeline.images import to_rgb
 from pipeline.scrape import split_shard_url
-from pipeline.stats import StageStats
+from pipeline.stats import StageStats, error_line
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMPTY_EMBEDDING = "empty_text_emb.npy"
@@ -109,11 +109,15 @@ def prepare_image(img_bytes: bytes, resolution: int) -> tuple[np.ndarray, dict]:
         raise ValueError(f"empty image {w}x{h}")
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if size != (w, h):
-        img = img.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     box = [left, top, left + resolution, top + resolution]
-    arr = np.array(img.crop(tuple(box)), dtype=np.uint8)  # a writable copy: torch.from_numpy takes it as is
+    if size != (w, h):  # only the crop is resampled, from its box in the source: memory stays (r, r) at any aspect
+        sx, sy = w / size[0], h / size[1]
+        src_box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=src_box)
+    else:
+        img = img.crop(tuple(box))
+    arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy takes it as is
     return arr, {"crop": box, "source_size": [w, h], "resolution": resolution}
 
 
@@ -195,7 +199,13 @@ def image_batches(path: str, cfg: EncodeConfig, device: torch.device) -> Iterato
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    yield from loader
+    batches = iter(loader)
+    try:
+        yield from batches
+    finally:  # on an error too: a failed iterator kept alive by its traceback would stop its workers much later,
+        shutdown = getattr(batches, "_shutdown_workers", None)  # from a forked child (a traceback on stderr)
+        if shutdown is not None:
+            shutdown()
 
 
 @contextlib.contextmanager
@@ -260,6 +270,17 @@ def _row(item: dict, status: str, error: str | None) -> dict:
     }
 
 
+def _check_key(item: dict, keys: set[str]) -> None:
+    """Mark an item whose key cannot be written (empty, with '.' or '/') or came earlier in the shard."""
+    key = item["key"]
+    if not key or "." in key or "/" in key:
+        item["status"], item["error"] = "bad_key", f"invalid sample key {key!r}"
+        item["key"] = f"bad-key-{len(keys)}"  # its parquet row still needs a key; the sample is not written
+    elif key in keys:
+        item["status"], item["error"] = "duplicate_key", "the key occurs earlier in the source shard"
+    keys.add(item["key"])
+
+
 def encode_latents_shard(
     src_url: str,
     dst_url: str,
@@ -279,20 +300,30 @@ def encode_latents_shard(
     dataset_url, index = split_shard_url(dst_url)
     device = torch.device(encoders.device)
     stats = StageStats()
+    keys: set[str] = set()
     with local_copy(src_url, storage_options) as path, shards.ShardWriter(dataset_url, index, storage_options) as w:
         batches = image_batches(path, cfg, device)
         while True:
             with stats.timer("read_decode"):
-                batch = next(batches, None)
+                try:
+                    batch = next(batches, None)
+                except Exception as e:  # a truncated or corrupt source tar: one line that names it
+                    batches.close()  # the DataLoader's workers go now, not from a later garbage collection
+                    raise ValueError(f"{src_url}: cannot read the source shard: {error_line(e)}") from None
             if batch is None:
                 break
             before = Counter({"kept": stats.kept, **stats.dropped})
             items = batch["items"]
-            ok = [it for it in items if it["status"] == "success"]
+            decoded = [it for it in items if it["status"] == "success"]  # the rows of batch["images"]
+            for it in items:  # a source tar this project did not write may break or repeat keys
+                _check_key(it, keys)
+            keep = [j for j, it in enumerate(decoded) if it["status"] == "success"]
+            ok = [decoded[j] for j in keep]
+            images = batch["images"] if len(keep) == len(decoded) else batch["images"][keep]
             arrays, finite = {}, np.ones(len(ok), bool)
             if ok:
                 with torch.inference_mode():
-                    arrays = encode_batch(batch["images"], [it["caption"] for it in ok], cfg, encoders, stats)
+                    arrays = encode_batch(images, [it["caption"] for it in ok], cfg, encoders, stats)
                 for a in arrays.values():  # an fp16 VAE can overflow: such a latent would poison training
                     finite &= np.isfinite(a.reshape(len(ok), -1)).all(1)
             with stats.timer("write"):
@@ -442,6 +473,10 @@ def prepare_latents(
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             raise ValueError(f"{dst} holds latents made with other settings ({', '.join(diff)}); use a new --out")
+    elif storage.exists(dst, storage_options):  # another dataset (the source itself, say): its shards would count
+        names = storage.listdir(dst, storage_options)  # as done and its manifest be replaced
+        if "manifest.json" in names or any(shards.SHARD_RE.match(n) for n in names):
+            raise ValueError(f"{dst} holds a dataset this stage did not write (no {ENCODE_CONFIG}); use a new --out")
     storage.write_bytes(url + ".tmp", json.dumps(config, indent=2).encode(), storage_options)
     storage.publish(url + ".tmp", url, storage_options)  # a kill mid-write must not leave a truncated config
     write_empty_embedding(dst, empty_emb, storage_options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -78,3 +79,14 @@ class StageStats:
     def to_json(self) -> str:
         """Serialise to a JSON string."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error that stops a stage or a trainer: the original message when a DataLoader worker raised
+    it (the loader re-raises it as "Caught ValueError in DataLoader worker process 0." with the worker's traceback)."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    if lines[0].startswith("Caught ") and len(lines) > 1:  # the message follows the last "SomeError: " line
+        heads = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception): ", ln)]
+        if heads:
+            return lines[heads[-1]].split(": ", 1)[1].strip()
+    return lines[0].strip()

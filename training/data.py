@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from pipeline import storage
 from pipeline.shards import iter_samples, shard_urls
+from pipeline.stats import error_line  # noqa: F401  (the trainers' one-line errors, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,14 @@ def epoch_samples(plan: ShardPlan, slot: int, epoch: int, errors: Counter, shuff
     fallback = (list(plan.urls), plan.slots, slot) if stride == 1 else None  # the slot's share of every shard
     sizes = dict(zip(plan.urls, plan.sizes, strict=True))
     rng = random.Random(f"buf-{plan.seed}-{epoch}-{slot}")
+    first = True
     while True:
         got = 0
-        one_pass = raw_samples(urls, stride, offset, errors, sizes, plan.storage_options)
+        # a shard's own faults (corrupt_shard, missing_from_shard) are counted once an epoch: by the slot that reads
+        # from its first sample, in the first pass; the other slots and passes read the same shards again
+        counts = errors if first and offset == 0 else Counter()
+        one_pass = raw_samples(urls, stride, offset, counts, sizes, plan.storage_options)
+        first = False
         for sample in shuffled(one_pass, shuffle_buffer, rng):
             got += 1
             yield sample
@@ -264,17 +269,6 @@ def slot_batches(plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle
         epoch, n_batches = epoch + 1, 0
 
 
-def error_line(e: BaseException) -> str:
-    """One line for an error that stops a trainer: the original message when a DataLoader worker raised it (the
-    loader re-raises it as "Caught ValueError in DataLoader worker process 0." with the worker's traceback)."""
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
-    if lines[0].startswith("Caught ") and len(lines) > 1:  # the message follows the last "SomeError: " line
-        heads = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception): ", ln)]
-        if heads:
-            return lines[heads[-1]].split(": ", 1)[1].strip()
-    return lines[0].strip()
-
-
 # ------------------------------------------------------------------------------------------------- dataset
 
 
@@ -328,15 +322,17 @@ class DataPosition:
         same = doc["world_size"] == world_size and doc["workers"] == workers
         if same and doc.get("data_plan", data_plan) == data_plan:  # batch, seed, shards, ...
             return cls.from_dict(doc["data"][rank]), True
-        return cls.after_layout_change(doc["data"]), False
+        return cls.after_layout_change(doc["data"], rank), False
 
     @classmethod
-    def after_layout_change(cls, docs: list[dict]) -> DataPosition:
+    def after_layout_change(cls, docs: list[dict], rank: int = 0) -> DataPosition:
         """Where a run continues when its ranks or workers changed (saved positions of every rank, ``to_dict``):
         the start of the epoch after the furthest one any slot had begun; the start epoch itself if none had
-        consumed anything since. A position's own ``batches`` restart at each change, so they cannot tell."""
+        consumed anything since. A position's own ``batches`` restart at each change, so they cannot tell. Rank 0
+        carries on the error counts of all the saved ranks (the others start from none: the sum stays the sum)."""
         furthest = max(max((s["epoch"] for s in d["slots"].values()), default=d.get("epoch", 0) - 1) for d in docs)
-        return cls(epoch=furthest + 1)
+        errors = sum((Counter(d.get("errors", {})) for d in docs), start=Counter()) if rank == 0 else Counter()
+        return cls(epoch=furthest + 1, errors=errors)
 
     @classmethod
     def from_dict(cls, d: dict) -> DataPosition:

@@ -166,14 +166,14 @@ def text_conditioning(cfg, latents: LatentSet, device: torch.device, is_main: bo
             need = "--train-text-encoder needs a tower" if cfg.train_text_encoder else "the shards hold captions only"
             raise ValueError(f"{need}: give --text-encoder (the latent manifest names none)")
         encoder = load_text_encoder(model, pretrained, device=str(device))
-    if not in_loop:  # the dataset's empty embedding, checked against the encoder when one is loaded
+    if stored:  # the dataset's empty embedding, checked against the encoder when one is loaded
         try:
             empty = empty_embedding(latents, encoder, cfg.storage_options).to(device)
         except ValueError as e:
             hint = " (re-encode the latents with it, or add --text-in-loop)" if cfg.text_encoder else ""
             raise ValueError(f"{e}{hint}") from None
         width = latents.text_width or encoder.width
-    else:
+    else:  # the encoder runs on the captions (in the loop, or the shards hold captions only): its own empty prompt
         empty = encoder.empty().float().to(device)
         width = encoder.width
     return TextSide(encoder, empty, width, stored, in_loop, model, pretrained)

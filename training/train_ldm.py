@@ -222,7 +222,7 @@ def train(cfg: LdmTrainConfig) -> dict:
     step, history, train_seconds = 0, {"train": [], "samples": []}, 0.0
     # what a resume must share with the run it continues, besides the tensors' shapes (checked on load): the
     # architecture, the target, and the text conditioning the U-Net learnt from
-    if in_loop:  # the tower's weights (sha256), however its folder was named
+    if not stored_text:  # the tower's weights (sha256), however its folder was named
         prov = encoder.provenance
         text_id = {"encoder": prov.get("sha256") or f"{prov.get('model')}:{prov.get('pretrained')}"}
         text_id["tuned"] = cfg.train_text_encoder

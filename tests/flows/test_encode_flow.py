@@ -169,3 +169,11 @@ def test_torchrun_ranks_take_their_own_shards(data):
     assert m["samples"] == 10 and m["config"]["store_text_embeddings"] is False
     assert read_empty_embedding(dst).shape == (16, 32)
     assert all("text_emb.npy" not in s for s in shards.iter_samples(f"{dst}/000000.tar"))
+    # the same --out at another resolution: rank 0 refuses in one line, the other rank leaves quietly, and the
+    # launcher's report is one line too (no torchrun traceback, no rank dying on a closed connection)
+    cmd = [sys.executable, "-m", "flows.cli", "encode", "--nproc-per-node", "2", src, "--out", dst, "--vae", vae_dir,
+           "--text-encoder", clip_dir, "--device", "cpu", "--resolution", "16", "--no-text-embeddings"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "gloo" not in p.stderr.lower(), p.stderr[-3000:]
+    assert err[0].startswith("error: ") and "other settings" in err[0] and len(err) == 2, err

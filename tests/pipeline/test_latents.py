@@ -409,3 +409,63 @@ def test_bf16_on_gpu_with_pinned_decode_workers_matches_fp32(models, source, tmp
         mean, _, _ = reference(models, src[s["__key__"]]["jpg"], 32)
         assert s["latent.npy"].dtype == np.float16
         assert np.allclose(s["latent.npy"], mean, rtol=5e-2, atol=2e-2)  # bf16 weights and activations
+
+
+def test_an_elongated_image_is_resampled_only_where_it_is_cropped(monkeypatch):
+    arr = np.zeros((4000, 2, 3), np.uint8)
+    arr[:, 1] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda im, sz, *a, **kw: sizes.append(sz) or resize(im, sz, *a, **kw))
+    out, info = prepare_image(buf.getvalue(), 64)  # resizing all of it first would allocate 64 x 128,000 pixels
+    assert sizes == [(64, 64)] and out.shape == (64, 64, 3) and info["crop"] == [0, 63968, 64, 64032]
+    want = np.asarray(Image.fromarray(arr).resize((64, 128000), Image.Resampling.BICUBIC).crop(tuple(info["crop"])))
+    assert np.abs(out.astype(int) - want).max() <= 1  # the same pixels as resizing the whole and cropping
+
+
+def test_an_output_that_holds_another_dataset_is_refused(source, tmp_path):
+    from pipeline.latents import prepare_latents
+
+    vae = {"ref": "/a/vae", "sha256": "1" * 64, "scaling_factor": 0.2, "latent_channels": 4, "downsample": 8}
+    config = latent_config(EncodeConfig(resolution=64), vae, {"model": "m", "sha256": "2" * 64, "width": 8}, "float32")
+    before = open(os.path.join(source, "manifest.json")).read()
+    with pytest.raises(ValueError, match="holds a dataset this stage did not write"):  # --out = the source
+        prepare_latents(source, config, np.zeros((4, 8), np.float32))
+    assert open(os.path.join(source, "manifest.json")).read() == before
+    assert not os.path.exists(os.path.join(source, ENCODE_CONFIG))
+
+
+def test_a_corrupt_source_shard_is_one_line_naming_it(models, source, tmp_path):
+    src = str(tmp_path / "src")
+    shutil.copytree(source, src)
+    tar = os.path.join(src, "000000.tar")
+    with open(tar, "r+b") as f:
+        f.truncate(os.path.getsize(tar) // 2)
+    for workers in (0, 1):
+        cfg = EncodeConfig(resolution=32, store_text_embeddings=False, workers=workers, batch_size=2)
+        with pytest.raises(ValueError) as err:
+            encode_latents_shard(tar, str(tmp_path / f"out{workers}" / "000000.tar"), cfg, encoders(models, False))
+        line = str(err.value)
+        assert line.startswith(f"{tar}: cannot read the source shard: ") and "\n" not in line, line
+        assert "DataLoader" not in line  # the worker's own error, not the loader's wrapper
+        assert not os.path.exists(tmp_path / f"out{workers}" / "000000.tar")
+
+
+def test_keys_that_cannot_be_written_are_counted_not_fatal(models, tmp_path):
+    import tarfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(src / "000000.tar", "w") as tar:  # a tar this project did not write
+        for name, data in [("a.jpg", jpeg((1, 2, 3))), ("a.txt", b"one"), ("b.jpg", jpeg((4, 5, 6))),
+                           ("b.txt", b"two"), ("a.jpg", jpeg((7, 8, 9))), ("a.txt", b"again")]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cfg = EncodeConfig(resolution=32, store_text_embeddings=False)
+    out = str(tmp_path / "out" / "000000.tar")
+    st = encode_latents_shard(str(src / "000000.tar"), out, cfg, encoders(models, False))
+    assert (st.seen, st.kept, dict(st.dropped)) == (3, 2, {"duplicate_key": 1})
+    assert [s["__key__"] for s in shards.iter_samples(out)] == ["a", "b"]

@@ -5,6 +5,7 @@ import io
 import json
 import random
 import tarfile
+from collections import Counter
 
 import pytest
 import torch
@@ -279,3 +280,33 @@ def test_error_line_is_the_workers_own_message():
     )
     assert error_line(wrapped) == "bad thing: details"
     assert error_line(ValueError("one line\nmore")) == "one line"
+
+
+def test_a_short_shard_is_counted_once_an_epoch_whatever_the_slots(tmp_path):
+    root = tmp_path / "bad"
+    write_demo_shards(str(root), 60, seed=1, size=16, per_shard=20)
+    t1 = root / "000001.tar"
+    t1.write_bytes(t1.read_bytes()[: len(t1.read_bytes()) // 2])  # 10 samples short of its sizes.json entry
+    seen = {}
+    for split, workers in (("shard", 0), ("sample", 0), ("sample", 2)):
+        cfg = LoaderConfig(batch_size=5, workers=workers, seed=0, shuffle_buffer=0, split=split)
+        plan = make_plan(str(root), cfg, 1)
+        pos = DataPosition()
+        it = iter(make_loader(plan, cfg, 0, key_map, pos))
+        for _ in range(plan.steps_per_epoch):  # one epoch: slots that fall short wrap and read the shard again
+            pos.advance(next(it))
+        seen[split, workers] = {k: pos.errors[k] for k in ("corrupt_shard", "missing_from_shard")}
+    assert seen[("shard", 0)]["missing_from_shard"] >= 9  # half of a 20-sample shard, less a partly read one
+    assert seen[("sample", 0)] == seen[("sample", 2)] == seen[("shard", 0)], seen  # once, whoever reads it
+
+
+def test_error_counts_survive_a_layout_change_once():
+    saved = [
+        {"batches": 4, "epoch": 0, "slots": {"0": {"epoch": 1, "raw": 5, "batches": 2}}, "errors": {"bad": 7}},
+        {"batches": 4, "epoch": 0, "slots": {"1": {"epoch": 1, "raw": 5, "batches": 2}}, "errors": {"bad": 2}},
+    ]
+    ranks = [DataPosition.after_layout_change(saved, rank) for rank in range(3)]  # two ranks become three
+    assert [p.epoch for p in ranks] == [2, 2, 2]
+    assert ranks[0].errors == Counter({"bad": 9}) and not ranks[1].errors and not ranks[2].errors
+    doc = {"world_size": 2, "workers": 0, "data_plan": "x", "data": saved}
+    assert DataPosition.resumed(doc, 0, 1, 0, "x")[0].errors == Counter({"bad": 9})
