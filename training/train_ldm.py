@@ -180,7 +180,7 @@ def train(cfg: LdmTrainConfig) -> dict:
     if latents.has_logvar and latents.scaling_factor is None:
         raise ValueError(f"{cfg.data}: latents with logvar but no scaling_factor in the manifest")
     side = text_conditioning(cfg, latents, dist.device, dist.is_main)
-    encoder, empty, width, stored_text, in_loop = side.encoder, side.empty, side.width, side.stored, side.in_loop
+    encoder, empty, width, stored_text = side.encoder, side.empty, side.width, side.stored
     te_model, te_pretrained = side.model, side.pretrained
 
     # ---- model, EMA, optimizer, precision
