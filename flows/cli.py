@@ -247,6 +247,8 @@ def curate(
         fail("give --min-score or --keep-fraction, not both")
     if keep_fraction is not None and not 0 < keep_fraction <= 1:
         fail("--keep-fraction must be in (0, 1]")
+    if min_score is not None and not -float("inf") < min_score < float("inf"):  # NaN compares false
+        fail(f"--min-score must be a finite cosine similarity, not {min_score}")
     if "://" not in in_dir and not os.path.isdir(in_dir):
         fail(f"dataset not found: {in_dir}")
     if previous:  # the diff lives in the report: check the old version now, not after the scoring

@@ -175,8 +175,8 @@ class CurateSection(_Strict):
     """CLIP scoring, filters, dedup and tags."""
 
     clip: ClipModelRef
-    min_score: float | None = None  # cosine similarity, absolute threshold
-    keep_fraction: float | None = Field(None, gt=0, le=1)  # global top fraction by score
+    min_score: float | None = Field(None, allow_inf_nan=False)  # cosine similarity, absolute threshold
+    keep_fraction: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)  # global top fraction by score
     min_image_size: int = Field(0, ge=0)  # px
     max_aspect_ratio: float = Field(0.0, ge=0)
     min_caption_words: int = Field(1, ge=0)

@@ -100,11 +100,11 @@ def basic_filters(cfg, detect_language: Callable[[str], str] | None = None) -> l
 
 
 def fraction_threshold(scores: np.ndarray, keep_fraction: float) -> float:
-    """The score at which the top ``keep_fraction`` of ``scores`` (NaN ignored) is kept: a global percentile.
+    """The score at which the top ``keep_fraction`` of ``scores`` (NaN and inf ignored) is kept: a global percentile.
 
     Ties at the threshold are kept, so slightly more than the fraction may stay.
     """
-    s = np.sort(scores[~np.isnan(scores)])[::-1]
+    s = np.sort(scores[np.isfinite(scores)])[::-1]
     if len(s) == 0:
         return float("inf")
     n_keep = max(1, int(np.ceil(keep_fraction * len(s))))
@@ -112,8 +112,8 @@ def fraction_threshold(scores: np.ndarray, keep_fraction: float) -> float:
 
 
 def kept_share(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Share of (non-NaN) scores at or above each threshold: the threshold -> % kept table."""
-    s = np.sort(scores[~np.isnan(scores)])
+    """Share of (finite) scores at or above each threshold: the threshold -> % kept table."""
+    s = np.sort(scores[np.isfinite(scores)])
     if len(s) == 0:
         return np.zeros(len(thresholds))
     return 1.0 - np.searchsorted(s, thresholds, side="left") / len(s)

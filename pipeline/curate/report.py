@@ -26,6 +26,7 @@ TEMPLATE = Path(__file__).with_name("report.html")
 GALLERY = 18  # samples per gallery
 NEAR_CUT = 12  # samples on each side of the cut
 CLUSTERS = 12  # duplicate clusters shown per dedup kind
+CLUSTER_MEMBERS = 12  # members shown per cluster, then "… and N more"
 THUMB = 128  # px, longest side of an embedded thumbnail
 
 
@@ -231,7 +232,7 @@ def render(srcs, table, sel, manifest: dict, storage_options: dict | None = None
             galleries.append((reason, _spread(d.sort_values("clip_score"), GALLERY)))
     clusters = [c for kind in sel.order for c in [x for x in sel.clusters if x["kind"] == kind][:CLUSTERS]]
     want = set(above["key"]) | set(below["key"]) | {k for _, g in galleries for k in g["key"]}
-    want |= {c["kept"] for c in clusters} | {m["key"] for c in clusters for m in c["members"]}
+    want |= {c["kept"] for c in clusters} | {m["key"] for c in clusters for m in c["members"][:CLUSTER_MEMBERS]}
     thumbs = load_thumbnails(srcs, t, want, storage_options)
     by_key = t.set_index("key", drop=False)
 
@@ -285,7 +286,11 @@ def render(srcs, table, sel, manifest: dict, storage_options: dict | None = None
         head = rec(c["kept"])  # the member of the set that stayed; a later filter (the score cut) may drop it
         ok = head.get("status", "success") == "success"
         b.append(card(head, thumbs, kept=ok, note="kept twin" if ok else f"twin, then dropped: {head.get('status')}"))
-        b.append("".join(card(rec(x["key"]), thumbs, note=x["detail"]) for x in c["members"]) + "</div></div>")
+        shown = c["members"][:CLUSTER_MEMBERS]
+        b.append("".join(card(rec(x["key"]), thumbs, note=x["detail"]) for x in shown) + "</div>")
+        if len(c["members"]) > len(shown):
+            b.append(f"<p class='muted more'>… and {len(c['members']) - len(shown)} more</p>")
+        b.append("</div>")
     b.append("</div>")
     b += ["<h2 id='tags-h'>Zero-shot tags before and after</h2>", tags_html(t, kept)]
     b += [

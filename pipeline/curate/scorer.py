@@ -8,7 +8,9 @@ directory with ``open_clip_config.json`` and weights (``local-dir:RUN`` or just 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import math
 import os
 import re
 import tarfile
@@ -21,6 +23,7 @@ from PIL import Image
 from pipeline.shards import iter_samples, sha256_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+NON_FINITE_ERROR = "non-finite CLIP score"  # the error text of a pair the model scored NaN or inf
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
 
 
@@ -188,23 +191,63 @@ class ShardPairs(torch.utils.data.IterableDataset):
             yield -1, None, None, "", {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+INT_META = ("width", "height", "original_width", "original_height")  # px
+STR_META = ("url", "page_url", "sha256")
+_PHASH = re.compile(r"[0-9a-fA-F]{16}")
+
+
+def _int_or_none(v) -> int | None:
+    if isinstance(v, str):
+        v = v.strip()
+        return int(v) if re.fullmatch(r"[0-9]+", v) else None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v != int(v):
+        return None
+    return int(v)
+
+
+def clean_meta(meta: dict) -> dict:
+    """The stored metadata fields with the types the score table needs: sizes int or None, strings or None, a
+    phash of 16 hex digits or None (a bad value in one sample must not fail its shard)."""
+    out = {f: _int_or_none(meta.get(f)) for f in INT_META}
+    out.update({f: meta[f] if isinstance(meta.get(f), str) else None for f in STR_META})
+    ph = meta.get("phash")
+    out["phash"] = ph.lower() if isinstance(ph, str) and _PHASH.fullmatch(ph) else None
+    return out
+
+
+def _fill_image_meta(meta: dict, data: bytes, im: Image.Image) -> dict:
+    """Fill what the metadata lacks from the decoded image: sha256 of its bytes, its size, its perceptual hash."""
+    from pipeline.images import phash
+
+    if meta["sha256"] is None:
+        meta["sha256"] = hashlib.sha256(data).hexdigest()
+    if meta["width"] is None or meta["height"] is None:
+        meta["width"], meta["height"] = im.size
+    if meta["phash"] is None:
+        meta["phash"] = phash(im)
+    return meta
+
+
 def decode_pair(sample: dict, transform) -> tuple[str, torch.Tensor | None, str, dict, str | None]:
-    """Raw sample -> (key, image tensor or None, caption, metadata, error)."""
+    """Raw sample -> (key, image tensor or None, caption, cleaned metadata, error)."""
     import json
 
     caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else ""
     try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except ValueError as e:
-        return sample["__key__"], None, caption, {}, f"bad json metadata: {e}"[:200]
+        return sample["__key__"], None, caption, clean_meta({}), f"bad json metadata: {e}"[:200]
     if not isinstance(meta, dict):
-        return sample["__key__"], None, caption, {}, f"bad json metadata: a {type(meta).__name__}, not an object"
+        why = f"bad json metadata: a {type(meta).__name__}, not an object"
+        return sample["__key__"], None, caption, clean_meta({}), why
+    meta = clean_meta(meta)
     data = first_image(sample)
     if data is None:
         return sample["__key__"], None, caption, meta, "no image field"
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return sample["__key__"], transform(im.convert("RGB")), caption, meta, None
+            rgb = im.convert("RGB")
+            return sample["__key__"], transform(rgb), caption, _fill_image_meta(meta, data, rgb), None
     except Exception as e:  # any undecodable image is one dropped sample, never a failed shard
         return sample["__key__"], None, caption, meta, f"{type(e).__name__}: {e}"[:200]
 
@@ -229,7 +272,8 @@ def pair_batches(url: str, scorer: ClipScorer, batch_size: int, workers: int, st
 def score_pairs(url: str, scorer: ClipScorer, batch_size: int, workers: int, storage_options: dict | None = None):
     """Score every pair of a shard: rows in shard order, float32 image/text embeddings aligned to them, scores.
 
-    A sample whose image does not decode gets zero embeddings, a NaN score and its error in ``error``.
+    A sample whose image does not decode gets zero embeddings, a NaN score and its error in ``error``; a pair the
+    model scores NaN or infinite gets a NaN score and a ``non-finite CLIP score`` error.
     """
     items = []  # (index, row, img_vec | None, txt_vec | None)
     for batch in pair_batches(url, scorer, batch_size, workers, storage_options):
@@ -253,8 +297,13 @@ def score_pairs(url: str, scorer: ClipScorer, batch_size: int, workers: int, sto
     img_all = np.stack([zero if t[2] is None else t[2] for t in items]) if items else np.zeros((0, dim), np.float32)
     txt_all = np.stack([zero if t[3] is None else t[3] for t in items]) if items else np.zeros((0, dim), np.float32)
     valid = np.array([t[2] is not None for t in items], bool)
-    scores = np.where(valid, (img_all * txt_all).sum(1), np.nan).astype(np.float32)
-    return [t[1] for t in items], img_all, txt_all, scores
+    with np.errstate(invalid="ignore", over="ignore"):
+        scores = np.where(valid, (img_all * txt_all).sum(1), np.nan).astype(np.float32)
+    rows = [t[1] for t in items]
+    for i in np.flatnonzero(valid & ~np.isfinite(scores)):  # a broken model (NaN weights) must not pass every cut
+        rows[i]["error"] = f"{NON_FINITE_ERROR} ({scores[i]})"
+        scores[i] = np.nan
+    return rows, img_all, txt_all, scores
 
 
 def _embed_dim(scorer: ClipScorer) -> int:

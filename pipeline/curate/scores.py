@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.curate.scorer import ClipScorer, score_pairs
+from pipeline.curate.scorer import INT_META, ClipScorer, score_pairs
 from pipeline.curate.tags import top_tags
+from pipeline.shards import arrow_array
 from pipeline.stats import StageStats
 
 META_FIELDS = ("url", "page_url", "sha256", "phash", "width", "height", "original_width", "original_height")
@@ -47,9 +48,11 @@ SOURCE_KEY = b"altforge.source"  # metadata parquet schema key: the identity of 
 
 
 def source_identity(src_url: str, storage_options: dict | None = None) -> str:
-    """The source shard as stored now: URL, size and modification stamp (mtime, or the object's ETag)."""
+    """The source shard as stored now: URL (a local path resolved, so ``./src`` and ``/abs/src`` are one input),
+    size and modification stamp (mtime, or the object's ETag)."""
     size, stamp = storage.stamp(src_url, storage_options)
-    return json.dumps({"url": src_url, "size": size, "stamp": stamp}, sort_keys=True)
+    url = os.path.realpath(src_url.removeprefix("file://")) if storage.is_local(src_url) else src_url
+    return json.dumps({"url": url, "size": size, "stamp": stamp}, sort_keys=True)
 
 
 def is_scored(emb_url: str, src_url: str, storage_options: dict | None = None) -> bool:
@@ -88,20 +91,21 @@ def score_shard(
             src_url, scorer, cfg.batch_size, decode_workers(cfg, scorer), storage_options
         )
     labels = tuple(cfg.tags)
-    tags = (
-        top_tags(img, scorer.label_embeddings(labels), scorer.logit_scale(), labels, cfg.tag_top_k) if labels else None
-    )
+    tags = [None] * len(rows)
+    if labels:  # a sample without an image (or a score) gets no tags: its zero embedding would still get some
+        found = top_tags(img, scorer.label_embeddings(labels), scorer.logit_scale(), labels, cfg.tag_top_k)
+        tags = [json.dumps(t) if np.isfinite(sc) else None for t, sc in zip(found, scores, strict=True)]
     stem = shard_stem(src_url)
     table = {
-        "key": [r["key"] for r in rows],
-        "shard": [stem] * len(rows),
-        "caption": [r["caption"] for r in rows],
+        "key": arrow_array([r["key"] for r in rows], pa.string()),
+        "shard": arrow_array([stem] * len(rows), pa.string()),
+        "caption": arrow_array([r["caption"] for r in rows], pa.string()),
         "clip_score": pa.array(scores, pa.float32()),
-        "error": [r["error"] for r in rows],
+        "error": arrow_array([r["error"] for r in rows], pa.string()),
     }
     for f in META_FIELDS:
-        table[f] = [r["meta"].get(f) for r in rows]
-    table["tags"] = [json.dumps(t) for t in tags] if tags is not None else [None] * len(rows)
+        table[f] = arrow_array([r["meta"].get(f) for r in rows], pa.int64() if f in INT_META else pa.string())
+    table["tags"] = arrow_array(tags, pa.string())
     files = score_files(emb_url, stem)
     storage.write_bytes(files["img"], _npy_bytes(img.astype(np.float16)), storage_options)
     storage.write_bytes(files["text"], _npy_bytes(txt.astype(np.float16)), storage_options)

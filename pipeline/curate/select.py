@@ -45,7 +45,7 @@ def priority(scores: np.ndarray, keys: np.ndarray, rule: str) -> np.ndarray:
     """Row indices in keep-priority order: highest CLIP score first (NaN last, ties by key), or by key."""
     if rule == "first_key":
         return np.argsort(keys, kind="stable")
-    s = np.where(np.isnan(scores), -np.inf, scores)
+    s = np.where(np.isfinite(scores), scores, -np.inf)
     return np.lexsort((keys, -s))
 
 
@@ -121,7 +121,7 @@ def select(table, img_emb: np.ndarray, cfg, detect_language=None) -> Selection:
         mask = np.fromiter((bool(fn(r)) for r in rows), bool, n)
         apply(reason, mask, mask)
 
-    valid = ~np.isnan(scores)
+    valid = np.isfinite(scores)  # NaN (no image, a broken model) or inf never passes the cut nor fills its pool
     for reason, run in _dedup_runs(table, img_emb, cfg):
         own = np.zeros(n, bool)
         own[list(run(order_idx[valid[order_idx]]))] = True
@@ -141,13 +141,13 @@ def select(table, img_emb: np.ndarray, cfg, detect_language=None) -> Selection:
         rule = {"min_score": cut}
     else:
         frac = cfg.keep_fraction if cfg.keep_fraction is not None else DEFAULT_KEEP_FRACTION
-        cut = fraction_threshold(scores[alive], frac)
+        cut = fraction_threshold(scores[alive & valid], frac)
         cut_alone = fraction_threshold(scores[valid], frac)
-        rule = {"keep_fraction": frac, "pool": int(alive.sum()), "default": cfg.keep_fraction is None}
-    low = valid & (scores < cut)
-    apply(SCORE_REASON, valid & (scores < cut_alone), low)
+        rule = {"keep_fraction": frac, "pool": int((alive & valid).sum()), "default": cfg.keep_fraction is None}
+    low = alive & ~(valid & (scores >= cut))  # not ">= cut" (NaN compares false) is a drop
+    apply(SCORE_REASON, valid & ~(scores >= cut_alone), low)
     for i in np.flatnonzero(status == SCORE_REASON):
-        detail[i] = f"score {scores[i]:.4f} < cut {cut:.4f}"
+        detail[i] = f"score {scores[i]:.4f} < cut {cut:.4f}" if valid[i] else f"score {scores[i]} is not finite"
     order = [f["reason"] for f in funnel]
     overlap = {a: {b: int((alone[a] & alone[b]).sum()) for b in order} for a in order}
     return Selection(status, twin, detail, order, cut, rule, funnel, overlap, clusters)

@@ -80,6 +80,7 @@ def parent_manifest_url(src: str, storage_options: dict | None = None) -> str | 
 def decide_dataset(dst_url: str, stems: list[str], cfg, storage_options: dict | None = None, detect_language=None):
     """Read every shard's scores, decide every sample, assign output shards; writes and returns the decisions."""
     table, img_emb = read_scores(embeddings_url(dst_url), stems, storage_options)
+    check_unique_keys(table)
     sel = select(table, img_emb, cfg, detect_language)
     table["status"] = sel.status
     table["duplicate_of"] = sel.duplicate_of
@@ -89,22 +90,54 @@ def decide_dataset(dst_url: str, stems: list[str], cfg, storage_options: dict | 
     for j, (a, b) in enumerate(spans):
         out_shard[a:b] = j
     table["out_shard"] = out_shard
-    _drop_stale_output(dst_url, table, storage_options)
+    model = storage.join(embeddings_url(dst_url), "model.json")
+    provenance = storage.read_bytes(model, storage_options) if storage.exists(model, storage_options) else b""
+    if _drop_stale_output(dst_url, table, provenance, storage_options) or not all(
+        shards.is_done(dst_url, j, storage_options) for j in range(len(spans))
+    ):
+        unpublish(dst_url, storage_options)
     write_decisions(dst_url, table, storage_options)
     return table, sel, len(spans)
 
 
-def _drop_stale_output(dst_url: str, table, storage_options: dict | None = None) -> None:
-    """Remove output shards written from other decisions (a rerun with another threshold or model)."""
-    cols = ["key", "status", "duplicate_of", "out_shard", "clip_score"] + (["tags"] if "tags" in table else [])
-    digest = hashlib.sha256(table[cols].to_csv(index=False).encode()).hexdigest()
+def unpublish(dst_url: str, storage_options: dict | None = None) -> None:
+    """Remove the manifest and the review report before any shard changes: a run that fails then leaves none."""
+    storage.remove(storage.join(dst_url, "manifest.json"), storage_options)
+    fs, path = storage.get_fs(storage.join(dst_url, "review"), storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def check_unique_keys(table) -> None:
+    """ValueError (one line) naming a sample key that two input samples share, and the shards that hold them."""
+    twice = table["key"].duplicated(keep=False)
+    if twice.any():
+        key = table.loc[twice, "key"].iloc[0]
+        a, b = table.loc[table["key"] == key, "shard"].iloc[:2]
+        raise ValueError(
+            f"sample key {key!r} is in source shards {a}.tar and {b}.tar: keys must be unique, rename or drop one"
+        )
+
+
+def _drop_stale_output(dst_url: str, table, provenance: bytes, storage_options: dict | None = None) -> bool:
+    """Remove output shards written from other decisions (a rerun with another threshold, detail or model).
+
+    Every column of the decisions (scores, details, errors, metadata) and the model record decide; returns whether
+    shards were (or may have been) removed, after removing the manifest that lists them.
+    """
+    h = hashlib.sha256(table.to_csv(index=False).encode())
+    h.update(provenance)
+    digest = h.hexdigest()
     url = storage.join(dst_url, "decisions.sha256")
     old = storage.read_bytes(url, storage_options).decode() if storage.exists(url, storage_options) else None
-    if old != digest:
-        for name in shards.done_shards(dst_url, storage_options):
-            for f in shards.shard_files(dst_url, int(name)).values():
-                storage.remove(f, storage_options)
-        storage.write_bytes(url, digest.encode(), storage_options)
+    if old == digest:
+        return False
+    unpublish(dst_url, storage_options)
+    for name in shards.done_shards(dst_url, storage_options):
+        for f in shards.shard_files(dst_url, int(name)).values():
+            storage.remove(f, storage_options)
+    storage.write_bytes(url, digest.encode(), storage_options)
+    return True
 
 
 def selection_record(sel: Selection) -> dict:

@@ -28,7 +28,7 @@ def tag_distribution(tags_json: list[str | None]) -> Counter:
     """How many samples have each label as their top tag (``tags_json`` as stored in the parquet)."""
     out: Counter = Counter()
     for t in tags_json:
-        if t:
+        if isinstance(t, str) and t:  # None (or NaN in pandas): a sample without an image has no tags
             top = json.loads(t)
             if top:
                 out[top[0]["label"]] += 1

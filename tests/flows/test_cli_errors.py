@@ -40,3 +40,12 @@ def test_versions_errors_are_one_line(tmp_path):
     (root / "versions.json").unlink()  # rebuilt from the manifests, one of which is damaged
     bad = run("versions", str(root))
     assert bad.exit_code == 2 and "lacks 'samples'" in bad.output and "\n" not in bad.output.strip()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_curate_refuses_a_score_cut_that_is_not_a_number(value, tmp_path):
+    (tmp_path / "src").mkdir()
+    r = run("curate", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--clip", "x", "--min-score", value)
+    out = r.output.strip()
+    assert r.exit_code == 2 and "--min-score must be a finite" in out and "\n" not in out, out
+    assert not (tmp_path / "out").exists()
