@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.latents import EncodeConfig, Encoders, encode_latents_shard, prepare_image  # noqa: E402
+from pipeline.images import prepare_image  # noqa: E402
+from pipeline.latents import EncodeConfig, Encoders, encode_latents_shard  # noqa: E402
 from pipeline.shards import shard_files, shard_urls, write_sizes  # noqa: E402
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan  # noqa: E402
 from training.models.clip import create_clip, export_open_clip, model_config  # noqa: E402

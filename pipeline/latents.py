@@ -28,11 +28,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from pipeline import manifest as manifests
 from pipeline import shards, storage
-from pipeline.images import to_rgb
+from pipeline.images import prepare_image
 from pipeline.scrape import split_shard_url
 from pipeline.stats import StageStats, error_line
 
@@ -93,32 +92,6 @@ class Encoders:
 
 
 # ------------------------------------------------------------------------------------------------------- images
-
-
-def prepare_image(img_bytes: bytes, resolution: int) -> tuple[np.ndarray, dict]:
-    """Decode, resize the shorter side to ``resolution`` (bicubic) and center crop: uint8 (r, r, 3) and the crop.
-
-    The info dict holds ``crop`` ``[left, top, right, bottom]`` in the resized image's pixels, ``source_size``
-    ``[w, h]`` of the decoded image and ``resolution``. Raises whatever PIL raises for bytes that do not decode.
-    """
-    with Image.open(io.BytesIO(img_bytes)) as im:
-        im = ImageOps.exif_transpose(im)
-        img = to_rgb(im, (255, 255, 255))  # as the scrape converts: 16-bit grey scaled, alpha on white
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise ValueError(f"empty image {w}x{h}")
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    box = [left, top, left + resolution, top + resolution]
-    if size != (w, h):  # only the crop is resampled, from its box in the source: memory stays (r, r) at any aspect
-        sx, sy = w / size[0], h / size[1]
-        src_box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
-        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=src_box)
-    else:
-        img = img.crop(tuple(box))
-    arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy takes it as is
-    return arr, {"crop": box, "source_size": [w, h], "resolution": resolution}
 
 
 def to_model_input(images: torch.Tensor, device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:

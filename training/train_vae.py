@@ -29,7 +29,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline.latents import prepare_image
+from pipeline.images import prepare_image
 from pipeline.shards import iter_samples, shard_urls
 from training import distributed, loop
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline import shards
-from pipeline.latents import EncodeConfig, latent_info, prepare_image, read_empty_embedding, to_model_input
+from pipeline.images import prepare_image
+from pipeline.latents import EncodeConfig, latent_info, read_empty_embedding, to_model_input
 from tests.pipeline.test_latents import SCALE, tiny_vae
 from training.synthetic import write_demo_shards
 

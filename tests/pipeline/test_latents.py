@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline import shards
+from pipeline.images import prepare_image
 from pipeline.latents import (
     ENCODE_CONFIG,
     EncodeConfig,
@@ -26,7 +27,6 @@ from pipeline.latents import (
     latent_config,
     latent_info,
     latent_shards,
-    prepare_image,
     read_empty_embedding,
     to_model_input,
 )
