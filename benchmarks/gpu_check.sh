@@ -30,8 +30,10 @@ python3 -c "import sys, torch, diffusers, open_clip, webdataset, pydantic; print
 torch.version.cuda, torch.cuda.get_device_name(0), diffusers.__version__, open_clip.__version__)" | tee -a "$OUT/gpu.txt"
 
 step ldm_step 170 python3 benchmarks/train_ldm_throughput.py --gpu --batch-sizes 32 64 128 160 --steps 12
-step pytest_gpu 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu tests/pipeline/test_latents.py
+step pytest_gpu 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu tests/pipeline/test_latents.py
 [ "${1:-}" = quick ] && exit 0
+step curate 120 python3 benchmarks/curate_throughput.py --model ViT-B-32 --device cuda --n 6144 --batch-size 256 \
+    --workers 12 --image-size 256
 step sample 150 python3 benchmarks/sample_throughput.py --gpu --images 192 --batch-size 64 --variants fp32 bf16 fp16
 step clip 150 python3 benchmarks/train_clip_throughput.py --model ViT-B-32 --batch-size 256 --workers 12 \
     --steps 40 --samples 12000 --log-every 10
@@ -40,5 +42,6 @@ step ldm_loop 150 python3 benchmarks/train_ldm_throughput.py --config small --de
     --text-shape 77 768 --batch-size 128 --workers 8 --samples 6000 --steps 40 --log-every 10 --threads 0
 step ldm_loop_sd15 230 python3 benchmarks/train_ldm_throughput.py --config sd15 --device cuda --latent-side 32 \
     --text-shape 77 768 --batch-size 128 --workers 8 --samples 6000 --steps 50 --log-every 10 --threads 0
-step ldm_compile 240 python3 benchmarks/train_ldm_throughput.py --gpu --batch-sizes 64 --steps 15 --compile
+step ldm_eager 90 python3 benchmarks/train_ldm_throughput.py --gpu --batch-sizes 128 --steps 15
+step ldm_compile 180 python3 benchmarks/train_ldm_throughput.py --gpu --batch-sizes 128 --steps 15 --compile
 log done

@@ -6,6 +6,7 @@ Skipped without CUDA. On a GPU machine: ``pytest -m gpu tests/gpu tests/pipeline
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -150,3 +151,37 @@ def test_half_weights_load_and_sample(model_dir):
     assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float16
     images = generate(pipe, ["a green square"], steps=4, guidance=7.5, seed=49)
     assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8 and images.float().std() > 0
+
+
+@pytest.fixture(scope="module")
+def curate_source(tmp_path_factory):
+    from tests.pipeline.curate.helpers import jpeg, make_tiny_clip, write_dataset
+
+    root = tmp_path_factory.mktemp("gpu-curate")
+    cols = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    captions = ["a red square", "a green square", "a blue square", "something else"]
+    samples = [
+        {"key": f"000000{i:06d}", "jpg": jpeg(cols[i % 3], noise_seed=i), "caption": captions[i % 4]}
+        for i in range(40)
+    ]
+    samples.append({"key": "000000000040", "jpg": b"not an image", "caption": "a broken one"})
+    write_dataset(str(root / "src"), [samples])
+    return make_tiny_clip(str(root / "clip")), str(root / "src" / "000000.tar")
+
+
+def test_curation_scores_on_cuda_agree_with_the_cpu(curate_source):
+    from pipeline.curate.scorer import load_scorer, pair_batches, score_pairs
+
+    model, shard = curate_source
+    cpu_rows, cpu_img, _, cpu_scores = score_pairs(shard, load_scorer(model, device="cpu"), 8, 0)
+    gpu = load_scorer(model, device="cuda")
+    assert gpu.device.type == "cuda"
+    batch = next(iter(pair_batches(shard, gpu, 8, 2)))  # decoded in 2 workers, pinned for the copy
+    assert batch.images.is_pinned() and batch.images.shape[1:] == (3, 32, 32)
+    rows, img, _, scores = score_pairs(shard, gpu, 8, 2)  # bf16 autocast
+    assert [r["key"] for r in rows] == [r["key"] for r in cpu_rows] and len(rows) == 41
+    assert np.isnan(scores[-1]) and rows[-1]["error"] and np.isnan(cpu_scores[-1])  # the undecodable image
+    np.testing.assert_allclose(scores[:-1], cpu_scores[:-1], atol=3e-2)
+    cos = (img[:-1] * cpu_img[:-1]).sum(1)
+    assert cos.min() > 0.99, cos.min()
+    assert np.isfinite(scores[:-1]).all()

@@ -142,3 +142,32 @@ def test_an_unknown_or_absent_device_is_a_one_line_error():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no such CUDA device"):
             resolve_device("cuda")
+
+
+def test_decode_workers_persist_across_shards_and_survive_an_abandoned_pass(model_dir, tmp_path):
+    from pipeline.curate.scorer import pair_batches, pair_loader, score_pairs
+
+    root = str(tmp_path / "src")
+    shards = [
+        [{"key": f"{s:06d}{i:06d}", "jpg": jpeg((40 * s, 90, 200), noise_seed=i), "caption": f"c{s} {i}"}
+         for i in range(9)]
+        for s in range(3)
+    ]  # fmt: skip
+    shards[1].append({"key": "000001000009", "jpg": b"not a jpeg", "caption": "broken"})
+    write_dataset(root, shards)
+    urls = [os.path.join(root, f"{s:06d}.tar") for s in range(3)]
+    scorer = load_scorer(model_dir, device="cpu")
+    want = [score_pairs(u, scorer, 4, 0) for u in urls]  # decoded inline
+
+    _, loader = pair_loader(scorer, 4, 2)
+    next(iter(pair_batches(urls[2], scorer, 4, 2)))  # a pass left after one batch (a shard that raised, say)
+    pids = [w.pid for w in loader._iterator._workers]  # the worker processes of the persistent loader
+    for url, (rows, img, _, scores) in zip(urls, want, strict=True):
+        got_rows, got_img, _, got_scores = score_pairs(url, scorer, 4, 2)
+        assert [r["key"] for r in got_rows] == [r["key"] for r in rows]  # this shard's samples, no stale ones
+        assert [r["error"] is None for r in got_rows] == [r["error"] is None for r in rows]
+        np.testing.assert_allclose(got_scores, scores, atol=1e-5)
+        np.testing.assert_allclose(got_img, img, atol=1e-5)
+    assert pair_loader(scorer, 4, 2)[1] is loader and [w.pid for w in loader._iterator._workers] == pids
+    assert len(pids) == 2 and all(w.is_alive() for w in loader._iterator._workers)
+    assert pair_loader(scorer, 8, 2)[1] is not loader  # other settings: a new loader, the old one's workers end
