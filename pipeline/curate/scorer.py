@@ -343,10 +343,15 @@ def pair_batches(url: str, scorer: ClipScorer, batch_size: int, workers: int, st
         loader = torch.utils.data.DataLoader(
             ShardPairs(scorer.transform, url, storage_options), batch_size=batch_size, collate_fn=_collate
         )
-    else:
-        dataset, loader = pair_loader(scorer, batch_size, workers)
-        dataset.set_shard(url, storage_options)  # before iter(loader): the workers read it as the pass begins
-    yield from loader
+        yield from loader
+        return
+    dataset, loader = pair_loader(scorer, batch_size, workers)
+    dataset.set_shard(url, storage_options)  # before iter(loader): the workers read it as the pass begins
+    try:
+        yield from loader
+    except Exception:  # a worker died (killed, out of memory) or failed: the next shard (or retry) starts afresh
+        _PAIR_LOADER.clear()
+        raise
 
 
 def model_batches(url: str, scorer: ClipScorer, batch_size: int, workers: int, storage_options: dict | None = None):

@@ -160,7 +160,13 @@ def test_decode_workers_persist_across_shards_and_survive_an_abandoned_pass(mode
     want = [score_pairs(u, scorer, 4, 0) for u in urls]  # decoded inline
 
     _, loader = pair_loader(scorer, 4, 2)
-    next(iter(pair_batches(urls[2], scorer, 4, 2)))  # a pass left after one batch (a shard that raised, say)
+    next(iter(pair_batches(urls[2], scorer, 4, 2)))  # a pass left after one batch
+    cut = str(tmp_path / "cut.tar")
+    with open(urls[0], "rb") as f, open(cut, "wb") as g:
+        g.write(f.read()[: os.path.getsize(urls[0]) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated shard") as e:
+        score_pairs(cut, scorer, 4, 2)  # a shard that raises mid-pass
+    assert cut in str(e.value) and "\n" not in str(e.value)
     pids = [w.pid for w in loader._iterator._workers]  # the worker processes of the persistent loader
     for url, (rows, img, _, scores) in zip(urls, want, strict=True):
         got_rows, got_img, _, got_scores = score_pairs(url, scorer, 4, 2)
@@ -171,3 +177,27 @@ def test_decode_workers_persist_across_shards_and_survive_an_abandoned_pass(mode
     assert pair_loader(scorer, 4, 2)[1] is loader and [w.pid for w in loader._iterator._workers] == pids
     assert len(pids) == 2 and all(w.is_alive() for w in loader._iterator._workers)
     assert pair_loader(scorer, 8, 2)[1] is not loader  # other settings: a new loader, the old one's workers end
+
+
+def test_a_killed_decode_worker_fails_its_shard_and_the_next_one_starts_afresh(model_dir, tmp_path):
+    import signal
+
+    from pipeline.curate.scorer import pair_batches, pair_loader, score_pairs
+
+    root = str(tmp_path / "src")
+    write_dataset(root, [[{"key": f"000000{i:06d}", "jpg": jpeg((9, 99, 199), noise_seed=i), "caption": f"c {i}"}
+                          for i in range(40)]])  # fmt: skip
+    url = os.path.join(root, "000000.tar")
+    scorer = load_scorer(model_dir, device="cpu")
+    want = score_pairs(url, scorer, 4, 0)[3]
+    _, loader = pair_loader(scorer, 4, 2)
+    passes = pair_batches(url, scorer, 4, 2)
+    next(passes)
+    victim = loader._iterator._workers[0].pid
+    os.kill(victim, signal.SIGKILL)  # the OOM killer, say
+    with pytest.raises(RuntimeError, match="exited unexpectedly|worker"):
+        for _ in passes:
+            pass
+    np.testing.assert_allclose(score_pairs(url, scorer, 4, 2)[3], want, atol=1e-5)  # the retry: new workers
+    fresh = pair_loader(scorer, 4, 2)[1]
+    assert fresh is not loader and victim not in [w.pid for w in fresh._iterator._workers]
