@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import tarfile
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -304,6 +305,7 @@ class _PairLoader:
 
 
 _PAIR_LOADER: list[_PairLoader] = []  # this process's loader with persistent decode workers (at most one)
+_PAIR_LOCK = threading.Lock()  # held by the pass using it: a concurrent pass in another thread gets its own loader
 
 
 def chunk_size(batch_size: int, workers: int) -> int:
@@ -339,33 +341,43 @@ def pair_loader(scorer: ClipScorer, batch_size: int, workers: int) -> tuple[Shar
 
 def pair_batches(url: str, scorer: ClipScorer, batch_size: int, workers: int, storage_options: dict | None = None):
     """Yield the decoded pairs of one shard as ``PairBatch`` objects of ``chunk_size`` pairs or fewer."""
-    if workers == 0:
-        loader = torch.utils.data.DataLoader(
-            ShardPairs(scorer.transform, url, storage_options), batch_size=batch_size, collate_fn=_collate
-        )
-        yield from loader
+    if workers > 0 and _PAIR_LOCK.acquire(blocking=False):
+        try:
+            dataset, loader = pair_loader(scorer, batch_size, workers)
+            dataset.set_shard(url, storage_options)  # before iter(loader): the workers read it as the pass begins
+            try:
+                yield from loader
+            except Exception:  # a worker died (killed, out of memory) or failed: the next pass starts new ones
+                _PAIR_LOADER.clear()
+                raise
+        finally:
+            _PAIR_LOCK.release()
         return
-    dataset, loader = pair_loader(scorer, batch_size, workers)
-    dataset.set_shard(url, storage_options)  # before iter(loader): the workers read it as the pass begins
-    try:
-        yield from loader
-    except Exception:  # a worker died (killed, out of memory) or failed: the next shard (or retry) starts afresh
-        _PAIR_LOADER.clear()
-        raise
+    # inline decoding, or another pass of this process (a second task thread) holds the persistent loader
+    loader = torch.utils.data.DataLoader(
+        ShardPairs(scorer.transform, url, storage_options),
+        batch_size=chunk_size(batch_size, workers),
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=scorer.device.type == "cuda" and workers > 0,
+        prefetch_factor=8 if workers else None,
+    )
+    yield from loader
 
 
 def model_batches(url: str, scorer: ClipScorer, batch_size: int, workers: int, storage_options: dict | None = None):
     """The workers' chunks of one shard gathered into model batches: yields ``(items, images)`` with at least
     ``batch_size`` decoded images (fewer at the end), each chunk's images sent to the device as it arrives."""
     items, images, count = [], [], 0
-    for chunk in pair_batches(url, scorer, batch_size, workers, storage_options):
-        items += chunk.items
-        if chunk.images is not None:
-            images.append(chunk.images.to(scorer.device, non_blocking=True))
-            count += len(chunk.images)
-        if count >= batch_size:
-            yield items, torch.cat(images)
-            items, images, count = [], [], 0
+    with contextlib.closing(pair_batches(url, scorer, batch_size, workers, storage_options)) as chunks:
+        for chunk in chunks:
+            items += chunk.items
+            if chunk.images is not None:
+                images.append(chunk.images.to(scorer.device, non_blocking=True))
+                count += len(chunk.images)
+            if count >= batch_size:
+                yield items, torch.cat(images)
+                items, images, count = [], [], 0
     if items:
         yield items, torch.cat(images) if images else None
 
@@ -377,20 +389,22 @@ def score_pairs(url: str, scorer: ClipScorer, batch_size: int, workers: int, sto
     model scores NaN or infinite gets a NaN score and a ``non-finite CLIP score`` error.
     """
     items = []  # (index, row, img_vec | None, txt_vec | None)
-    for batch, images in model_batches(url, scorer, batch_size, workers, storage_options):
-        img = txt = None
-        if images is not None:
-            img, txt = scorer.encode(images, [it[3] for it in batch if it[2]])
-        j = 0
-        for index, key, has_image, caption, meta, error in batch:
-            if index < 0:
-                raise ValueError(f"{url}: {error} (a corrupt or truncated shard; repair or remove it)")
-            row = {"key": key, "caption": caption, "meta": meta, "error": error}
-            if not has_image:
-                items.append((index, row, None, None))
-            else:
-                items.append((index, row, img[j].numpy(), txt[j].numpy()))
-                j += 1
+    passes = contextlib.closing(model_batches(url, scorer, batch_size, workers, storage_options))
+    with passes as batches:  # closed at once on an error, so the persistent loader is free for the retry
+        for batch, images in batches:
+            img = txt = None
+            if images is not None:
+                img, txt = scorer.encode(images, [it[3] for it in batch if it[2]])
+            j = 0
+            for index, key, has_image, caption, meta, error in batch:
+                if index < 0:
+                    raise ValueError(f"{url}: {error} (a corrupt or truncated shard; repair or remove it)")
+                row = {"key": key, "caption": caption, "meta": meta, "error": error}
+                if not has_image:
+                    items.append((index, row, None, None))
+                else:
+                    items.append((index, row, img[j].numpy(), txt[j].numpy()))
+                    j += 1
     items.sort(key=lambda t: t[0])
     dim = next((t[2].shape[0] for t in items if t[2] is not None), None) or _embed_dim(scorer)
     zero = np.zeros(dim, np.float32)

@@ -145,6 +145,7 @@ def test_an_unknown_or_absent_device_is_a_one_line_error():
 
 
 def test_decode_workers_persist_across_shards_and_survive_an_abandoned_pass(model_dir, tmp_path):
+    from pipeline.curate import scorer as scorer_module
     from pipeline.curate.scorer import pair_batches, pair_loader, score_pairs
 
     root = str(tmp_path / "src")
@@ -174,6 +175,13 @@ def test_decode_workers_persist_across_shards_and_survive_an_abandoned_pass(mode
         assert [r["error"] is None for r in got_rows] == [r["error"] is None for r in rows]
         np.testing.assert_allclose(got_scores, scores, atol=1e-5)
         np.testing.assert_allclose(got_img, img, atol=1e-5)
+    assert pair_loader(scorer, 4, 2)[1] is loader and [w.pid for w in loader._iterator._workers] == pids
+    held = pair_batches(urls[0], scorer, 4, 2)
+    next(held)  # a pass in progress holds the persistent loader: another (a second task thread) gets its own
+    assert scorer_module._PAIR_LOCK.locked()
+    np.testing.assert_allclose(score_pairs(urls[1], scorer, 4, 2)[3], want[1][3], atol=1e-5)
+    held.close()
+    assert not scorer_module._PAIR_LOCK.locked()
     assert pair_loader(scorer, 4, 2)[1] is loader and [w.pid for w in loader._iterator._workers] == pids
     assert len(pids) == 2 and all(w.is_alive() for w in loader._iterator._workers)
     assert pair_loader(scorer, 8, 2)[1] is not loader  # other settings: a new loader, the old one's workers end
