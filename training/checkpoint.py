@@ -145,8 +145,16 @@ def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
 
 
 def read_state(path: str | Path) -> dict:
-    """A checkpoint directory's state.json (step, config, data positions, ...), without loading any tensor."""
-    return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    """A checkpoint directory's state.json (step, config, data positions, ...), without loading any tensor.
+
+    One-line ``ValueError`` when ``path`` is no checkpoint directory or its state.json is unreadable."""
+    state = Path(path) / "state.json"
+    if not state.is_file():
+        raise ValueError(f"{path}: not a checkpoint directory (no state.json)")
+    try:
+        return json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{state}: unreadable checkpoint state: {e}") from None
 
 
 def check_fits(path: str | Path, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

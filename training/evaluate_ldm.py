@@ -35,6 +35,7 @@ from pipeline.demo_site import COLOURS, SHAPES
 from pipeline.demo_site.scenes import ShapeSpec, backgrounds_for, random_scene, render_scene
 from training.evaluate import class_embeddings, demo_tasks
 from training.image_measures import CHROMATIC, frechet_distance, hue_ambiguous, hue_mass, pixel_share
+from training.objectives import NUM_TRAIN_TIMESTEPS as TRAIN_TIMESTEPS
 
 FD_NOTE = (
     "Frechet distance on L2-normalised image embeddings of the project's CLIP, not FID: there are no Inception "
@@ -66,9 +67,11 @@ class LdmEvalConfig:
     target_guidance: float | None = None
 
     def __post_init__(self):
-        counts = ("n_per_prompt", "n_real", "negative_steps", "batch_size")
+        counts = ("n_per_prompt", "n_real", "batch_size")
         bad = [f"{k} = {getattr(self, k)}" for k in counts if getattr(self, k) < 1]
-        bad += [f"steps = {v}" for v in self.steps if v < 1]
+        bad += [f"steps = {v}" for v in self.steps if not 1 <= v <= TRAIN_TIMESTEPS]
+        if not 1 <= self.negative_steps <= TRAIN_TIMESTEPS:
+            bad.append(f"negative_steps = {self.negative_steps}")
         scales = [("guidance", g) for g in self.guidances]
         scales += [("negative_guidance", self.negative_guidance)]
         bad += [f"{k} = {g}" for k, g in scales if not (math.isfinite(g) and g > 0)]
@@ -77,8 +80,8 @@ class LdmEvalConfig:
         if self.target_guidance is not None and self.target_guidance not in self.guidances:
             bad.append(f"target_guidance = {self.target_guidance} (not one of the guidances {list(self.guidances)})")
         iv = self.guidance_interval
-        if iv is not None and not (len(iv) == 2 and 0 <= iv[0] <= iv[1]):
-            bad.append(f"guidance_interval = {list(iv)} (needs 0 <= lo <= hi)")
+        if iv is not None and not (len(iv) == 2 and 0 <= iv[0] <= iv[1] < TRAIN_TIMESTEPS):
+            bad.append(f"guidance_interval = {list(iv)} (needs 0 <= lo <= hi < {TRAIN_TIMESTEPS})")
         if bad or not self.steps or not self.guidances:
             raise ValueError(f"evaluation settings out of range: {', '.join(bad) or 'no steps or guidances'}")
 
@@ -451,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--threads must be >= 0, got {args.threads}")
         if Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a directory: give the JSON file to write")
+        for flag, where in (("--out", Path(args.out).parent), ("--grids", Path(args.grids) if args.grids else None)):
+            if where is not None and any(p.exists() and not p.is_dir() for p in (where, *where.parents)):
+                raise ValueError(f"{flag} {where}: a file is in the way of that folder")
         cfg = LdmEvalConfig(
             guidances=tuple(args.guidance),
             steps=tuple(args.steps),

@@ -136,8 +136,11 @@ def generate(
         raise ValueError(f"unknown scheduler {scheduler!r}: use one of {SCHEDULERS}")
     if guidance_interval is not None:
         lo, hi = (int(v) for v in guidance_interval)
-        if not 0 <= lo <= hi:
-            raise ValueError(f"guidance interval must be 0 <= lo <= hi (timesteps), got {lo} {hi}")
+        if not 0 <= lo <= hi < train_steps:
+            raise ValueError(
+                f"guidance interval must be 0 <= lo <= hi < {train_steps} (timesteps of the training schedule), "
+                f"got {lo} {hi}"
+            )
         guidance_interval = (lo, hi)
     cond = _embed(pipe, prompts) if text_emb is None else text_emb.to(pipe.device).float()
     if cond.shape[0] != len(prompts):

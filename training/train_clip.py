@@ -81,6 +81,12 @@ class ClipTrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_minutes < 0 or self.eval_limit < 1:
             raise ValueError("max_minutes must be >= 0 and eval_limit >= 1")
+        try:
+            options = json.loads(self.storage_options or "null")
+        except ValueError as e:
+            raise ValueError(f"storage_options is not JSON: {e}") from None
+        if options is not None and not isinstance(options, dict):
+            raise ValueError("storage_options must be a JSON object")
 
     def to_json(self) -> str:
         """The config as JSON."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 from pipeline.shards import iter_samples, sha256_file
 
@@ -150,7 +151,7 @@ def load_scorer(model: str, pretrained: str | None = None, device: str = "auto")
             tokenizer = open_clip.get_tokenizer(model)
             checkpoint = pretrained if pretrained and os.path.isfile(pretrained) else None
             model_id = model
-    except (RuntimeError, FileNotFoundError) as e:
+    except (RuntimeError, OSError, SafetensorError) as e:  # missing, truncated or foreign weights
         why = str(e).splitlines()[0].split(" Available: ")[0]  # open_clip appends every model name it knows
         raise ValueError(f"cannot load CLIP model {model!r} (pretrained={pretrained!r}): {why}") from e
     net.eval()

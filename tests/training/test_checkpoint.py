@@ -84,6 +84,19 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     assert not (tmp_path / "checkpoints" / "step_00000010").exists()  # older ones still go
 
 
+def test_a_resume_path_that_is_no_checkpoint_is_a_one_line_error(tmp_path):
+    import pytest
+
+    from training.checkpoint import read_state
+
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        read_state(tmp_path / "typo")
+    (tmp_path / "state.json").write_text("{cut")
+    with pytest.raises(ValueError, match="unreadable checkpoint state") as e:
+        read_state(tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_a_checkpoint_of_another_architecture_is_a_one_line_error(tmp_path):
     import pytest
 

@@ -266,6 +266,9 @@ def test_cli_negative_n_zero_skips_the_negative_check(tiny, tmp_path):
         (["--n-real", "0"], "n_real = 0"),
         (["--negative-guidance", "0"], "negative_guidance = 0"),
         (["--guidance-interval", "900", "100"], "guidance_interval = [900, 100]"),
+        (["--guidance-interval", "1000", "5000"], "guidance_interval = [1000, 5000]"),
+        (["--steps", "20", "2000"], "steps = 2000"),
+        (["--negative-steps", "1001"], "negative_steps = 1001"),
     ],
 )
 def test_cli_refuses_bad_settings_in_one_line_before_loading(tmp_path, capsys, flags, named):
@@ -278,7 +281,13 @@ def test_cli_refuses_bad_settings_in_one_line_before_loading(tmp_path, capsys, f
 
 
 def test_cli_refuses_a_bad_out_or_threads_before_any_work(tmp_path, capsys):
-    for flags, named in ((["--out", str(tmp_path)], "is a directory"), (["--threads", "-1"], "--threads must be")):
+    (tmp_path / "afile").write_text("x")  # a file where a folder of --out or --grids would go
+    for flags, named in (
+        (["--out", str(tmp_path)], "is a directory"),
+        (["--threads", "-1"], "--threads must be"),
+        (["--out", str(tmp_path / "afile" / "r.json")], "in the way"),
+        (["--grids", str(tmp_path / "afile" / "g")], "--grids"),
+    ):
         argv = [str(tmp_path / "no-model"), *flags] + ([] if "--out" in flags else ["--out", str(tmp_path / "r")])
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

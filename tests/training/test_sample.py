@@ -1,6 +1,7 @@
 """The sampler: per-image seeds, negative prompts in the unconditional branch, DDIM and DPM-Solver++, PNG grids."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -100,7 +101,8 @@ def test_guidance_interval_guides_only_inside_it(pipe, monkeypatch):
     full = generate(pipe, PROMPTS, **kw)
     unguided = generate(pipe, PROMPTS, **{**kw, "guidance": 1.0})
     assert torch.equal(generate(pipe, PROMPTS, guidance_interval=(0, 999), **kw), full)  # every step: plain CFG
-    assert torch.equal(generate(pipe, PROMPTS, guidance_interval=(1000, 2000), **kw), unguided)  # no step inside
+    with pytest.raises(ValueError, match="lo <= hi < 1000"):  # beyond the schedule: it would guide no step
+        generate(pipe, PROMPTS, guidance_interval=(1000, 2000), **kw)
     part = generate(pipe, PROMPTS, guidance_interval=(300, 999), **kw)
     # guided at 6 of the 8 steps: between the two, nearer plain CFG
     assert 0 < differs(part, full) < differs(part, unguided) and differs(part, unguided) > 1
@@ -178,6 +180,7 @@ def test_cli_writes_a_grid_and_fails_in_one_line(pipe, tmp_path, capsys):
         (["--cols", "0"], "--cols must be >= 1"),
         (["--device", "bogus"], "unknown device"),
         (["--device", "cuda:7"], "no such CUDA device"),
+        (["--guidance-interval", "1000", "5000"], "lo <= hi < 1000"),  # would silently switch guidance off
     ],
 )
 def test_cli_refuses_bad_settings_in_one_line(pipe, tmp_path, capsys, flags, named):
@@ -209,6 +212,23 @@ def test_an_incomplete_pipeline_folder_is_a_one_line_error(pipe, tmp_path):
         shutil.rmtree(target) if target.is_dir() else target.unlink()
         with pytest.raises(ValueError, match=f"incomplete pipeline folder.*{part.split('/')[0]}"):
             load_pipeline(broken)
+    index = json.loads((Path(pipe.path) / "model_index.json").read_text())
+    damaged = tmp_path / "damaged"
+    shutil.copytree(pipe.path, damaged)
+    for text, named in [
+        ("{not json", "not readable JSON"),
+        ("[1, 2]", "not a JSON object"),
+        (json.dumps({k: v for k, v in index.items() if k != "resolution"}), "no image resolution"),
+    ]:
+        (damaged / "model_index.json").write_text(text)
+        with pytest.raises(ValueError, match=named) as e:
+            load_pipeline(damaged)
+        assert str(damaged) in str(e.value) and "\n" not in str(e.value)
+    (damaged / "model_index.json").write_text(json.dumps(index))
+    (damaged / "text_encoder" / "open_clip_model.safetensors").write_bytes(b"xx")  # damaged text-tower weights
+    with pytest.raises(ValueError, match="cannot load CLIP model") as e:
+        load_pipeline(damaged)
+    assert "\n" not in str(e.value)
 
 
 class GaussianOracle(torch.nn.Module):

@@ -209,6 +209,8 @@ def test_bad_settings_are_one_line_cli_errors(capsys):
         (["--precision", "fp8"], "unknown precision 'fp8'"),
         (["--accum-steps", "0"], "accum_steps must be >= 1"),
         (["--log-every", "-1"], "log_every must be >= 0"),
+        (["--storage-options", '{"endpoint_url": '], "storage_options is not JSON"),
+        (["--storage-options", "[1]"], "storage_options must be a JSON object"),
     ):
         with pytest.raises(SystemExit) as exit_:
             parse_args(["DATA", "--out", "OUT", *flags])

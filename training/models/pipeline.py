@@ -206,13 +206,20 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     path = Path(path)
     if not (path / MODEL_INDEX).is_file():
         raise ValueError(f"{path}: not a pipeline folder (no {MODEL_INDEX})")
-    index = json.loads((path / MODEL_INDEX).read_text(encoding="utf-8"))
+    try:
+        index = json.loads((path / MODEL_INDEX).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: {MODEL_INDEX} is not readable JSON: {e}") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{path}: {MODEL_INDEX} is not a JSON object")
     if index.get("_class_name") != PIPELINE_CLASS:
         raise ValueError(f"{path}: {MODEL_INDEX} is for {index.get('_class_name')!r}, not {PIPELINE_CLASS}")
     missing = [p for p in ("scheduler/scheduler_config.json", index.get("empty_text_emb", EMPTY_EMB))
                if not (path / p).is_file()]  # fmt: skip
     if missing:
         raise ValueError(f"{path}: incomplete pipeline folder (no {', '.join(missing)})")
+    if not isinstance(index.get("resolution"), int) or index["resolution"] < 1:
+        raise ValueError(f"{path}: {MODEL_INDEX} has no image resolution (a positive integer)")
     dev = resolve_device(str(device))
     try:
         # low_cpu_mem_usage=False: the plain load, without the warning about the optional `accelerate` package
