@@ -248,12 +248,15 @@ class TrainRun(_Strict):
         return self
 
 
+TRAIN_TIMESTEPS = 1000  # the diffusion trainer's noise schedule length (training.objectives.NUM_TRAIN_TIMESTEPS)
+
+
 class GenerateSection(_Strict):
     """The evaluation grid made at the end of a run."""
 
     prompts: list[str] = Field(min_length=1)
     negative: str | None = None
-    steps: int = Field(20, gt=0)
+    steps: int = Field(20, gt=0, le=TRAIN_TIMESTEPS)
     guidance: float = Field(7.5, ge=0)
     seed: int = 0
     n: int = Field(4, gt=0)
@@ -264,8 +267,10 @@ class GenerateSection(_Strict):
     @model_validator(mode="after")
     def _interval(self) -> GenerateSection:
         iv = self.guidance_interval
-        if iv is not None and not 0 <= iv[0] <= iv[1]:
-            raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi, got {list(iv)}")
+        if iv is not None and not 0 <= iv[0] <= iv[1] < TRAIN_TIMESTEPS:
+            raise ValueError(
+                f"guidance_interval must be [lo, hi] with 0 <= lo <= hi < {TRAIN_TIMESTEPS}, got {list(iv)}"
+            )
         return self
 
 

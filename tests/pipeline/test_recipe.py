@@ -71,9 +71,11 @@ def test_defaults_and_round_trip():
         (MINIMAL + "curate:\n  clip: {model: m}\n  device: cuda0\n", "curate.device: String should match"),
         (
             MINIMAL + "generate: {prompts: [a red circle], guidance_interval: [900, 100]}\n",
-            "generate: guidance_interval must be [lo, hi] with 0 <= lo <= hi, got [900, 100]",
+            "generate: guidance_interval must be [lo, hi] with 0 <= lo <= hi < 1000, got [900, 100]",
         ),
         (MINIMAL + "generate: {prompts: [x], guidance_interval: [1, 2, 3]}\n", "generate.guidance_interval: Tuple"),
+        (MINIMAL + "generate: {prompts: [x], guidance_interval: [200, 1000]}\n", "0 <= lo <= hi < 1000"),
+        (MINIMAL + "generate: {prompts: [x], steps: 2000}\n", "generate.steps: Input should be less than or equal"),
         (
             MINIMAL + "train:\n  - {kind: vae, config: tiny, steps: 5, options: {'latent noise': 0.3}}\n",
             "train[0]: options: 'latent noise' is not a trainer setting name",
