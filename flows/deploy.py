@@ -56,6 +56,7 @@ def recipe_deployment(
         from pipeline.versions import next_version
 
         base = out or recipe.output
+        storage.get_fs(base, recipe.storage_options or None)  # an unknown scheme or missing package: its own line
         try:
             next_version(storage.join(base, "scraped"), recipe.storage_options or None)
         except ValueError:

@@ -70,7 +70,10 @@ def check_output(url: str, storage_options: dict | None = None) -> None:
     """Raise ``RuntimeError`` (one line) when an object-store output's bucket is missing or not accessible."""
     if storage.is_local(url):
         return
-    fs, _ = storage.get_fs(url, storage_options)
+    try:
+        fs, _ = storage.get_fs(url, storage_options)
+    except ValueError as e:  # an unknown scheme, or its package is missing
+        raise RuntimeError(str(e)) from None
     bucket = url.split("://", 1)[1].split("/", 1)[0]
     try:
         ok = fs.exists(bucket)

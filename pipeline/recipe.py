@@ -16,7 +16,7 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # inf would not survive JSON
 
 
 # ------------------------------------------------------------------------------------------------- sources
@@ -294,9 +294,9 @@ class Recipe(_Strict):
     """A whole build: sources, stage settings and training runs."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    output: str  # base directory or fsspec URL (s3://...) for every dataset of this recipe
-    models: str | None = None  # local directory for training runs and model folders; default: output when local,
-    # else ./runs/<name>
+    output: str = Field(min_length=1)  # base directory or fsspec URL (s3://...) for every dataset of this recipe
+    # local directory for training runs and model folders; default: output when local, else ./runs/<name>
+    models: str | None = Field(None, min_length=1)
     storage_options: dict = {}  # passed to fsspec (endpoint_url, ...); credentials come from the environment
     runtime: Runtime = Runtime()
     sources: list[Source] = Field(min_length=1)

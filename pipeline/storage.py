@@ -31,8 +31,12 @@ def options_from_json(text: str | None) -> dict | None:
 
 
 def get_fs(url: str, storage_options: dict | None = None):
-    """Return ``(filesystem, path)`` for a local path or fsspec URL."""
-    return url_to_fs(url, **(storage_options or {}))
+    """Return ``(filesystem, path)`` for a local path or fsspec URL; one-line ``ValueError`` for a scheme fsspec
+    does not know or whose package is not installed (``gs://`` without gcsfs)."""
+    try:
+        return url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"{url}: {(str(e) or type(e).__name__).splitlines()[0]}") from None
 
 
 def join(base: str, *parts: str) -> str:

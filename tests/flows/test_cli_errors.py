@@ -49,3 +49,25 @@ def test_curate_refuses_a_score_cut_that_is_not_a_number(value, tmp_path):
     out = r.output.strip()
     assert r.exit_code == 2 and "--min-score must be a finite" in out and "\n" not in out, out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out", ["foo://bucket/x", "gs://bucket/x"])  # unknown scheme; gcsfs is not installed
+def test_an_output_no_filesystem_can_serve_is_one_line(out, tmp_path):
+    from flows.runners import check_output
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:9/a.jpg\n")
+    r = run("scrape", "--url-list", str(urls), "--out", out)
+    text = r.output.strip()
+    assert r.exit_code == 2 and text.startswith(f"error: {out}") and "\n" not in text, text
+    with pytest.raises(RuntimeError, match=out) as e:  # what `altforge run` checks before Prefect starts
+        check_output(out)
+    assert "\n" not in str(e.value)
+
+
+def test_an_infinite_option_is_refused_in_one_line(tmp_path):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:9/a.jpg\n")
+    r = run("scrape", "--url-list", str(urls), "--out", str(tmp_path / "o"), "--timeout", "inf")
+    text = r.output.strip()
+    assert r.exit_code == 2 and text == "error: --timeout: Input should be a finite number", text

@@ -76,6 +76,8 @@ def test_defaults_and_round_trip():
         (MINIMAL + "generate: {prompts: [x], guidance_interval: [1, 2, 3]}\n", "generate.guidance_interval: Tuple"),
         (MINIMAL + "generate: {prompts: [x], guidance_interval: [200, 1000]}\n", "0 <= lo <= hi < 1000"),
         (MINIMAL + "generate: {prompts: [x], steps: 2000}\n", "generate.steps: Input should be less than or equal"),
+        (MINIMAL + "scrape: {max_aspect_ratio: .inf}\n", "scrape.max_aspect_ratio: Input should be a finite number"),
+        (MINIMAL.replace("output: out", "output: ''"), "output: String should have at least 1 character"),
         (
             MINIMAL + "train:\n  - {kind: vae, config: tiny, steps: 5, options: {'latent noise': 0.3}}\n",
             "train[0]: options: 'latent noise' is not a trainer setting name",
