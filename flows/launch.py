@@ -44,10 +44,7 @@ class LaunchError(RuntimeError):
 
 def _phase(recipe: Recipe, run: TrainRun) -> int:
     """Where ``altforge run`` trains ``run``: after the stage that writes its data (runs on other data come last)."""
-    from flows.run import DATA_KINDS, default_data
-
-    data = default_data(run, recipe)
-    return DATA_KINDS.index(data) if data in DATA_KINDS else len(DATA_KINDS)
+    return recipe.phase_of(run)
 
 
 def run_paths(recipe: Recipe, run: TrainRun, out: str | None = None) -> tuple[str, str]:

@@ -22,11 +22,10 @@ from flows import env  # noqa: F401  (before prefect)
 from flows.runners import Placement, check_dask, check_manifest, check_output, placement_of
 from pipeline import storage
 from pipeline.manifest import code_version, read_manifest
-from pipeline.recipe import DemoSiteSource, Recipe, TrainRun, load_recipe
+from pipeline.recipe import DATA_KINDS, DemoSiteSource, Recipe, TrainRun, load_recipe
 
 DEMO_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "manifests", "demo.yaml")
 STATE_FILE = "run.json"
-DATA_KINDS = ("scraped", "curated", "latents")
 
 
 @dataclass
@@ -258,11 +257,7 @@ def run_recipe(
 
 def default_data(run: TrainRun, recipe: Recipe) -> str:
     """The dataset a training run reads when the recipe does not say: latents for LDM, else curated or scraped."""
-    if run.data:
-        return run.data
-    if run.kind == "ldm":
-        return "latents"
-    return "curated" if recipe.curate is not None else "scraped"
+    return recipe.data_of(run)
 
 
 def manifest_samples(url: str, so: dict | None) -> int:

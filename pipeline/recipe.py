@@ -290,6 +290,9 @@ class Runtime(_Strict):
         return self
 
 
+DATA_KINDS = ("scraped", "curated", "latents")  # the datasets a recipe's stages write, in stage order
+
+
 class Recipe(_Strict):
     """A whole build: sources, stage settings and training runs."""
 
@@ -305,6 +308,50 @@ class Recipe(_Strict):
     encode: EncodeSection | None = None
     train: list[TrainRun] = []
     generate: GenerateSection | None = None
+
+    def data_of(self, run: TrainRun) -> str:
+        """The dataset a training run reads when the recipe does not say: latents for LDM, else curated or
+        scraped."""
+        if run.data:
+            return run.data
+        if run.kind == "ldm":
+            return "latents"
+        return "curated" if self.curate is not None else "scraped"
+
+    def phase_of(self, run: TrainRun) -> int:
+        """Where ``altforge run`` trains ``run``: after the stage that writes its data (other data comes last)."""
+        data = self.data_of(run)
+        return DATA_KINDS.index(data) if data in DATA_KINDS else len(DATA_KINDS)
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> Recipe:
+        """What would otherwise fail after the stages before it had run (a whole scrape, say)."""
+        for i, run in enumerate(self.train):
+            data = self.data_of(run)
+            if data in ("curated", "latents") and getattr(self, "curate" if data == "curated" else "encode") is None:
+                section = "curate" if data == "curated" else "encode"
+                raise ValueError(
+                    f"train[{i}] ({run.kind}) reads {data!r} data, but the recipe has no {section} section"
+                )
+        refs = []  # (where, reference, the index in DATA_KINDS of the dataset that stage writes)
+        if self.curate is not None:
+            refs.append(("curate.clip.pretrained", self.curate.clip.pretrained, 1))
+        if self.encode is not None:
+            refs += [
+                ("encode.vae", self.encode.vae, 2),
+                ("encode.text_encoder.pretrained", self.encode.text_encoder.pretrained, 2),
+            ]
+        for where, ref, stage in refs:
+            if ref and ref.startswith("train:"):
+                kind = ref.removeprefix("train:")
+                if not any(r.kind == kind and self.phase_of(r) < stage for r in self.train):
+                    raise ValueError(
+                        f"{where}: {ref!r} needs a {kind} run trained before that stage (a train entry of kind "
+                        f"{kind} on {' or '.join(repr(d) for d in DATA_KINDS[:stage])} data)"
+                    )
+        if self.generate is not None and not any(r.kind == "ldm" for r in self.train):
+            raise ValueError("generate: needs an ldm training run to generate with (a train entry of kind ldm)")
+        return self
 
 
 def _loc(loc: tuple) -> str:

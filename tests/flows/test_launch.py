@@ -371,7 +371,8 @@ def test_run_options_become_trainer_flags_after_the_stage_flags():
 
 
 def test_unknown_or_misplaced_options_fail_in_one_line(tmp_path):
-    bad = {**MULTI_NODE, "train": [{"kind": "ldm", "config": "tiny", "steps": 5, "options": {"min_snr_gama": 5}}]}
+    ldm = {"kind": "ldm", "config": "tiny", "steps": 5, "data": "/data/big/lat", "options": {"min_snr_gama": 5}}
+    bad = {**MULTI_NODE, "train": [ldm]}
     with pytest.raises(RuntimeError, match=r"train\[0\].options: the ldm trainer has no setting 'min_snr_gama'"):
         check_options(parse_recipe(bad))
     check_options(parse_recipe({**bad, "train": [{**bad["train"][0], "options": {"min_snr_gamma": 5}}]}))

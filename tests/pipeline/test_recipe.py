@@ -78,6 +78,20 @@ def test_defaults_and_round_trip():
         (MINIMAL + "generate: {prompts: [x], steps: 2000}\n", "generate.steps: Input should be less than or equal"),
         (MINIMAL + "scrape: {max_aspect_ratio: .inf}\n", "scrape.max_aspect_ratio: Input should be a finite number"),
         (MINIMAL.replace("output: out", "output: ''"), "output: String should have at least 1 character"),
+        (  # each of these failed only after the whole scrape
+            MINIMAL + "curate:\n  clip: {model: micro-rn, pretrained: 'train:clip'}\n",
+            "curate.clip.pretrained: 'train:clip' needs a clip run trained before that stage",
+        ),
+        (
+            MINIMAL + "curate:\n  clip: {model: micro-rn, pretrained: 'train:clip'}\n"
+            "train:\n  - {kind: clip, config: micro-rn, steps: 5, data: curated}\n",
+            "needs a clip run trained before that stage (a train entry of kind clip on 'scraped' data)",
+        ),
+        (
+            MINIMAL + "train:\n  - {kind: ldm, config: tiny, steps: 5}\n",
+            "reads 'latents' data, but the recipe has no encode",
+        ),
+        (MINIMAL + "generate: {prompts: [a red circle]}\n", "generate: needs an ldm training run"),
         (
             MINIMAL + "train:\n  - {kind: vae, config: tiny, steps: 5, options: {'latent noise': 0.3}}\n",
             "train[0]: options: 'latent noise' is not a trainer setting name",
