@@ -36,10 +36,22 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run")  # this interpreter's
 _ERROR_LINE = re.compile(
     r"^(?:\[rank(\d+)\]:\s*)?((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt)(?::.*)?)$"
 )
+_REFUSAL_LINE = re.compile(r"^(?:\[rank(\d+)\]:\s*)?(?:[\w.]+: )?(error: .+)$")  # a trainer's or argparse's refusal
 
 
 class LaunchError(RuntimeError):
     """A training launch that exited non-zero; the message ends with the tail of its log."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code  # the launched command's exit status
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    """Prefect's retry condition for a launch: a trainer that refused its settings (exit status 2) would refuse
+    them again, so only other failures (a killed or crashed run, which resumes from its checkpoint) retry."""
+    exc = getattr(state, "data", None)
+    return not (isinstance(exc, LaunchError) and exc.code == 2)
 
 
 def _phase(recipe: Recipe, run: TrainRun) -> int:
@@ -110,18 +122,30 @@ def option_flags(options: dict) -> list[str]:
 
 
 def check_options(recipe: Recipe) -> None:
-    """RuntimeError (one line) when a training run's ``options`` names a setting its trainer does not have."""
+    """RuntimeError (one line) when a training run's ``options`` names a setting its trainer does not have, or
+    gives one a value the trainer refuses (its own command line parses them, as the launch will)."""
+    import contextlib
     import dataclasses
     import importlib
+    import io
 
     for i, run in enumerate(recipe.train):
         if not run.options:
             continue
-        cls = getattr(importlib.import_module(TRAINERS[run.kind]), CONFIG_CLASSES[run.kind])
-        known = {f.name for f in dataclasses.fields(cls)}
+        module = importlib.import_module(TRAINERS[run.kind])
+        known = {f.name for f in dataclasses.fields(getattr(module, CONFIG_CLASSES[run.kind]))}
         for key in run.options:
             if key not in known:
                 raise RuntimeError(f"train[{i}].options: the {run.kind} trainer has no setting {key!r}")
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                module.parse_args(["DATA", "--out", "OUT", *option_flags(run.options)])
+        except SystemExit as e:
+            if e.code:
+                lines = [ln for ln in err.getvalue().splitlines() if "error: " in ln] or [f"exit status {e.code}"]
+                why = lines[-1].split("error: ", 1)[-1]
+                raise RuntimeError(f"train[{i}].options: the {run.kind} trainer refuses them: {why}") from None
 
 
 def trainer_args(run: TrainRun, data: str, run_dir: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -295,7 +319,7 @@ def run_logged(
                 log.flush()
                 line = line.rstrip("\n")
                 tail.append(line)
-                found = _ERROR_LINE.match(line)
+                found = _ERROR_LINE.match(line) or _REFUSAL_LINE.match(line)
                 if found and "ChildFailedError" not in line:  # torchrun's own report names no cause
                     cause = (f"rank {found[1]}: " if found[1] else "") + found[2]
                 if logger is not None:
@@ -315,7 +339,7 @@ def run_logged(
         name = os.path.basename(argv[0]) if argv[1:3] != ["-m", "torch.distributed.run"] else "torchrun"
         body = "\n".join(tail)
         why = f" ({cause})" if cause else ""
-        raise LaunchError(f"{name} {_exit_reason(code)}{why}; last {len(tail)} lines of {log_path}:\n{body}")
+        raise LaunchError(f"{name} {_exit_reason(code)}{why}; last {len(tail)} lines of {log_path}:\n{body}", code)
 
 
 def read_metrics(run_dir: str) -> dict:
@@ -327,7 +351,14 @@ def read_metrics(run_dir: str) -> dict:
         return json.load(f)
 
 
-@task(name="train", task_run_name="train-{run.kind}", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(
+    name="train",
+    task_run_name="train-{run.kind}",
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=_worth_retrying,
+    cache_policy=NO_CACHE,
+)
 def launch_training(
     run: TrainRun,
     data: str,

@@ -394,3 +394,26 @@ def test_launch_passes_the_options_to_the_trainer(tmp_path, shards, launch_env):
     assert metrics["step"] == 2
     config = json.loads((tmp_path / "vae" / "train_config.json").read_text())
     assert config["latent_noise"] == 0.25 and config["resolution"] == 32
+
+
+def test_a_refused_launch_names_the_refusal_and_is_not_retried(tmp_path, shards, launch_env):
+    run = TrainRun(kind="clip", config="micro", steps=4, batch_size=8, options={"resume": str(tmp_path / "nope")})
+    run_dir = tmp_path / "run"
+    with pytest.raises(LaunchError) as e:
+        train_flow(run, shards, str(run_dir))
+    first_line = str(e.value).splitlines()[0]
+    assert "exited with code 2" in first_line and "not a checkpoint directory (no state.json)" in first_line
+    assert len(attempts((run_dir / "launch.log").read_text())) == 1  # the same settings would be refused again
+
+
+def test_option_values_the_trainer_refuses_fail_at_the_check():
+    base = {**MULTI_NODE, "train": [{"kind": "clip", "config": "micro", "steps": 5}]}
+    for options, named in (
+        ({"warmup_steps": "ten"}, "argument --warmup-steps: invalid int value: 'ten'"),
+        ({"model": "micro-rn"}, "unrecognized arguments: --model micro-rn"),  # set by the run's config
+        ({"precision": "fp8"}, "unknown precision 'fp8'"),
+    ):
+        recipe = parse_recipe({**base, "train": [{**base["train"][0], "options": options}]})
+        with pytest.raises(RuntimeError, match="train\\[0\\].options: the clip trainer refuses them") as e:
+            check_options(recipe)
+        assert named in str(e.value) and "\n" not in str(e.value)
