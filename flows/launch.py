@@ -68,7 +68,7 @@ def run_paths(recipe: Recipe, run: TrainRun, out: str | None = None) -> tuple[st
     from flows.run import DATA_KINDS, default_data, models_dir
     from flows.stages import run_name
 
-    base = out or recipe.output
+    base = storage.local_path(out or recipe.output)
     data = default_data(run, recipe)
     data_url = storage.join(base, data) if data in DATA_KINDS else data  # else the URL the recipe named
     return data_url, os.path.join(models_dir(recipe, base), run_name(recipe, run))
@@ -82,7 +82,7 @@ def stage_flags(recipe: Recipe, run: TrainRun, out: str | None = None) -> list[s
     from flows.run import has_demo_site, models_dir
     from flows.stages import StageContext, run_name, trainer_flags
 
-    base = out or recipe.output
+    base = storage.local_path(out or recipe.output)
     models = models_dir(recipe, base)
     order = sorted(recipe.train, key=lambda t: _phase(recipe, t))  # stable: file order within a phase
     runs = {t.kind: os.path.join(models, run_name(recipe, t)) for t in order[: order.index(run)]}  # last one wins

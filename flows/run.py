@@ -71,7 +71,7 @@ class RunState:
     def current(self, stage: str, fp: str, output: str, done_file: str) -> dict | None:
         """The recorded entry when ``stage`` finished with this fingerprint and its output is still there."""
         entry = self.stages.get(stage)
-        if not entry or entry.get("fingerprint") != fp or entry.get("output") != output:
+        if not entry or entry.get("fingerprint") != fp or not storage.same_place(entry.get("output", ""), output):
             return None
         if "finished_at" not in entry:  # started, not finished
             return None
@@ -182,8 +182,8 @@ def has_demo_site(recipe: Recipe) -> bool:
 def models_dir(recipe: Recipe, out: str) -> str:
     """The local directory of training runs: the output itself when local, else ``./runs/<recipe name>``."""
     if recipe.models:
-        return recipe.models
-    return out if storage.is_local(out) else os.path.join("runs", recipe.name)
+        return storage.local_path(recipe.models)
+    return storage.local_path(out) if storage.is_local(out) else os.path.join("runs", recipe.name)
 
 
 def preflight(recipe: Recipe, out: str, placement: Placement) -> None:
@@ -231,7 +231,7 @@ def run_recipe(
     """
     from flows import stages
 
-    out = out or recipe.output
+    out = storage.local_path(out or recipe.output)  # file:///x is /x for the stages that go on with os
     placement = placement_of(recipe.runtime, dask_address)
     preflight(recipe, out, placement)
     so = recipe.storage_options or None

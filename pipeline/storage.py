@@ -60,6 +60,18 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def local_path(url: str) -> str:
+    """A ``file://`` URL as the plain path it names (for code that goes on with ``os``); other URLs unchanged."""
+    return url.removeprefix("file://") if url.startswith("file://") else url
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two spellings name the same dataset location (``out`` and ``/abs/out``, ``file:///x`` and ``/x``)."""
+    if is_local(a) and is_local(b):
+        return os.path.realpath(local_path(a)) == os.path.realpath(local_path(b))
+    return a.rstrip("/") == b.rstrip("/")
+
+
 def exists(url: str, storage_options: dict | None = None) -> bool:
     """Whether the file or directory exists."""
     fs, path = get_fs(url, storage_options)

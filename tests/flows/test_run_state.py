@@ -36,3 +36,18 @@ def test_moved_aside_on_an_object_store(s3_bucket):
     assert moved == f"{out}.replaced-A"
     assert storage.read_bytes(f"{moved}/000000.tar", so) == b"old" and not storage.exists(f"{out}/000000.tar", so)
     assert RunState(f"{url}/state", so).stages["encode"]["fingerprint"] == "B"
+
+
+def test_a_finished_stage_is_current_under_any_spelling_of_its_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out" / "scraped"
+    out.mkdir(parents=True)
+    (out / "manifest.json").write_text("{}")
+    state = RunState("out", None)
+    state.record("scrape", "A", "out/scraped", {})  # a run with a relative output
+    done = str(out / "manifest.json")
+    for spelling in (str(out), f"file://{out}", "./out/scraped/"):  # the same folder, as --out or file:// spell it
+        assert state.current("scrape", "A", spelling, done) is not None, spelling
+    assert state.current("scrape", "A", str(tmp_path / "other"), done) is None
+    assert storage.local_path(f"file://{out}") == str(out) and storage.local_path("s3://b/x") == "s3://b/x"
+    assert not storage.same_place("s3://b/x", "s3://b/y") and storage.same_place("s3://b/x/", "s3://b/x")
