@@ -255,7 +255,7 @@ def curate(
         from flows.runners import check_manifest
 
         try:
-            check_manifest(previous, so, what="--previous")
+            check_manifest(previous, so, what="--previous", versioned=True)
         except RuntimeError as e:
             fail(str(e))
         report = True

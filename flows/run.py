@@ -199,7 +199,7 @@ def preflight(recipe: Recipe, out: str, placement: Placement) -> None:
             check_manifest(run.data, so, what=f"train {run.kind} data")
     check_options(recipe)
     if recipe.curate is not None and recipe.curate.previous:
-        check_manifest(recipe.curate.previous, so, what="curate.previous")
+        check_manifest(recipe.curate.previous, so, what="curate.previous", versioned=True)
 
 
 # ----------------------------------------------------------------------------------------------- the flow

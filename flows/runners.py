@@ -83,8 +83,20 @@ def check_output(url: str, storage_options: dict | None = None) -> None:
         raise RuntimeError(f"{url}: bucket {bucket!r} does not exist or is not accessible with these credentials")
 
 
-def check_manifest(url: str, storage_options: dict | None = None, what: str = "dataset") -> None:
-    """Raise ``RuntimeError`` (one line) unless a finished dataset (its manifest.json) is at ``url``."""
+def check_manifest(
+    url: str, storage_options: dict | None = None, what: str = "dataset", versioned: bool = False
+) -> None:
+    """Raise ``RuntimeError`` (one line) unless a finished dataset (its manifest.json) is at ``url`` (or, with
+    ``versioned``, a versioned root with a complete version)."""
+    if versioned and not url.endswith(".json"):
+        from pipeline import versions
+
+        if versions.is_versioned(url, storage_options):
+            try:
+                versions.resolve(url, None, storage_options)
+            except FileNotFoundError as e:
+                raise RuntimeError(f"{what} {url}: {e}") from None
+            return
     manifest = url if url.endswith(".json") else storage.join(url, "manifest.json")
     if not storage.exists(manifest, storage_options):
         raise RuntimeError(f"{what} {url}: no manifest.json there (not a finished altforge dataset)")

@@ -72,9 +72,24 @@ def check_destination(
 
 
 def parent_manifest_url(src: str, storage_options: dict | None = None) -> str | None:
-    """The input dataset's manifest URL, when it has one."""
-    url = src if src.endswith(".json") else storage.join(src, "manifest.json")
-    return url if storage.exists(url, storage_options) else None
+    """The input dataset's manifest URL, when it has one (a versioned root's: its latest version's, which is what
+    curation reads)."""
+    from pipeline import versions
+
+    if "{" in src or "::" in src or src.endswith(".tar"):  # a shard pattern: no manifest
+        return None
+    root = src
+    if src.endswith(versions.INDEX_NAME):  # a versioned root's index names the root
+        root = src.removesuffix(versions.INDEX_NAME).rstrip("/") or "."
+    url = root if root.endswith(".json") else storage.join(root, "manifest.json")
+    if storage.exists(url, storage_options):
+        return url
+    if root.endswith(".json") or not versions.is_versioned(root, storage_options):
+        return None
+    try:
+        return versions.manifest_url(versions.resolve(root, None, storage_options))
+    except FileNotFoundError:  # no complete version yet
+        return None
 
 
 def decide_dataset(dst_url: str, stems: list[str], cfg, storage_options: dict | None = None, detect_language=None):

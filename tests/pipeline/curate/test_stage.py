@@ -226,3 +226,24 @@ def test_a_twin_dropped_by_a_later_dedup_is_resolved_to_the_member_that_stayed()
     assert sel.duplicate_of[2] == "000000000000" and "via 000000000001" in sel.detail[2]
     assert {c["kind"]: c["kept"] for c in sel.clusters} == {"exact_duplicate": "000000000000",
                                                            "near_duplicate_phash": "000000000000"}  # fmt: skip
+
+
+def test_a_versioned_root_is_curated_with_its_lineage_and_accepted_as_previous(tmp_path):
+    from flows.runners import check_manifest
+    from pipeline.curate.stage import parent_manifest_url
+    from tests.pipeline.test_versions import two_versions
+
+    root = str(tmp_path / "ds")
+    _, _, v2, _ = two_versions(root)
+    latest = os.path.join(v2.url, "manifest.json")
+    for src in (root, root + "/", os.path.join(root, "versions.json"), v2.url, latest):  # read as the latest version
+        assert parent_manifest_url(src) == latest, src
+    assert parent_manifest_url(os.path.join(v2.url, "{000002..000002}.tar")) is None  # a pattern has no manifest
+    assert parent_manifest_url(str(tmp_path / "nothing")) is None
+    check_manifest(root, what="--previous", versioned=True)  # the report's diff reads a root as its latest version
+    with pytest.raises(RuntimeError, match="no manifest.json there"):
+        check_manifest(root, what="train data")  # training data must be one dataset
+    os.makedirs(tmp_path / "empty")
+    open(tmp_path / "empty" / "versions.json", "w").write("{}")
+    with pytest.raises(RuntimeError, match="--previous .*no manifest and no versions"):
+        check_manifest(str(tmp_path / "empty"), what="--previous", versioned=True)
