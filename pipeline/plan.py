@@ -122,7 +122,7 @@ def read_partition(url: str, storage_options: dict | None = None) -> list[dict]:
     import fsspec
 
     with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        rows = pq.read_table(f).to_pylist()
+        rows = pq.read_table(f, use_threads=False).to_pylist()
     for r in rows:
         r["extra"] = json.loads(r["extra"]) if r.get("extra") else {}
     return rows

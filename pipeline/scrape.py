@@ -190,7 +190,7 @@ def failed_records(
     frames = []
     for name in shards.done_shards(dataset_url, storage_options):
         with fsspec.open(shards.shard_files(dataset_url, int(name))["parquet"], "rb", **(storage_options or {})) as f:
-            frames.append(pq.read_table(f, columns=None).to_pandas())
+            frames.append(pq.read_table(f, use_threads=False).to_pandas())
     if not frames:
         return []
     df = pd.concat(frames, ignore_index=True)

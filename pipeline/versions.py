@@ -218,7 +218,7 @@ def _parquet_rows(tar_urls: list[str], columns: list[str], storage_options: dict
 
     for url in tar_urls:
         with fsspec.open(url[: -len(".tar")] + ".parquet", "rb", **(storage_options or {})) as f:
-            yield pq.read_table(f, columns=columns).to_pydict()
+            yield pq.read_table(f, columns=columns, use_threads=False).to_pydict()
 
 
 def seen_urls(dataset: str, storage_options: dict | None = None) -> SeenUrls:

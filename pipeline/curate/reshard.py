@@ -55,7 +55,7 @@ def read_decisions(dst_url: str, out_shard: int | None = None, storage_options: 
     """The decisions table, or only the rows of one output shard."""
     data = storage.read_bytes(decisions_url(dst_url), storage_options)
     filters = [("out_shard", "=", out_shard)] if out_shard is not None else None
-    return pq.read_table(io.BytesIO(data), filters=filters).to_pandas()
+    return pq.read_table(io.BytesIO(data), filters=filters, use_threads=False).to_pandas()
 
 
 def _none(v):

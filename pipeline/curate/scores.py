@@ -143,7 +143,8 @@ def read_scores(emb_url: str, stems: list[str], storage_options: dict | None = N
     frames, embs = [], []
     for stem in stems:
         files = score_files(emb_url, stem)
-        frames.append(pq.read_table(io.BytesIO(storage.read_bytes(files["meta"], storage_options))).to_pandas())
+        meta = io.BytesIO(storage.read_bytes(files["meta"], storage_options))
+        frames.append(pq.read_table(meta, use_threads=False).to_pandas())
         embs.append(np.load(io.BytesIO(storage.read_bytes(files["img"], storage_options))).astype(np.float32))
     if not frames:
         return pd.DataFrame(columns=["key", "shard", "caption", "clip_score"]), np.zeros((0, 1), np.float32)
