@@ -220,7 +220,7 @@ def test_every_dataset_on_s3(s3_bucket, tmp_path):
 
 def test_bad_inputs_fail_at_the_start_with_one_line(tmp_path, s3_server):
     missing = tiny_recipe(str(tmp_path / "out"))
-    missing["train"][0]["data"] = str(tmp_path / "nowhere")
+    missing["train"][2]["data"] = str(tmp_path / "nowhere")  # the ldm run (the clip run is what curate uses)
     p = altforge("run", write_recipe(tmp_path / "missing.yaml", missing))
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "no manifest.json there" in err and len(err.strip().splitlines()) == 1, err
