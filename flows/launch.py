@@ -54,22 +54,17 @@ def _worth_retrying(task, task_run, state) -> bool:
     return not (isinstance(exc, LaunchError) and exc.code == 2)
 
 
-def _phase(recipe: Recipe, run: TrainRun) -> int:
-    """Where ``altforge run`` trains ``run``: after the stage that writes its data (runs on other data come last)."""
-    return recipe.phase_of(run)
-
-
 def run_paths(recipe: Recipe, run: TrainRun, out: str | None = None) -> tuple[str, str]:
     """The dataset a training run reads and its run directory, where ``altforge run`` puts them.
 
     Datasets live under ``out`` (default: the recipe's output), run directories under the recipe's ``models:``
     (default: the output when it is local, else ``./runs/<recipe name>``).
     """
-    from flows.run import DATA_KINDS, default_data, models_dir
+    from flows.run import DATA_KINDS, models_dir
     from flows.stages import run_name
 
     base = storage.local_path(out or recipe.output)
-    data = default_data(run, recipe)
+    data = recipe.data_of(run)
     data_url = storage.join(base, data) if data in DATA_KINDS else data  # else the URL the recipe named
     return data_url, os.path.join(models_dir(recipe, base), run_name(recipe, run))
 
@@ -84,7 +79,7 @@ def stage_flags(recipe: Recipe, run: TrainRun, out: str | None = None) -> list[s
 
     base = storage.local_path(out or recipe.output)
     models = models_dir(recipe, base)
-    order = sorted(recipe.train, key=lambda t: _phase(recipe, t))  # stable: file order within a phase
+    order = sorted(recipe.train, key=recipe.phase_of)  # stable: file order within a phase
     runs = {t.kind: os.path.join(models, run_name(recipe, t)) for t in order[: order.index(run)]}  # last one wins
     heldout = storage.join(base, "heldout") if has_demo_site(recipe) and storage.is_local(base) else None
     so = recipe.storage_options or None

@@ -22,7 +22,7 @@ from flows import env  # noqa: F401  (before prefect)
 from flows.runners import Placement, check_dask, check_manifest, check_output, placement_of
 from pipeline import storage
 from pipeline.manifest import code_version, read_manifest
-from pipeline.recipe import DATA_KINDS, DemoSiteSource, Recipe, TrainRun, load_recipe
+from pipeline.recipe import DATA_KINDS, DemoSiteSource, Recipe, load_recipe
 
 DEMO_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "manifests", "demo.yaml")
 STATE_FILE = "run.json"
@@ -180,10 +180,11 @@ def has_demo_site(recipe: Recipe) -> bool:
 
 
 def models_dir(recipe: Recipe, out: str) -> str:
-    """The local directory of training runs: the output itself when local, else ``./runs/<recipe name>``."""
+    """The local directory of training runs: the output itself when local (``out`` as a plain path, see
+    ``run_recipe``), else ``./runs/<recipe name>``."""
     if recipe.models:
         return storage.local_path(recipe.models)
-    return storage.local_path(out) if storage.is_local(out) else os.path.join("runs", recipe.name)
+    return out if storage.is_local(out) else os.path.join("runs", recipe.name)
 
 
 def preflight(recipe: Recipe, out: str, placement: Placement) -> None:
@@ -253,11 +254,6 @@ def run_recipe(
         stages.generate_stage(ctx, fps)
     stages.write_run_report(ctx)
     return result
-
-
-def default_data(run: TrainRun, recipe: Recipe) -> str:
-    """The dataset a training run reads when the recipe does not say: latents for LDM, else curated or scraped."""
-    return recipe.data_of(run)
 
 
 def manifest_samples(url: str, so: dict | None) -> int:

@@ -258,10 +258,10 @@ def trainer_flags(ctx: StageContext, run: TrainRun, data: str) -> list[str]:
 def train_stage(ctx: StageContext, phase: str, fps: dict) -> None:
     """Run the recipe's training runs whose data is ``phase`` ("scraped", "curated", "latents" or "external")."""
     from flows.launch import launch_training
-    from flows.run import DATA_KINDS, default_data, fingerprint
+    from flows.run import DATA_KINDS, fingerprint
 
     for run in ctx.recipe.train:
-        data_kind = default_data(run, ctx.recipe)
+        data_kind = ctx.recipe.data_of(run)
         if (data_kind if data_kind in DATA_KINDS else "external") != phase:
             continue
         data = ctx.datasets.get(data_kind, data_kind)

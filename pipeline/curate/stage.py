@@ -78,17 +78,11 @@ def parent_manifest_url(src: str, storage_options: dict | None = None) -> str | 
 
     if "{" in src or "::" in src or src.endswith(".tar"):  # a shard pattern: no manifest
         return None
-    root = src
-    if src.endswith(versions.INDEX_NAME):  # a versioned root's index names the root
-        root = src.removesuffix(versions.INDEX_NAME).rstrip("/") or "."
-    url = root if root.endswith(".json") else storage.join(root, "manifest.json")
-    if storage.exists(url, storage_options):
-        return url
-    if root.endswith(".json") or not versions.is_versioned(root, storage_options):
-        return None
+    if src.endswith(".json") and not src.endswith(versions.INDEX_NAME):  # the manifest itself
+        return src if storage.exists(src, storage_options) else None
     try:
-        return versions.manifest_url(versions.resolve(root, None, storage_options))
-    except FileNotFoundError:  # no complete version yet
+        return versions.manifest_url(versions.resolve(src, None, storage_options))
+    except FileNotFoundError:  # neither a manifest nor a complete version
         return None
 
 
