@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError
+from torch.utils.data._utils import signal_handling as _signals
 
 from pipeline.shards import iter_samples, sha256_file
 
@@ -262,7 +263,7 @@ def decode_pair(sample: dict, transform) -> tuple[str, torch.Tensor | None, str,
     caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else ""
     try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser's stack
         return sample["__key__"], None, caption, clean_meta({}), f"bad json metadata: {e}"[:200]
     if not isinstance(meta, dict):
         why = f"bad json metadata: a {type(meta).__name__}, not an object"
@@ -323,9 +324,10 @@ def pair_loader(scorer: ClipScorer, batch_size: int, workers: int) -> tuple[Shar
     process (or when the settings change).
     """
     for entry in _PAIR_LOADER:
-        if entry.scorer is scorer and (entry.batch_size, entry.workers) == (batch_size, workers):
+        same = entry.scorer is scorer and (entry.batch_size, entry.workers) == (batch_size, workers)
+        if same and _workers_alive(entry.loader):
             return entry.dataset, entry.loader
-    _PAIR_LOADER.clear()  # the old loader's workers shut down with it
+    _drop_loaders()  # other settings, or a dead worker: the old loader's workers end
     dataset = ShardPairs(scorer.transform)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -340,17 +342,57 @@ def pair_loader(scorer: ClipScorer, batch_size: int, workers: int) -> tuple[Shar
     return dataset, loader
 
 
+def _workers_alive(loader: torch.utils.data.DataLoader) -> bool:
+    """Whether every persistent worker of ``loader`` still runs (true before its first pass). A worker killed
+    between passes (the out-of-memory killer, say) would fail every later pass of the cached loader."""
+    it = loader._iterator  # private, but the only handle on the worker processes
+    return it is None or all(w.is_alive() for w in getattr(it, "_workers", ()))
+
+
+def _watch_workers(loader: torch.utils.data.DataLoader, on: bool) -> None:
+    """Register (``on``) or unregister the persistent workers' ids with torch's SIGCHLD handler.
+
+    Registered, a worker's death raises ``RuntimeError`` in this process's main thread wherever it is, and on
+    every later child exit while the dead id stays registered. That is the fast way to notice a death during a
+    pass; between passes it would fail unrelated work (writing a shard's parquet, another task, a process pool's
+    queue), so the ids are registered only while a pass runs and a dead worker is found by ``_workers_alive``.
+    """
+    it = loader._iterator
+    if it is None or getattr(it, "_worker_pids_set", on) == on:
+        return
+    if on:
+        _signals._set_worker_pids(id(it), tuple(w.pid for w in it._workers))
+    else:
+        _signals._remove_worker_pids(id(it))
+    it._worker_pids_set = on
+
+
+def _drop_loaders() -> None:
+    """Shut this process's persistent loader down now (its workers end; a dead one's id is unregistered first, so
+    the others' exits raise nothing), so the next pass starts fresh workers."""
+    for entry in _PAIR_LOADER:
+        if entry.loader._iterator is not None:
+            _watch_workers(entry.loader, False)
+            entry.loader._iterator._shutdown_workers()
+    _PAIR_LOADER.clear()
+
+
 def pair_batches(url: str, scorer: ClipScorer, batch_size: int, workers: int, storage_options: dict | None = None):
     """Yield the decoded pairs of one shard as ``PairBatch`` objects of ``chunk_size`` pairs or fewer."""
     if workers > 0 and _PAIR_LOCK.acquire(blocking=False):
         try:
             dataset, loader = pair_loader(scorer, batch_size, workers)
             dataset.set_shard(url, storage_options)  # before iter(loader): the workers read it as the pass begins
+            _watch_workers(loader, True)
             try:
                 yield from loader
-            except Exception:  # a worker died (killed, out of memory) or failed: the next pass starts new ones
-                _PAIR_LOADER.clear()
+            except GeneratorExit:  # the consumer stopped early: the workers are fine, the next pass resets them
                 raise
+            except BaseException:  # a worker died or failed, or Ctrl-C cut the workers' reset short (its unread
+                _drop_loaders()  # acknowledgements would confuse the next pass): the next pass starts anew
+                raise
+            finally:
+                _watch_workers(loader, False)
         finally:
             _PAIR_LOCK.release()
         return
