@@ -15,6 +15,9 @@ def quiet_environment(prefect_home: str | None = None) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+    # Prefect's own temporary server (a flow called in-process) gets 20 s to answer by default; a fresh home
+    # migrates its database first (about 15 s on 2 cores), so a busy machine missed it now and then
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # OpenMP threads that spin while waiting made CPU training steps 3-8x slower on a shared machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

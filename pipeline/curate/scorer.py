@@ -25,6 +25,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from torch.utils.data._utils import signal_handling as _signals
 
+from pipeline import storage
 from pipeline.shards import iter_samples, sha256_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -377,8 +378,41 @@ def _drop_loaders() -> None:
     _PAIR_LOADER.clear()
 
 
+@contextlib.contextmanager
+def _read_once(url: str, storage_options: dict | None, workers: int):
+    """``(url, storage_options)`` for the decode workers to read: a remote shard that two or more workers would
+    each download whole (each keeps every n-th sample) is fetched once into a local temporary file instead."""
+    if workers < 2 or storage.is_local(url):
+        yield url, storage_options
+        return
+    import shutil
+    import tempfile
+
+    import fsspec
+
+    fd, path = tempfile.mkstemp(prefix="altforge-shard-", suffix=".tar")
+    try:
+        with os.fdopen(fd, "wb") as out, fsspec.open(url, "rb", **(storage_options or {})) as f:
+            shutil.copyfileobj(f, out, 1 << 22)
+        yield path, None
+    finally:
+        os.unlink(path)
+
+
 def pair_batches(url: str, scorer: ClipScorer, batch_size: int, workers: int, storage_options: dict | None = None):
     """Yield the decoded pairs of one shard as ``PairBatch`` objects of ``chunk_size`` pairs or fewer."""
+    with contextlib.ExitStack() as stack:
+        read_url, read_options = stack.enter_context(_read_once(url, storage_options, workers))
+        chunks = stack.enter_context(
+            contextlib.closing(_pair_batches(read_url, scorer, batch_size, workers, read_options))
+        )
+        for chunk in chunks:
+            if read_url != url:  # a read error names the shard, not the temporary copy
+                chunk.items = [it if it[0] >= 0 else (*it[:5], it[5].replace(read_url, url)) for it in chunk.items]
+            yield chunk
+
+
+def _pair_batches(url: str, scorer: ClipScorer, batch_size: int, workers: int, storage_options: dict | None):
     if workers > 0 and _PAIR_LOCK.acquire(blocking=False):
         try:
             dataset, loader = pair_loader(scorer, batch_size, workers)

@@ -289,3 +289,35 @@ def test_metadata_nested_past_the_parser_stack_is_one_bad_row(model_dir, tmp_pat
     rows, _, _, scores = score_pairs(os.path.join(root, "000000.tar"), scorer, 4, workers)
     assert [r["error"] is None for r in rows] == [True, True, False, True]
     assert rows[2]["error"].startswith("bad json metadata") and np.isnan(scores[2])
+
+
+def test_a_remote_shard_is_fetched_once_for_all_decode_workers(model_dir, tmp_path, s3_bucket):
+    import fsspec
+
+    from pipeline.curate.scorer import pair_batches, pair_loader, score_pairs
+
+    prefix, options = s3_bucket
+    root = str(tmp_path / "src")
+    write_dataset(root, [[{"key": f"000000{i:06d}", "jpg": jpeg((9, 99, 199), noise_seed=i), "caption": f"c {i}"}
+                          for i in range(10)]])  # fmt: skip
+    local = os.path.join(root, "000000.tar")
+    data = open(local, "rb").read()
+    fs = fsspec.filesystem("s3", **options)
+    fs.pipe(f"{prefix}/000000.tar", data)
+    fs.pipe(f"{prefix}/000001.tar", data[: len(data) // 2])
+    scorer = load_scorer(model_dir, device="cpu")
+    want = score_pairs(local, scorer, 4, 0)
+
+    passes = pair_batches(f"{prefix}/000000.tar", scorer, 4, 2, options)
+    next(passes)
+    read, read_options = pair_loader(scorer, 4, 2)[0].shard()  # what the workers read: one local copy
+    assert "://" not in read and os.path.isfile(read) and read_options is None
+    passes.close()
+    assert not os.path.exists(read)  # removed with the pass
+    rows, img, _, scores = score_pairs(f"{prefix}/000000.tar", scorer, 4, 2, options)
+    assert [r["key"] for r in rows] == [r["key"] for r in want[0]]
+    np.testing.assert_allclose(scores, want[3], atol=1e-5)
+    np.testing.assert_allclose(img, want[1], atol=1e-5)
+    with pytest.raises(ValueError, match="corrupt or truncated shard") as e:
+        score_pairs(f"{prefix}/000001.tar", scorer, 4, 2, options)
+    assert str(e.value).startswith(f"{prefix}/000001.tar: ") and "altforge-shard-" not in str(e.value)
