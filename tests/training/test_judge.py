@@ -15,18 +15,14 @@ from training.judge import (
     load_judge,
     render_labelled,
     save_judge,
-    train_judge,
 )
 
 torch.set_num_threads(1)
-# smaller than the default (16000 scenes x 3 epochs, ~21 s of CPU) so the test stays near 10 s of CPU; it still
-# has to clear the same 98% bar on 1000 held-out renders
-TEST_CFG = JudgeConfig(n_train=10000, epochs=2, n_eval=1000, seed=5)
 
 
-@pytest.fixture(scope="module")
-def judge():
-    return train_judge(TEST_CFG)
+@pytest.fixture
+def judge(trusted_judge):  # tests/training/conftest.py: 10000 scenes x 2 epochs, 1000 held-out renders
+    return trusted_judge
 
 
 def test_judge_is_trusted_on_held_out_real_renders(judge):
