@@ -37,21 +37,26 @@ _ERROR_LINE = re.compile(
     r"^(?:\[rank(\d+)\]:\s*)?((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt)(?::.*)?)$"
 )
 _REFUSAL_LINE = re.compile(r"^(?:\[rank(\d+)\]:\s*)?(?:[\w.]+: )?(error: .+)$")  # a trainer's or argparse's refusal
+_ROOT_CAUSE = re.compile(r"^Root Cause \(first observed failure\)")  # torchrun's report of its failed workers
+_WORKER_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 
 
 class LaunchError(RuntimeError):
     """A training launch that exited non-zero; the message ends with the tail of its log."""
 
-    def __init__(self, message: str, code: int | None = None):
+    def __init__(self, message: str, code: int | None = None, refused: bool | None = None):
         super().__init__(message)
         self.code = code  # the launched command's exit status
+        # the trainer refused its settings (exit status 2): under torchrun, whose own status is then 1, the
+        # status its report gives the first worker that failed
+        self.refused = code == 2 if refused is None else refused
 
 
 def _worth_retrying(task, task_run, state) -> bool:
     """Prefect's retry condition for a launch: a trainer that refused its settings (exit status 2) would refuse
     them again, so only other failures (a killed or crashed run, which resumes from its checkpoint) retry."""
     exc = getattr(state, "data", None)
-    return not (isinstance(exc, LaunchError) and exc.code == 2)
+    return not (isinstance(exc, LaunchError) and exc.refused)
 
 
 def run_paths(recipe: Recipe, run: TrainRun, out: str | None = None) -> tuple[str, str]:
@@ -302,6 +307,7 @@ def run_logged(
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     cause = None  # the last exception line a worker printed
+    in_root, root_code = False, None  # torchrun's report: the exit status of the first worker that failed
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"{LOG_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')} start: {shlex.join(argv)}\n")
         log.flush()
@@ -317,6 +323,10 @@ def run_logged(
                 found = _ERROR_LINE.match(line) or _REFUSAL_LINE.match(line)
                 if found and "ChildFailedError" not in line:  # torchrun's own report names no cause
                     cause = (f"rank {found[1]}: " if found[1] else "") + found[2]
+                if _ROOT_CAUSE.match(line):
+                    in_root = True
+                elif in_root and root_code is None and (worker := _WORKER_EXIT.match(line)):
+                    root_code = int(worker[1])
                 if logger is not None:
                     logger.info(line)
             code = proc.wait()
@@ -334,7 +344,8 @@ def run_logged(
         name = os.path.basename(argv[0]) if argv[1:3] != ["-m", "torch.distributed.run"] else "torchrun"
         body = "\n".join(tail)
         why = f" ({cause})" if cause else ""
-        raise LaunchError(f"{name} {_exit_reason(code)}{why}; last {len(tail)} lines of {log_path}:\n{body}", code)
+        message = f"{name} {_exit_reason(code)}{why}; last {len(tail)} lines of {log_path}:\n{body}"
+        raise LaunchError(message, code, refused=code == 2 or root_code == 2)
 
 
 def read_metrics(run_dir: str) -> dict:

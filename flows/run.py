@@ -58,6 +58,12 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _recorded(output: str) -> str:
+    """A stage's output as ``run.json`` records it: a local one as an absolute path, so a rerun from another
+    directory (``--out`` spelled absolute there) still finds the stage finished."""
+    return os.path.abspath(storage.local_path(output)) if storage.is_local(output) else output
+
+
 class RunState:
     """``OUT/run.json``: per stage, the fingerprint it was built with, its output and its metrics."""
 
@@ -97,7 +103,7 @@ class RunState:
             storage.move_tree(output, moved, self.so)
         self.stages[stage] = {
             "fingerprint": fp,
-            "output": output,
+            "output": _recorded(output),
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         self._write()
@@ -107,7 +113,7 @@ class RunState:
         """Mark ``stage`` finished (written atomically on local disk, one PUT on object stores)."""
         self.stages[stage] = {
             "fingerprint": fp,
-            "output": output,
+            "output": _recorded(output),
             "metrics": metrics,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -197,7 +203,7 @@ def preflight(recipe: Recipe, out: str, placement: Placement) -> None:
         check_dask(placement.dask_address)
     for run in recipe.train:
         if run.data and run.data not in DATA_KINDS:
-            check_manifest(run.data, so, what=f"train {run.kind} data")
+            check_manifest(run.data, so, what=f"train {run.kind} data", versioned=True)  # a root: its latest
     check_options(recipe)
     if recipe.curate is not None and recipe.curate.previous:
         check_manifest(recipe.curate.previous, so, what="curate.previous", versioned=True)

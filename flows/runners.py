@@ -88,6 +88,13 @@ def check_manifest(
 ) -> None:
     """Raise ``RuntimeError`` (one line) unless a finished dataset (its manifest.json) is at ``url`` (or, with
     ``versioned``, a versioned root with a complete version)."""
+    try:
+        _check_manifest(url, storage_options, what, versioned)
+    except ValueError as e:  # a scheme without its filesystem (gs:// without gcsfs) or an unknown one
+        raise RuntimeError(f"{what} {e}" if str(e).startswith(url) else f"{what} {url}: {e}") from None
+
+
+def _check_manifest(url: str, storage_options: dict | None, what: str, versioned: bool) -> None:
     if versioned and not url.endswith(".json"):
         from pipeline import versions
 

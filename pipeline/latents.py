@@ -343,11 +343,11 @@ def latent_shards(src: str, storage_options: dict | None = None) -> dict[str, st
 
 
 def parent_manifest_url(src: str, storage_options: dict | None = None) -> str | None:
-    """The source dataset's manifest URL, when it has one (the latent manifest's parent)."""
-    if "{" in src or "::" in src or src.endswith(".tar"):
-        return None
-    url = src if src.endswith(".json") else storage.join(src, "manifest.json")
-    return url if storage.exists(url, storage_options) else None
+    """The source dataset's manifest URL, when it has one (the latent manifest's parent; a versioned root's is its
+    latest version's, which is what the stage encodes)."""
+    from pipeline import versions
+
+    return versions.input_manifest_url(src, storage_options)
 
 
 def latent_config(cfg: EncodeConfig, vae: dict, text_encoder: dict, compute_dtype: str) -> dict:

@@ -138,6 +138,19 @@ def resolve(dataset: str, version: int | None = None, storage_options: dict | No
     return found[-1][1]
 
 
+def input_manifest_url(src: str, storage_options: dict | None = None) -> str | None:
+    """The manifest URL of a stage's input, recorded as its output's parent: a dataset's own, a versioned root's
+    latest version's (what the stage reads), the manifest itself; None for shard patterns and unfinished input."""
+    if "{" in src or "::" in src or src.endswith(".tar"):  # a shard pattern: no manifest
+        return None
+    if src.endswith(".json") and not src.endswith(INDEX_NAME):  # the manifest itself
+        return src if storage.exists(src, storage_options) else None
+    try:
+        return manifest_url(resolve(src, None, storage_options))
+    except FileNotFoundError:  # neither a manifest nor a complete version
+        return None
+
+
 def version_shards(dataset: str, storage_options: dict | None = None) -> tuple[list[str], list[int]]:
     """Shard URLs of a version as a whole (ancestors' then its own) and their sample counts, from the manifests."""
     urls, sizes = [], []

@@ -72,18 +72,10 @@ def check_destination(
 
 
 def parent_manifest_url(src: str, storage_options: dict | None = None) -> str | None:
-    """The input dataset's manifest URL, when it has one (a versioned root's: its latest version's, which is what
-    curation reads)."""
+    """The input dataset's manifest URL, when it has one (``versions.input_manifest_url``)."""
     from pipeline import versions
 
-    if "{" in src or "::" in src or src.endswith(".tar"):  # a shard pattern: no manifest
-        return None
-    if src.endswith(".json") and not src.endswith(versions.INDEX_NAME):  # the manifest itself
-        return src if storage.exists(src, storage_options) else None
-    try:
-        return versions.manifest_url(versions.resolve(src, None, storage_options))
-    except FileNotFoundError:  # neither a manifest nor a complete version
-        return None
+    return versions.input_manifest_url(src, storage_options)
 
 
 def decide_dataset(dst_url: str, stems: list[str], cfg, storage_options: dict | None = None, detect_language=None):

@@ -220,7 +220,7 @@ def _read_parquet(path, url_col, caption_col, extra_cols, opts, drops) -> Iterat
         pf = pq.ParquetFile(fh, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)  # read column chunks as a stream
         wanted = list(dict.fromkeys([url_col] + ([caption_col] if caption_col else []) + list(extra_cols)))
         _check_columns(pf.schema_arrow.names, wanted, path)
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted, use_threads=False):
             cols = {name: batch.column(name).to_pylist() for name in wanted}
             urls = cols[url_col]
             captions = cols[caption_col] if caption_col else [None] * len(urls)

@@ -396,13 +396,17 @@ def test_launch_passes_the_options_to_the_trainer(tmp_path, shards, launch_env):
     assert config["latent_noise"] == 0.25 and config["resolution"] == 32
 
 
-def test_a_refused_launch_names_the_refusal_and_is_not_retried(tmp_path, shards, launch_env):
-    run = TrainRun(kind="clip", config="micro", steps=4, batch_size=8, options={"resume": str(tmp_path / "nope")})
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_refused_launch_names_the_refusal_and_is_not_retried(tmp_path, shards, launch_env, nproc):
+    run = TrainRun(kind="clip", config="micro", steps=4, batch_size=8, nproc_per_node=nproc,
+                   options={"resume": str(tmp_path / "nope")})  # fmt: skip
     run_dir = tmp_path / "run"
     with pytest.raises(LaunchError) as e:
         train_flow(run, shards, str(run_dir))
     first_line = str(e.value).splitlines()[0]
-    assert "exited with code 2" in first_line and "not a checkpoint directory (no state.json)" in first_line
+    assert "not a checkpoint directory (no state.json)" in first_line and e.value.refused
+    # torchrun exits 1 when its workers refuse (exit 2): its report's root cause says they refused
+    assert f"{'python' if nproc == 1 else 'torchrun'} exited with code {2 if nproc == 1 else 1}" in first_line
     assert len(attempts((run_dir / "launch.log").read_text())) == 1  # the same settings would be refused again
 
 

@@ -49,5 +49,10 @@ def test_a_finished_stage_is_current_under_any_spelling_of_its_output(tmp_path, 
     for spelling in (str(out), f"file://{out}", "./out/scraped/"):  # the same folder, as --out or file:// spell it
         assert state.current("scrape", "A", spelling, done) is not None, spelling
     assert state.current("scrape", "A", str(tmp_path / "other"), done) is None
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a rerun from another folder, --out spelled absolute
+    again = RunState(str(tmp_path / "out"), None)
+    for spelling in (str(out), f"file://{out}"):
+        assert again.current("scrape", "A", spelling, done) is not None, spelling
     assert storage.local_path(f"file://{out}") == str(out) and storage.local_path("s3://b/x") == "s3://b/x"
     assert not storage.same_place("s3://b/x", "s3://b/y") and storage.same_place("s3://b/x/", "s3://b/x")

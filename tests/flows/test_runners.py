@@ -44,6 +44,14 @@ def test_missing_manifest_is_one_line(tmp_path):
     check_manifest(str(tmp_path / "half"))
 
 
+def test_a_scheme_without_its_filesystem_is_one_line():
+    for url in ("gs://some-bucket/images", "foo://b/curated"):
+        for versioned in (False, True):
+            with pytest.raises(RuntimeError) as e:
+                check_manifest(url, what="train vae data", versioned=versioned)
+            assert str(e.value).startswith(f"train vae data {url}") and "\n" not in str(e.value)
+
+
 def test_placements():
     from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner

@@ -242,7 +242,17 @@ def test_a_versioned_root_is_curated_with_its_lineage_and_accepted_as_previous(t
     assert parent_manifest_url(str(tmp_path / "nothing")) is None
     check_manifest(root, what="--previous", versioned=True)  # the report's diff reads a root as its latest version
     with pytest.raises(RuntimeError, match="no manifest.json there"):
-        check_manifest(root, what="train data")  # training data must be one dataset
+        check_manifest(root, what="a dataset")  # without versioned=True a root is not a dataset
+    from flows.run import preflight
+    from flows.runners import placement_of
+    from pipeline.latents import parent_manifest_url as latents_parent
+    from pipeline.recipe import parse_recipe
+
+    for src in (root, os.path.join(root, "versions.json"), v2.url):  # encode records the version it reads
+        assert latents_parent(src) == latest, src
+    recipe = parse_recipe({"name": "r", "output": str(tmp_path / "o"), "sources": [{"kind": "demo_site"}],
+                           "train": [{"kind": "vae", "config": "tiny", "data": root, "steps": 2}]})  # fmt: skip
+    preflight(recipe, str(tmp_path / "o"), placement_of(recipe.runtime))  # trainers read a root as its latest
     os.makedirs(tmp_path / "empty")
     open(tmp_path / "empty" / "versions.json", "w").write("{}")
     with pytest.raises(RuntimeError, match="--previous .*no manifest and no versions"):
