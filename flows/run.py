@@ -58,16 +58,11 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _recorded(output: str) -> str:
-    """A stage's output as ``run.json`` records it: a local one as an absolute path, so a rerun from another
-    directory (``--out`` spelled absolute there) still finds the stage finished."""
-    return os.path.abspath(storage.local_path(output)) if storage.is_local(output) else output
-
-
 class RunState:
     """``OUT/run.json``: per stage, the fingerprint it was built with, its output and its metrics."""
 
     def __init__(self, out: str, storage_options: dict | None):
+        self.out = out
         self.url = storage.join(out, STATE_FILE)
         self.so = storage_options
         self.stages: dict[str, dict] = {}
@@ -77,7 +72,10 @@ class RunState:
     def current(self, stage: str, fp: str, output: str, done_file: str) -> dict | None:
         """The recorded entry when ``stage`` finished with this fingerprint and its output is still there."""
         entry = self.stages.get(stage)
-        if not entry or entry.get("fingerprint") != fp or not storage.same_place(entry.get("output", ""), output):
+        if not entry or entry.get("fingerprint") != fp:
+            return None
+        recorded = storage.join(self.out, entry["within"]) if "within" in entry else entry.get("output", "")
+        if not storage.same_place(recorded, output):
             return None
         if "finished_at" not in entry:  # started, not finished
             return None
@@ -103,7 +101,7 @@ class RunState:
             storage.move_tree(output, moved, self.so)
         self.stages[stage] = {
             "fingerprint": fp,
-            "output": _recorded(output),
+            **self._where(output),
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         self._write()
@@ -113,11 +111,23 @@ class RunState:
         """Mark ``stage`` finished (written atomically on local disk, one PUT on object stores)."""
         self.stages[stage] = {
             "fingerprint": fp,
-            "output": _recorded(output),
+            **self._where(output),
             "metrics": metrics,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         self._write()
+
+    def _where(self, output: str) -> dict:
+        """A stage's output as recorded: ``output`` as given, plus ``within``, its path inside OUT, which is what a
+        rerun compares. So ``--out`` may be spelled relative, absolute or ``file://``, from any folder, and a whole
+        OUT moved or synced elsewhere still finds its finished stages."""
+        if storage.is_local(output) and storage.is_local(self.out):
+            base = os.path.abspath(storage.local_path(self.out))
+            inside = os.path.relpath(os.path.abspath(storage.local_path(output)), base)
+            return {"output": output} if inside.startswith("..") else {"output": output, "within": inside}
+        base = self.out.rstrip("/") + "/"
+        inside = output.rstrip("/")[len(base) :] if output.startswith(base) else None
+        return {"output": output, "within": inside} if inside else {"output": output}
 
     def _write(self) -> None:
         data = json.dumps({"stages": self.stages}, indent=1, default=str).encode()

@@ -1,5 +1,7 @@
 """RunState: a stage resumes only output built under its own fingerprint; other output is moved aside, not lost."""
 
+import shutil
+
 from flows.run import RunState
 from pipeline import storage
 
@@ -54,5 +56,9 @@ def test_a_finished_stage_is_current_under_any_spelling_of_its_output(tmp_path, 
     again = RunState(str(tmp_path / "out"), None)
     for spelling in (str(out), f"file://{out}"):
         assert again.current("scrape", "A", spelling, done) is not None, spelling
+    shutil.copytree(tmp_path / "out", tmp_path / "moved")  # OUT moved or synced elsewhere: still finished there
+    moved = RunState(str(tmp_path / "moved"), None)
+    assert moved.current("scrape", "A", str(tmp_path / "moved" / "scraped"), done) is not None
+    assert moved.current("scrape", "A", str(out), done) is None  # not the recorded place inside OUT
     assert storage.local_path(f"file://{out}") == str(out) and storage.local_path("s3://b/x") == "s3://b/x"
     assert not storage.same_place("s3://b/x", "s3://b/y") and storage.same_place("s3://b/x/", "s3://b/x")
