@@ -24,6 +24,18 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 import pytest  # noqa: E402
 
+from tests.training import ldm_quick_run  # noqa: E402
+
+
+def pytest_collection_finish(session):
+    """test_ldm_quality's quick run (about five minutes of one core) starts now, in the background: the rest of the
+    suite leaves a core idle most of the time."""
+    ldm_quick_run.start(session)
+
+
+def pytest_sessionfinish(session):
+    ldm_quick_run.stop(session)
+
 
 @pytest.fixture(scope="session")
 def s3_server():
