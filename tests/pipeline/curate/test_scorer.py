@@ -187,17 +187,24 @@ def test_decode_workers_persist_across_shards_and_survive_an_abandoned_pass(mode
     assert pair_loader(scorer, 8, 2)[1] is not loader  # other settings: a new loader, the old one's workers end
 
 
+def one_scored_shard(model_dir, tmp_path, n: int):
+    """A shard of ``n`` pairs, a scorer, and the shard's scores decoded inline (what every pass must match)."""
+    from pipeline.curate.scorer import score_pairs
+
+    root = str(tmp_path / "src")
+    write_dataset(root, [[{"key": f"000000{i:06d}", "jpg": jpeg((9, 99, 199), noise_seed=i), "caption": f"c {i}"}
+                          for i in range(n)]])  # fmt: skip
+    url = os.path.join(root, "000000.tar")
+    scorer = load_scorer(model_dir, device="cpu")
+    return url, scorer, score_pairs(url, scorer, 4, 0)[3]
+
+
 def test_a_killed_decode_worker_fails_its_shard_and_the_next_one_starts_afresh(model_dir, tmp_path):
     import signal
 
     from pipeline.curate.scorer import pair_batches, pair_loader, score_pairs
 
-    root = str(tmp_path / "src")
-    write_dataset(root, [[{"key": f"000000{i:06d}", "jpg": jpeg((9, 99, 199), noise_seed=i), "caption": f"c {i}"}
-                          for i in range(40)]])  # fmt: skip
-    url = os.path.join(root, "000000.tar")
-    scorer = load_scorer(model_dir, device="cpu")
-    want = score_pairs(url, scorer, 4, 0)[3]
+    url, scorer, want = one_scored_shard(model_dir, tmp_path, 40)
     _, loader = pair_loader(scorer, 4, 2)
     passes = pair_batches(url, scorer, 4, 2)
     next(passes)
@@ -221,12 +228,7 @@ def test_a_worker_killed_outside_the_loader_or_a_ctrl_c_in_its_reset_spares_the_
     from pipeline.curate import scorer as scorer_module
     from pipeline.curate.scorer import pair_loader, score_pairs
 
-    root = str(tmp_path / "src")
-    write_dataset(root, [[{"key": f"000000{i:06d}", "jpg": jpeg((9, 99, 199), noise_seed=i), "caption": f"c {i}"}
-                          for i in range(12)]])  # fmt: skip
-    url = os.path.join(root, "000000.tar")
-    scorer = load_scorer(model_dir, device="cpu")
-    want = score_pairs(url, scorer, 4, 0)[3]
+    url, scorer, want = one_scored_shard(model_dir, tmp_path, 12)
 
     # killed while the main thread is in the model: torch raises there, outside the loader's own error path
     score_pairs(url, scorer, 4, 2)
