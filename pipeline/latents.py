@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pipeline import manifest as manifests
-from pipeline import shards, storage
+from pipeline import shards, storage, versions
 from pipeline.images import prepare_image
 from pipeline.scrape import split_shard_url
 from pipeline.stats import StageStats, error_line
@@ -342,12 +342,7 @@ def latent_shards(src: str, storage_options: dict | None = None) -> dict[str, st
     return out
 
 
-def parent_manifest_url(src: str, storage_options: dict | None = None) -> str | None:
-    """The source dataset's manifest URL, when it has one (the latent manifest's parent; a versioned root's is its
-    latest version's, which is what the stage encodes)."""
-    from pipeline import versions
-
-    return versions.input_manifest_url(src, storage_options)
+parent_manifest_url = versions.input_manifest_url  # the input's manifest, recorded as the output's parent
 
 
 def latent_config(cfg: EncodeConfig, vae: dict, text_encoder: dict, compute_dtype: str) -> dict:

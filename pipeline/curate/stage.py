@@ -14,7 +14,7 @@ import posixpath
 import numpy as np
 
 from pipeline import manifest as manifests
-from pipeline import shards, storage
+from pipeline import shards, storage, versions
 from pipeline.curate.reshard import curate_shard, plan_spans, read_decisions, write_decisions
 from pipeline.curate.scorer import ClipScorer
 from pipeline.curate.scores import is_scored, prepare_embeddings, read_scores, score_shard, shard_stem
@@ -71,11 +71,7 @@ def check_destination(
         )
 
 
-def parent_manifest_url(src: str, storage_options: dict | None = None) -> str | None:
-    """The input dataset's manifest URL, when it has one (``versions.input_manifest_url``)."""
-    from pipeline import versions
-
-    return versions.input_manifest_url(src, storage_options)
+parent_manifest_url = versions.input_manifest_url  # the input's manifest, recorded as the output's parent
 
 
 def decide_dataset(dst_url: str, stems: list[str], cfg, storage_options: dict | None = None, detect_language=None):
