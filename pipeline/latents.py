@@ -33,9 +33,9 @@ from pipeline import manifest as manifests
 from pipeline import shards, storage, versions
 from pipeline.images import prepare_image
 from pipeline.scrape import split_shard_url
+from pipeline.shards import first_image
 from pipeline.stats import StageStats, error_line
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMPTY_EMBEDDING = "empty_text_emb.npy"
 ENCODE_CONFIG = "encode_config.json"
 LATENT_MODES = ("mean", "mean_logvar")
@@ -99,11 +99,6 @@ def to_model_input(images: torch.Tensor, device: torch.device | str = "cpu", dty
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory is NCHW channels_last already
     x = x.float().div_(127.5).sub_(1.0).to(dtype)
     return x.contiguous(memory_format=torch.channels_last)
-
-
-def first_image(sample: dict) -> bytes | None:
-    """The bytes of a raw sample's first image field, if any."""
-    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
 
 
 def decode_sample(sample: dict, resolution: int, min_size: int = 0) -> dict:

@@ -27,6 +27,7 @@ from pipeline.stats import StageStats
 
 SHARD_RE = re.compile(r"^(\d{6})\.tar$")
 TMP_PREFIX = ".tmp-"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image fields a sample may carry, in the order they are looked for
 
 # One parquet row per attempted input record; stages add their own columns (clip_score, ...).
 BASE_COLUMNS = pa.schema(
@@ -411,6 +412,11 @@ def shard_urls(source: str, storage_options: dict | None = None) -> list[str]:
 
         return shard_urls(resolve(base, None, storage_options), storage_options)
     return [storage.join(base, f"{n}.tar") for n in done_shards(base, storage_options)]
+
+
+def first_image(sample: dict) -> bytes | None:
+    """The bytes of a sample's first image field (``IMAGE_EXTS`` order), if any."""
+    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
 
 
 def iter_samples(

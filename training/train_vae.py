@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.images import prepare_image
-from pipeline.shards import iter_samples, shard_urls
+from pipeline.shards import first_image, iter_samples, shard_urls
 from training import distributed, loop
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
@@ -44,8 +44,6 @@ from training.models.vae import (
     save_vae,
     vae_config,
 )
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass(frozen=True)
@@ -127,10 +125,10 @@ class VaeTrainConfig:
 
 def image_tensor(sample: dict, resolution: int) -> torch.Tensor:
     """The first image field of a raw sample as a (3, r, r) float32 tensor in [-1, 1] (KeyError if none)."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
+    data = first_image(sample)
+    if data is None:
         raise KeyError("no image field")
-    pixels, _ = prepare_image(sample[ext], resolution)  # shorter side to resolution (bicubic), center crop
+    pixels, _ = prepare_image(data, resolution)  # shorter side to resolution (bicubic), center crop
     return torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float() / 127.5 - 1.0
 
 

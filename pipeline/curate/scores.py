@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.curate.scorer import INT_META, ClipScorer, score_pairs
+from pipeline.curate.pairs import INT_META
+from pipeline.curate.scorer import ClipScorer, score_pairs
 from pipeline.curate.tags import top_tags
 from pipeline.shards import arrow_array
 from pipeline.stats import StageStats

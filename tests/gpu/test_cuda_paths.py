@@ -170,7 +170,8 @@ def curate_source(tmp_path_factory):
 
 
 def test_curation_scores_on_cuda_agree_with_the_cpu(curate_source):
-    from pipeline.curate.scorer import load_scorer, pair_batches, score_pairs
+    from pipeline.curate.pairs import pair_batches
+    from pipeline.curate.scorer import load_scorer, score_pairs
 
     model, shard = curate_source
     cpu_rows, cpu_img, _, cpu_scores = score_pairs(shard, load_scorer(model, device="cpu"), 8, 0)

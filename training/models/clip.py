@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from pipeline.shards import first_image
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 PROJECT_PREFIX = "altforge-"
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # the file open_clip's "local-dir:" loader reads
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # the weights file open_clip prefers in a local dir
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def register_configs() -> None:
@@ -102,11 +103,11 @@ def export_open_clip(model: torch.nn.Module, cfg: dict, out_dir: str | Path) -> 
 
 def image_of(sample: dict) -> Image.Image:
     """Decode the first image field of a raw sample to RGB (raises KeyError if there is none)."""
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            with Image.open(io.BytesIO(sample[ext])) as im:
-                return im.convert("RGB")
-    raise KeyError("no image field")
+    data = first_image(sample)
+    if data is None:
+        raise KeyError("no image field")
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
 
 
 def to_tensor(img: Image.Image, size: int, mean, std) -> torch.Tensor:

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file, save_file
 
+from pipeline.curate.pairs import clean_meta
 from pipeline.curate.report import CLUSTER_MEMBERS, tags_html
-from pipeline.curate.scorer import clean_meta, load_scorer
+from pipeline.curate.scorer import load_scorer
 from pipeline.curate.scores import source_identity
 from pipeline.curate.select import select
 from pipeline.curate.stage import curate_dataset

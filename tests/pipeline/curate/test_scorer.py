@@ -145,8 +145,9 @@ def test_an_unknown_or_absent_device_is_a_one_line_error():
 
 
 def test_decode_workers_persist_across_shards_and_survive_an_abandoned_pass(model_dir, tmp_path):
-    from pipeline.curate import scorer as scorer_module
-    from pipeline.curate.scorer import pair_batches, pair_loader, score_pairs
+    from pipeline.curate import pairs
+    from pipeline.curate.pairs import pair_batches, pair_loader
+    from pipeline.curate.scorer import score_pairs
 
     root = str(tmp_path / "src")
     shards = [
@@ -178,10 +179,10 @@ def test_decode_workers_persist_across_shards_and_survive_an_abandoned_pass(mode
     assert pair_loader(scorer, 4, 2)[1] is loader and [w.pid for w in loader._iterator._workers] == pids
     held = pair_batches(urls[0], scorer, 4, 2)
     next(held)  # a pass in progress holds the persistent loader: another (a second task thread) gets its own
-    assert scorer_module._PAIR_LOCK.locked()
+    assert pairs._PAIR_LOCK.locked()
     np.testing.assert_allclose(score_pairs(urls[1], scorer, 4, 2)[3], want[1][3], atol=1e-5)
     held.close()
-    assert not scorer_module._PAIR_LOCK.locked()
+    assert not pairs._PAIR_LOCK.locked()
     assert pair_loader(scorer, 4, 2)[1] is loader and [w.pid for w in loader._iterator._workers] == pids
     assert len(pids) == 2 and all(w.is_alive() for w in loader._iterator._workers)
     assert pair_loader(scorer, 8, 2)[1] is not loader  # other settings: a new loader, the old one's workers end
@@ -202,7 +203,8 @@ def one_scored_shard(model_dir, tmp_path, n: int):
 def test_a_killed_decode_worker_fails_its_shard_and_the_next_one_starts_afresh(model_dir, tmp_path):
     import signal
 
-    from pipeline.curate.scorer import pair_batches, pair_loader, score_pairs
+    from pipeline.curate.pairs import pair_batches, pair_loader
+    from pipeline.curate.scorer import score_pairs
 
     url, scorer, want = one_scored_shard(model_dir, tmp_path, 40)
     _, loader = pair_loader(scorer, 4, 2)
@@ -225,8 +227,9 @@ def test_a_worker_killed_outside_the_loader_or_a_ctrl_c_in_its_reset_spares_the_
     import signal
     import time
 
-    from pipeline.curate import scorer as scorer_module
-    from pipeline.curate.scorer import pair_loader, score_pairs
+    from pipeline.curate import pairs
+    from pipeline.curate.pairs import pair_loader
+    from pipeline.curate.scorer import score_pairs
 
     url, scorer, want = one_scored_shard(model_dir, tmp_path, 12)
 
@@ -271,7 +274,7 @@ def test_a_worker_killed_outside_the_loader_or_a_ctrl_c_in_its_reset_spares_the_
     with pytest.raises(KeyboardInterrupt):
         score_pairs(url, scorer, 4, 2)
     type(loader._iterator)._get_data = get
-    assert not scorer_module._PAIR_LOCK.locked() and pair_loader(scorer, 4, 2)[1] is not loader
+    assert not pairs._PAIR_LOCK.locked() and pair_loader(scorer, 4, 2)[1] is not loader
     np.testing.assert_allclose(score_pairs(url, scorer, 4, 2)[3], want, atol=1e-5)
 
 
@@ -296,7 +299,8 @@ def test_metadata_nested_past_the_parser_stack_is_one_bad_row(model_dir, tmp_pat
 def test_a_remote_shard_is_fetched_once_for_all_decode_workers(model_dir, tmp_path, s3_bucket):
     import fsspec
 
-    from pipeline.curate.scorer import pair_batches, pair_loader, score_pairs
+    from pipeline.curate.pairs import pair_batches, pair_loader
+    from pipeline.curate.scorer import score_pairs
 
     prefix, options = s3_bucket
     root = str(tmp_path / "src")
