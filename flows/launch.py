@@ -8,8 +8,10 @@ every trainer continues from the latest checkpoint in its ``--out`` directory.
 from __future__ import annotations
 
 import collections
+import decimal
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -115,10 +117,19 @@ def option_flags(options: dict) -> list[str]:
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + key.replace("_", "-"))
         elif isinstance(value, list):
-            flags += [flag, *(str(v) for v in value)]
+            flags += [flag, *(flag_value(v) for v in value)]
         else:
-            flags += [flag, repr(value) if isinstance(value, float) else str(value)]
+            flags += [flag, flag_value(value)]
     return flags
+
+
+def flag_value(value) -> str:
+    """A setting as a command-line value. A float is written exactly and without an exponent: argparse reads
+    ``-1e-05`` as an option name, but ``-0.00001`` as a negative number."""
+    if isinstance(value, float) and math.isfinite(value):
+        text = format(decimal.Decimal(repr(value)), "f")
+        return text if "." in text else text + ".0"
+    return str(value)
 
 
 def check_options(recipe: Recipe) -> None:

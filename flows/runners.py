@@ -67,7 +67,10 @@ def check_dask(address: str, timeout_s: float = 10.0) -> None:
 
 
 def check_output(url: str, storage_options: dict | None = None) -> None:
-    """Raise ``RuntimeError`` (one line) when an object-store output's bucket is missing or not accessible."""
+    """Raise ``RuntimeError`` (one line) when the output is blank or padded with whitespace, or an object-store
+    output's bucket is missing or not accessible."""
+    if url != url.strip() or not url:
+        raise RuntimeError(f"output {url!r}: blank or padded with whitespace; write the path without it")
     if storage.is_local(url):
         return
     try:

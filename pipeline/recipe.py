@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -237,10 +237,11 @@ class TrainRun(_Strict):
 
     @model_validator(mode="after")
     def _options(self) -> TrainRun:
-        own = {"out", *type(self).model_fields} - {"options"}
+        own = {"out", "model", *type(self).model_fields} - {"options"}  # model: the CLIP trainer's name for config
         for key in self.options:
             if key in own:
-                raise ValueError(f"options.{key}: set {key} on the run itself, not in options")
+                field = "config" if key == "model" else key
+                raise ValueError(f"options.{key}: set {field} on the run itself, not in options")
             if not key.isidentifier():
                 raise ValueError(f"options: {key!r} is not a trainer setting name")
         if self.nnodes > 1 and not self.rdzv_endpoint:  # caught here, not after hours of data stages
@@ -308,6 +309,14 @@ class Recipe(_Strict):
     encode: EncodeSection | None = None
     train: list[TrainRun] = []
     generate: GenerateSection | None = None
+
+    @field_validator("output", "models")
+    @classmethod
+    def _unpadded(cls, v: str | None) -> str | None:
+        """A path of spaces, or one padded with them, is a typo that would make a folder named that way."""
+        if v is not None and v != v.strip():
+            raise ValueError(f"{v!r}: blank or padded with whitespace; write the path without it")
+        return v
 
     def data_of(self, run: TrainRun) -> str:
         """The dataset a training run reads when the recipe does not say: latents for LDM, else curated or

@@ -59,6 +59,28 @@ def _raised_by_project(e: BaseException) -> bool:
     return last.startswith(root + os.sep) and f"{os.sep}site-packages{os.sep}" not in last
 
 
+def float_settings_out_of_range(cfg, positive=(), non_negative=(), unit=()) -> list[str]:
+    """What is wrong with a trainer config's float settings, as ``"name = value (needs ...)"`` entries: each must be
+    finite, and > 0 (``positive``), >= 0 (``non_negative``) or in [0, 1] (``unit``); ``betas`` in [0, 1) and
+    ``min_lr`` <= ``lr`` where the config has them. A negative weighting or noise would otherwise train as if it
+    were off, and a negative learning rate fail inside torch's optimizer with a traceback."""
+    bad = []
+    rules = [(n, "> 0", lambda v: v > 0) for n in positive]
+    rules += [(n, ">= 0", lambda v: v >= 0) for n in non_negative]
+    rules += [(n, "in [0, 1]", lambda v: 0 <= v <= 1) for n in unit]
+    for name, need, ok in rules:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and ok(value)):
+            bad.append(f"{name} = {value} (needs a finite number {need})")
+    betas = getattr(cfg, "betas", (0.0, 0.0))
+    if not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        bad.append(f"betas = {tuple(betas)} (need two numbers in [0, 1))")
+    lr, min_lr = getattr(cfg, "lr", None), getattr(cfg, "min_lr", None)
+    if lr is not None and min_lr is not None and math.isfinite(lr) and 0 < lr < min_lr:
+        bad.append(f"min_lr = {min_lr} (needs <= lr = {lr})")
+    return bad
+
+
 def reached_stop(cfg, step: int, train_seconds: float) -> bool:
     """Whether ``--stop-after`` or ``--max-minutes`` ends a run at ``step`` (any trainer config with both fields)."""
     return (cfg.stop_after > 0 and step >= cfg.stop_after) or (

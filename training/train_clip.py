@@ -79,8 +79,18 @@ class ClipTrainConfig:
         for name in ("log_every", "save_every", "eval_every", "stop_after", "warmup_steps", "workers", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_minutes < 0 or self.eval_limit < 1:
-            raise ValueError("max_minutes must be >= 0 and eval_limit >= 1")
+        if self.eval_limit < 1:
+            raise ValueError("eval_limit must be >= 1")
+        bad = loop.float_settings_out_of_range(
+            self,
+            positive=("lr", "eps"),
+            non_negative=("min_lr", "weight_decay", "grad_clip", "init_logit_scale", "max_minutes"),
+            unit=("grayscale_p",),
+        )
+        if not (math.isfinite(self.min_crop_scale) and 0 < self.min_crop_scale <= 1):
+            bad.append(f"min_crop_scale = {self.min_crop_scale} (needs a number in (0, 1])")
+        if bad:
+            raise ValueError(f"settings out of range: {', '.join(bad)}")
         try:
             options = json.loads(self.storage_options or "null")
         except ValueError as e:

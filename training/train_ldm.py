@@ -121,8 +121,14 @@ class LdmTrainConfig:
         at_least.update(dict.fromkeys(("log_every", "save_every", "sample_every", "stop_after", "workers"), 0))
         at_least.update(dict.fromkeys(("warmup", "threads", "shuffle_buffer"), 0))
         bad = [f"{k} = {getattr(self, k)} (needs >= {v})" for k, v in at_least.items() if getattr(self, k) < v]
-        if bad or self.max_minutes < 0:
-            raise ValueError(f"settings out of range: {', '.join(bad) or f'max_minutes = {self.max_minutes}'}")
+        bad += loop.float_settings_out_of_range(
+            self,
+            positive=("lr", "text_lr_scale"),
+            non_negative=("min_lr", "clip_grad", "weight_decay", "min_snr_gamma", "offset_noise", "max_minutes"),
+            unit=("flip_p",),
+        )
+        if bad:
+            raise ValueError(f"settings out of range: {', '.join(bad)}")
         guidance_ok = math.isfinite(self.sample_guidance) and self.sample_guidance > 0
         if not 1 <= self.sample_steps <= 1000 or not guidance_ok:
             raise ValueError(

@@ -103,8 +103,11 @@ class VaeTrainConfig:
         at_least.update(dict.fromkeys(("log_every", "save_every", "sample_every", "stop_after", "workers"), 0))
         at_least.update(dict.fromkeys(("warmup_steps", "threads", "shuffle_buffer"), 0))
         bad = [f"{k} = {getattr(self, k)} (needs >= {v})" for k, v in at_least.items() if getattr(self, k) < v]
-        if self.max_minutes < 0:
-            bad.append(f"max_minutes = {self.max_minutes} (needs >= 0)")
+        bad += loop.float_settings_out_of_range(
+            self,
+            positive=("lr",),
+            non_negative=("min_lr", "weight_decay", "grad_clip", "kl_weight", "latent_noise", "max_minutes"),
+        )
         if bad:
             raise ValueError(f"settings out of range: {', '.join(bad)}")
 

@@ -73,3 +73,11 @@ def test_dask_address_without_port_is_one_line_at_once():
     with pytest.raises(RuntimeError) as e:
         check_dask("127.0.0.1")
     assert "missing port" in str(e.value) and "\n" not in str(e.value) and time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("out", ["", "   ", "out ", "\tout"])
+def test_a_blank_or_padded_output_is_refused_before_anything_runs(out):
+    with pytest.raises(RuntimeError, match="blank or padded with whitespace") as e:  # `altforge run --out`
+        check_output(out)
+    assert "\n" not in str(e.value)
+    check_output("out")  # a plain local path passes

@@ -78,6 +78,9 @@ def test_defaults_and_round_trip():
         (MINIMAL + "generate: {prompts: [x], steps: 2000}\n", "generate.steps: Input should be less than or equal"),
         (MINIMAL + "scrape: {max_aspect_ratio: .inf}\n", "scrape.max_aspect_ratio: Input should be a finite number"),
         (MINIMAL.replace("output: out", "output: ''"), "output: String should have at least 1 character"),
+        (MINIMAL.replace("output: out", "output: '   '"), "output: '   ': blank or padded"),
+        (MINIMAL.replace("output: out", "output: 'out '"), "'out ': blank or padded with whitespace"),
+        (MINIMAL + "models: ' runs'\n", "models: ' runs': blank or padded"),
         (  # each of these failed only after the whole scrape
             MINIMAL + "curate:\n  clip: {model: micro-rn, pretrained: 'train:clip'}\n",
             "curate.clip.pretrained: 'train:clip' needs a clip run trained before that stage",

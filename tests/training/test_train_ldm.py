@@ -430,6 +430,33 @@ def test_refused_settings_and_missing_data_are_one_line_errors(module, tmp_path)
         assert r.returncode == 2 and named in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "module, flags, named",
+    [
+        (
+            "training.train_ldm",
+            ["--min-snr-gamma", "-0.00001", "--flip-p", "2"],
+            ["min_snr_gamma = -1e-05", "flip_p = 2"],
+        ),
+        ("training.train_ldm", ["--lr", "0.01", "--min-lr", "0.1"], ["min_lr = 0.1 (needs <= lr = 0.01)"]),
+        ("training.train_vae", ["--kl-weight", "nan", "--lr", "-1"], ["kl_weight = nan", "lr = -1"]),
+        (
+            "training.train_clip",
+            ["--betas", "0.9", "1.0", "--min-crop-scale", "0"],
+            ["betas = (0.9, 1.0)", "min_crop"],
+        ),
+    ],
+)
+def test_float_settings_out_of_range_are_one_line_before_anything_loads(module, flags, named, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:  # a negative weighting would have trained as if it were off
+        importlib.import_module(module).parse_args(["DATA", "--out", "OUT", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: settings out of range: "), err
+    assert all(n in err[0] for n in named), err
+
+
 def test_inputs_that_cannot_train_are_refused_before_the_first_step(env, tmp_path):
     from types import SimpleNamespace
 
