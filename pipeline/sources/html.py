@@ -15,9 +15,11 @@ Every image that does not become a record is counted in ``drops`` under one reas
 from __future__ import annotations
 
 import codecs
+import html as html_lib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from html import entities as html_entities
 from urllib.parse import urljoin, urlsplit
 
 import ftfy
@@ -27,9 +29,12 @@ from pipeline.robots import AGENT_TOKEN, OPT_OUT_DIRECTIVES
 from pipeline.sources.records import Record, SeenPairs
 
 OPT_OUT_META_NAMES = frozenset({"robots", AGENT_TOKEN})  # <meta name=...> whose noai / noimageai we honour
-SRC_ATTRS = ("src", "data-src", "data-lazy-src", "data-original")  # in order of preference, after the srcsets
-SRCSET_ATTRS = ("srcset", "data-srcset")
+# In order of preference, after the srcsets. A lazy-loading attribute holds the real image where the page also has
+# one; src then holds a placeholder (a 1-pixel gif or a blurred thumbnail) until scripts swap them.
+SRC_ATTRS = ("data-src", "data-lazy-src", "data-original", "src")
+SRCSET_ATTRS = ("data-srcset", "srcset")
 PRESCAN_BYTES = 4096  # bytes searched for <meta charset>
+LATE_META_BYTES = 1 << 16  # bytes searched for a later <meta charset> when the page is not UTF-8
 # fmt: off
 PLACEHOLDER_ALTS = frozenset({  # alt texts (lower-case, punctuation removed) that say nothing about the image
     "image", "images", "img", "photo", "photos", "picture", "pictures", "pic", "pict", "logo", "icon", "spacer",
@@ -50,6 +55,7 @@ _CAMERA_NAME = re.compile(  # camera / CMS default names: IMG_1234, DSC0001, PXL
 _NUMBERS_ONLY = re.compile(r"[\d\W_]+")
 _URL_LIKE = re.compile(r"(?:https?:|www\.|//)\S*|[\w.-]+\.(?:com|org|net|html?|php|aspx?)(?:/\S*)?", re.IGNORECASE)
 _NON_WORD = re.compile(r"[\W_]+")
+_CHAR_REF = re.compile(r"&(?:#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[A-Za-z][A-Za-z0-9]*;?)")
 _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9_:.\-]+)""", re.IGNORECASE)
 _HEADER_CHARSET = re.compile(r"""charset\s*=\s*["']?\s*([A-Za-z0-9_:.\-]+)""", re.IGNORECASE)
 _BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
@@ -123,24 +129,54 @@ def charset_from_content_type(value: str | None) -> str | None:
 def decode_html(data: bytes, encoding: str | None = None) -> str:
     """Decode page bytes: BOM, else ``encoding`` (the HTTP charset), else ``<meta charset>``, else UTF-8.
 
-    Without any declaration, bytes that are not valid UTF-8 are read as windows-1252 (the browsers' legacy
-    default) rather than UTF-8 with replacement characters, which no later fix could undo.
+    Bytes that are not valid UTF-8 and declare nothing in the first ``PRESCAN_BYTES`` are read by a ``<meta
+    charset>`` further on (within ``LATE_META_BYTES``, after a long inline script, say), else as windows-1252 (the
+    browsers' legacy default) rather than UTF-8 with replacement characters, which no later fix could undo.
     """
     for bom, name in _BOMS:
         if data.startswith(bom):
             return data.decode(name, errors="replace")
-    codec = _codec(encoding)
-    if codec is None:
-        m = _META_CHARSET.search(data, 0, PRESCAN_BYTES)
-        codec = _codec(m.group(1).decode("ascii")) if m else None
-        if codec is not None and codec.startswith("utf-16"):
-            codec = "utf-8"  # a meta tag readable as ASCII cannot be UTF-16 (HTML spec)
+    codec = _codec(encoding) or _meta_codec(data, PRESCAN_BYTES)
     if codec is not None:
         return data.decode(codec, errors="replace")
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")
+    except UnicodeDecodeError:  # a browser re-decodes when its parser meets a <meta charset> past the prescan
+        return data.decode(_meta_codec(data, LATE_META_BYTES) or "cp1252", errors="replace")
+
+
+def _meta_codec(data: bytes, limit: int) -> str | None:
+    """The codec of the first ``<meta charset>`` within ``limit`` bytes, if any and known."""
+    m = _META_CHARSET.search(data, 0, limit)
+    codec = _codec(m.group(1).decode("ascii")) if m else None
+    if codec is not None and codec.startswith("utf-16"):
+        return "utf-8"  # a meta tag readable as ASCII cannot be UTF-16 (HTML spec)
+    return codec
+
+
+def unescape_attribute(value: str) -> str:
+    """Decode character references in an attribute value as an HTML parser does.
+
+    Unlike ``html.unescape``, a named reference without its ``;`` stays literal when a letter, a digit or ``=``
+    follows it (the HTML standard's rule for attributes), so ``?size=1&region=eu`` keeps its ``&region`` rather
+    than becoming ``®ion``, and ``&copy2023`` stays as written.
+    """
+    return _CHAR_REF.sub(_attribute_ref, value) if "&" in value else value
+
+
+def _attribute_ref(m: re.Match) -> str:
+    ref = m.group(0)
+    if ref[1] == "#" or (ref.endswith(";") and ref[1:] in html_entities.html5):
+        return html_lib.unescape(ref)  # numeric, or a complete named reference
+    name = ref[1:]
+    for end in range(len(name), 0, -1):  # the longest entity named without its ";" (only legacy ones are)
+        if name[:end] in html_entities.html5:
+            rest = name[end:]
+            after = rest[:1] or m.string[m.end() : m.end() + 1]
+            if after.isalnum() or after == "=":
+                return ref  # followed by a letter, digit or "=": literal text
+            return html_entities.html5[name[:end]] + rest
+    return ref
 
 
 def clean_text(text: str) -> str:
@@ -257,7 +293,8 @@ def image_record(
 
 
 def _img_sources(attrs: dict) -> list[str]:
-    """Candidate URLs of one ``<img>``: srcset (best first), data-srcset, src, then lazy-loading attributes."""
+    """Candidate URLs of one ``<img>``: data-srcset and srcset (best first), then the lazy-loading attributes,
+    then src."""
     out: list[str] = []
     for name in SRCSET_ATTRS:
         if attrs.get(name):

@@ -2,7 +2,8 @@
 
 One reader takes both: WARC ``response`` / ``resource`` records with an HTML payload go through
 :func:`pipeline.sources.html.extract_page`; WAT ``metadata`` records (JSON) give their ``IMG@/src`` links with
-alt text directly. Files open through fsspec (local paths, ``s3://``, ...), gzip inferred from the name.
+alt text directly. Files open through fsspec (local paths, ``s3://``, ...); gzip is recognised by its first
+bytes, whatever the name.
 Old ARC files are not read (counted as ``warc_bad_record``).
 
 Counted in ``drops`` besides the per-image reasons of ``html.py`` (and ``duplicate`` across one file's pages):
@@ -14,7 +15,7 @@ are kept, the cut record is dropped).
 
 from __future__ import annotations
 
-import html as html_lib
+import gzip
 import json
 import zlib
 from collections import Counter
@@ -32,12 +33,14 @@ from pipeline.sources.html import (
     image_record,
     resolve_url,
     robots_meta_flags,
+    unescape_attribute,
 )
 from pipeline.sources.records import Record, SeenPairs
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 WAT_IMAGE_PATH = "IMG@/src"
 READ_BYTES = 1 << 16  # bytes per read when draining a record
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class _EOFWatch:
@@ -49,12 +52,15 @@ class _EOFWatch:
     def __init__(self, fh):
         self.fh = fh
         self.truncated = False
+        # a GzipFile's read(n) gathers several members' data and loses it all when the last one is cut; read1
+        # returns what one read of the compressed stream gave, so everything before the cut is delivered
+        self._read = getattr(fh, "read1", fh.read)
 
     def read(self, size: int = -1) -> bytes:
         if self.truncated:
             return b""
         try:
-            return self.fh.read(size)
+            return self._read(size)
         except EOFError:
             self.truncated = True
             return b""
@@ -122,7 +128,7 @@ def wat_records(meta: dict, drops: Counter, cfg: ExtractConfig, seen: SeenPairs)
         return []
     page_url = header["WARC-Target-URI"]
     head = html_meta.get("Head") or {}
-    base = resolve_url(html_lib.unescape(head["Base"]), page_url) if head.get("Base") else None
+    base = resolve_url(unescape_attribute(head["Base"]), page_url) if head.get("Base") else None
     base = base or page_url
     headers = http.get("Headers") or {}
     opted_out = opt_out(str(v) for k, v in headers.items() if k.lower() == "x-robots-tag")
@@ -134,9 +140,10 @@ def wat_records(meta: dict, drops: Counter, cfg: ExtractConfig, seen: SeenPairs)
         return []
     records, page_seen = [], SeenPairs()
     for link in images:
-        # WAT keeps attribute values as written, so entities are decoded here (the HTML parser does it for WARC).
-        src = html_lib.unescape(link.get("url") or "")
-        alt = html_lib.unescape(link["alt"]) if link.get("alt") is not None else None
+        # WAT keeps attribute values as written, so entities are decoded here, by the HTML parser's rules for
+        # attributes (which decode a WARC page's), so the same page gives the same records either way.
+        src = unescape_attribute(link.get("url") or "")
+        alt = unescape_attribute(link["alt"]) if link.get("alt") is not None else None
         rec = image_record([src] if src else [], alt, base, page_url, cfg, drops, page_seen)
         if rec is not None:
             records.append(rec)
@@ -177,7 +184,11 @@ def iter_warc(
 ) -> Iterator[Record]:
     """Yield the image records of a ``.warc[.gz]`` or ``.wat[.gz]`` file (a local path or any fsspec URL)."""
     seen = SeenPairs()
-    with fsspec.open(path_or_url, "rb", compression="infer", **(storage_options or {})) as fh:
+    with fsspec.open(path_or_url, "rb", **(storage_options or {})) as raw:
+        gzipped = raw.read(2) == GZIP_MAGIC  # by content, not name: a signed URL's query hides its ".gz"
+        raw.seek(0)
+        # decompressed here, not inside warcio, so that a cut gzip member reaches _EOFWatch and is counted
+        fh = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
         stream = _EOFWatch(fh)
         records = iter(ArchiveIterator(stream, check_digests=False))
         while True:

@@ -78,6 +78,9 @@ def test_srcset_largest_width_then_density_then_lazy_loading():
         '<img src="plain.jpg" srcset="" alt="empty srcset falls back">'
         '<img srcset="https://cdn.example.net/w_100,h_100/p.jpg 100w, https://cdn.example.net/w_800,h_800/p.jpg 800w"'
         ' alt="commas inside srcset urls">'
+        '<img src="/static/lazy-placeholder.gif" data-src="/photos/dog.jpg" alt="a placeholder in src">'
+        '<img src="/ph.gif" srcset="/ph-2x.gif 2x" data-srcset="/real-400.jpg 400w, /real-800.jpg 800w"'
+        ' alt="a placeholder srcset">'
     )
     assert [r.url for r in recs] == [
         "https://example.org/dir/xl.jpg",
@@ -86,6 +89,8 @@ def test_srcset_largest_width_then_density_then_lazy_loading():
         "https://example.org/lz/b.jpg",
         "https://example.org/dir/plain.jpg",
         "https://cdn.example.net/w_800,h_800/p.jpg",
+        "https://example.org/photos/dog.jpg",  # lazy loading: src holds a placeholder until a script swaps them
+        "https://example.org/real-800.jpg",
     ]
     assert not drops
 
@@ -139,6 +144,15 @@ def test_undeclared_legacy_bytes_fall_back_to_windows_1252():
     data = "<img src='q.jpg' alt='déjà vu “quoted”'>".encode("cp1252")
     assert "déjà vu “quoted”" in decode_html(data)
     assert decode_html("<p>ok ü</p>".encode()) == "<p>ok ü</p>"
+
+
+def test_a_meta_charset_after_a_long_script_is_read_when_the_page_is_not_utf8():
+    script = "<script>var x = '" + "a" * 5000 + "';</script>"  # the meta tag starts past the 4096-byte prescan
+    html = f'<html><head>{script}<meta charset="windows-1251"></head><body><img src="k.jpg" alt="Кот и пёс"></body>'
+    recs = extract_images(html.encode("cp1251"), PAGE, drops=Counter())
+    assert [r.caption for r in recs] == ["Кот и пёс"]
+    utf8 = html.replace("windows-1251", "utf-8").encode()  # valid UTF-8 wins as before
+    assert [r.caption for r in extract_images(utf8, PAGE, drops=Counter())] == ["Кот и пёс"]
 
 
 def test_placeholder_empty_and_short_alts_are_counted():

@@ -274,3 +274,48 @@ def test_wat_record_nested_too_deeply_is_a_bad_record(tmp_path):
     drops = Counter()
     assert [r.url for r in iter_warc(str(path), drops)] == ["https://w.example/a.jpg"]
     assert drops == Counter({"warc_bad_record": 1})
+
+
+@pytest.mark.parametrize("name", ["cut.warc", "cut.bin"])  # gzip that no name announces (a signed URL's query)
+def test_a_cut_gzip_member_is_counted_and_the_records_before_it_kept_whatever_the_name(tmp_path, name):
+    import gzip
+
+    members = []  # one gzip member per record, as Common Crawl writes them
+    for i in range(4):
+        buf = io.BytesIO()
+        _response(
+            WARCWriter(buf, gzip=False), f"https://g.example/{i}", _html(f'<img src="/i{i}.jpg" alt="photo {i} x">')
+        )
+        members.append(gzip.compress(buf.getvalue()))
+    data = b"".join(members)
+    for cut, kept in ((len(data) - len(members[-1]) // 2, 3), (len(members[0]) + len(members[1]) // 2, 1)):
+        path = tmp_path / name
+        path.write_bytes(data[:cut])
+        drops = Counter()
+        recs = list(iter_warc(str(path), drops))
+        assert [r.url for r in recs] == [f"https://g.example/i{i}.jpg" for i in range(kept)]
+        assert drops == Counter({"warc_truncated": 1})
+    (tmp_path / name).write_bytes(data)
+    assert len(list(iter_warc(str(tmp_path / name), Counter()))) == 4
+
+
+def test_wat_attribute_values_decode_like_the_html_parser_decodes_a_warc_page():
+    from pipeline.sources.html import ExtractConfig, extract_page
+    from pipeline.sources.records import SeenPairs
+    from pipeline.sources.warc import wat_records
+
+    src, alt = (
+        "/img/p.jpg?size=large&region=eu&current=1&amp;q=2",
+        "Logo &copy2023 of Tom&Jerry &amp; &eacute;t&eacute",
+    )
+    links = [{"path": "IMG@/src", "url": src, "alt": alt}]
+    http = {"Response-Message": {"Status": "200"}, "Headers": {}, "HTML-Metadata": {"Head": {}, "Links": links}}
+    header = {"WARC-Type": "response", "WARC-Target-URI": "http://w.example/p"}
+    meta = {"Envelope": {"WARC-Header-Metadata": header, "Payload-Metadata": {"HTTP-Response-Metadata": http}}}
+    wat = [(r.url, r.caption) for r in wat_records(meta, Counter(), ExtractConfig(), SeenPairs())]
+    page = extract_page(f'<img src="{src}" alt="{alt}">', "http://w.example/p", drops=Counter())
+    assert (
+        wat
+        == [(r.url, r.caption) for r in page.records]
+        == [("http://w.example/img/p.jpg?size=large&region=eu&current=1&q=2", "Logo &copy2023 of Tom&Jerry & été")]
+    )
