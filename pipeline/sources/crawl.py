@@ -18,6 +18,7 @@ the meta tags or the X-Robots-Tag header says otherwise. Counters added to ``dro
 from __future__ import annotations
 
 import asyncio
+import codecs
 import gzip
 import io
 import zlib
@@ -80,13 +81,18 @@ def _host(url: str) -> str:
     return urlsplit(url).hostname or ""
 
 
+def _is_http(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://"))
+
+
 def _origin(url: str) -> str:
     p = urlsplit(normalize_url(url))
     return f"{p.scheme}://{p.netloc}"
 
 
 def parse_sitemap(body: bytes, max_bytes: int) -> tuple[str, list[str]] | None:
-    """(``"sitemapindex"`` | ``"urlset"``, loc URLs) of a sitemap (XML, plain text, gzipped); None if unreadable."""
+    """(``"sitemapindex"`` | ``"urlset"`` | ``"text"``, loc URLs) of a sitemap (XML or plain text, either gzipped,
+    a UTF-8 byte order mark allowed); None if unreadable."""
     if body[:2] == b"\x1f\x8b":
         try:
             with gzip.GzipFile(fileobj=io.BytesIO(body)) as gz:
@@ -95,9 +101,10 @@ def parse_sitemap(body: bytes, max_bytes: int) -> tuple[str, list[str]] | None:
             return None
     if len(body) > max_bytes:
         return None
-    if not body.lstrip().startswith(b"<"):  # the plain-text sitemap format: one URL per line
+    body = body.lstrip().removeprefix(codecs.BOM_UTF8).lstrip()
+    if not body.startswith(b"<"):  # the plain-text sitemap format: one absolute URL per line
         lines = body.decode("utf-8", errors="replace").splitlines()
-        return "urlset", [line.strip() for line in lines if line.strip()]
+        return "text", [line.strip() for line in lines if line.strip()]
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError:
@@ -201,7 +208,8 @@ async def _sitemap_pages(origins: list[str], fetcher, frontier: _Frontier) -> li
         elif parsed[0] == "sitemapindex":
             queue.extend(resolve_url(u, url) or u for u in parsed[1])
         else:
-            urls = [resolve_url(u, url) for u in parsed[1]]
+            # a text sitemap's lines must be absolute URLs: anything else (an XML file it misread) is not resolved
+            urls = [resolve_url(u, url) if parsed[0] == "urlset" or _is_http(u) else None for u in parsed[1]]
             pages.extend(u for u in urls if u is not None)
             if None in urls:
                 drops["sitemap_bad_url"] += urls.count(None)

@@ -1,11 +1,13 @@
 """The crawler end to end against a real loopback web site, through the real Fetcher."""
 
 import asyncio
+import codecs
 import dataclasses
 import gzip
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from unittest.mock import ANY
 
 import pytest
 
@@ -252,9 +254,12 @@ def test_parse_sitemap_formats():
     assert parse_sitemap(urlset, 10_000) == ("urlset", ["https://e.org/a?x=1&y=2", "https://e.org/b"])
     assert parse_sitemap(gzip.compress(urlset), 10_000) == parse_sitemap(urlset, 10_000)
     assert parse_sitemap(b"https://e.org/1\n\nhttps://e.org/2\n", 100) == (
-        "urlset",
+        "text",
         ["https://e.org/1", "https://e.org/2"],
     )
+    with_bom = codecs.BOM_UTF8 + b'<?xml version="1.0" encoding="UTF-8"?>\n' + urlset  # as some CMSs write them
+    assert parse_sitemap(with_bom, 10_000) == parse_sitemap(gzip.compress(with_bom), 10_000) == ("urlset", ANY)
+    assert parse_sitemap(with_bom, 10_000)[1] == ["https://e.org/a?x=1&y=2", "https://e.org/b"]
     assert parse_sitemap(b"<urlset><url><loc>x</loc>", 100) is None  # malformed XML
     assert parse_sitemap(urlset, 50) is None  # over the size limit
     assert parse_sitemap(b"<html><body>not a sitemap</body></html>", 1000) is None
@@ -268,3 +273,16 @@ def test_crawl_config_round_trips_through_json():
     cfg = CrawlConfig(allowed_domains=("a.example", "b.example"), max_pages=5, extract=ExtractConfig(min_alt_chars=7))
     again = CrawlConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.extract.min_alt_chars == 7
+
+
+def test_a_sitemap_with_a_byte_order_mark_and_a_text_sitemap_with_relative_lines(site):
+    origin, requests, server = site
+    xml = f"<urlset {SITEMAP_NS}><url><loc>{origin}/orphan.html</loc></url></urlset>"
+    server.pages["/sitemap_index.xml"] = ("application/xml", codecs.BOM_UTF8 + b"<?xml version='1.0'?>" + xml.encode())
+    records, drops, _ = _run([origin + "/c.html"], CrawlConfig(max_depth=1))
+    assert [r.page_url.removeprefix(origin) for r in records] == ["/c.html", "/orphan.html"]
+    assert not [p for p in requests if "<" in p or "%3C" in p]  # no XML line fetched as a relative URL
+    server.pages["/sitemap_index.xml"] = ("text/plain", f"{origin}/orphan.html\nc.html\n/a.html\n".encode())
+    records, drops, _ = _run([origin + "/c.html"], CrawlConfig(max_depth=1))
+    assert [r.page_url.removeprefix(origin) for r in records] == ["/c.html", "/orphan.html"]
+    assert drops["sitemap_bad_url"] == 2  # a text sitemap's lines must be absolute URLs
