@@ -5,8 +5,15 @@ array of objects, or pandas' column layout), ``jsonl`` (one object a line) and `
 be gzipped (``tsv.gz``, ``jsonl.gz``, ... or a ``.gz`` file name). A directory stands for its ``*.<format>``
 files in name order. Nothing is loaded whole except pandas' column-layout JSON, which cannot be streamed.
 
-Counted in ``drops``: ``bad_url`` (missing, empty or not http(s)), ``bad_row`` (an unreadable line or row, or
-JSON nested too deeply to decode). A missing or empty caption gives ``caption=None``; it is not a drop.
+Counted in ``drops``: ``bad_url`` (missing, empty or not http(s)), ``bad_row`` (an unreadable line or row, JSON
+nested too deeply to decode, or a malformed element of a JSON array, after which reading goes on at the next
+element), ``truncated_list`` (a gzipped list that ends early: the rows read so far are kept) and ``corrupt_list``
+(a gzipped list whose data is damaged: likewise). A missing or empty caption gives ``caption=None``; it is not a
+drop. Bytes that are not UTF-8 are read as windows-1252 (a list exported by a legacy tool), not replaced.
+
+Columns: a column that is not in the file is an error raised before the first record. JSON and JSONL have no
+header: the url column must be in the first object, and every other named column in at least one of the first
+``HEADER_ROWS`` objects (a row may leave out a caption it does not have).
 
 TSV has no quoting convention, so each line is one row: a line written with CSV quoting (``csv.writer``,
 pandas' ``to_csv(sep="\t")``) is unquoted, any other line is split at its tabs as it is (a caption that opens
@@ -15,9 +22,14 @@ with ``"`` keeps it). A CSV field may be quoted across lines.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import gzip
+import itertools
 import json
 import os
+import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -33,7 +45,10 @@ __all__ = ["FORMATS", "infer_format", "iter_hf_dataset", "iter_url_list", "parti
 FORMATS = ("txt", "csv", "tsv", "json", "jsonl", "parquet")  # each but parquet also as "<format>.gz"
 BATCH_ROWS = 10_000  # parquet rows decoded at a time
 PARQUET_BUFFER_BYTES = 1 << 20  # bytes read ahead per parquet column stream
+HEADER_ROWS = 1000  # JSON/JSONL objects whose keys stand for a header
 JSON_CHUNK_CHARS = 1 << 20  # characters read at a time from a JSON array
+JSON_MAX_ELEMENT_CHARS = 1 << 22  # a JSON array element still unparsed after this many characters is malformed
+_JSON_NEXT_OBJECT = re.compile(r"\}\s*,\s*\{")  # where reading resumes after a malformed array element
 _JSON_SEPARATORS = " \t\r\n,"
 
 
@@ -74,6 +89,25 @@ def _check_columns(available: Iterable[str], wanted: list[str], path: str) -> No
         raise ValueError(f"{path}: column(s) {missing} not found (columns: {sorted(available)})")
 
 
+def _wanted(url_col: str, caption_col: str | None, extra_cols: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys([url_col] + ([caption_col] if caption_col else []) + list(extra_cols)))
+
+
+def _header_checked(rows: Iterable[Any], wanted: list[str], path: str) -> Iterator[Any]:
+    """``rows`` (JSON values), after checking the columns as a header would be checked, before the first row is
+    passed on: the url column must be in the first object, and every other wanted column in at least one of the
+    first ``HEADER_ROWS`` objects (a caption may be left out of a row that has none)."""
+    rows = iter(rows)
+    head = list(itertools.islice(rows, HEADER_ROWS))
+    objects = [r for r in head if isinstance(r, dict)]
+    if objects:
+        keys = set().union(*objects)
+        _check_columns(objects[0], wanted[:1], path)
+        _check_columns(keys, wanted, path)
+    yield from head
+    yield from rows
+
+
 def _rows_from_dicts(rows: Iterable[Any], url_col, caption_col, extra_cols, drops: Counter) -> Iterator[Record]:
     for row in rows:
         if not isinstance(row, dict):
@@ -97,11 +131,20 @@ def _cell(row: list[str], i: int | None) -> str | None:
     return row[i] if i is not None and i < len(row) else None
 
 
+def _cp1252_fallback(e: UnicodeDecodeError) -> tuple[str, int]:
+    """Codec error handler: bytes that are not UTF-8 decode as windows-1252 (undefined ones as U+FFFD)."""
+    return e.object[e.start : e.end].decode("cp1252", errors="replace"), e.end
+
+
+codecs.register_error("altforge-cp1252", _cp1252_fallback)
+
+
 def _open_text(path: str, gz: bool, opts: dict, newline: str | None = None):
-    """Open a (possibly gzipped) UTF-8 text file through fsspec; a BOM is dropped, bad bytes replaced."""
+    """Open a (possibly gzipped) UTF-8 text file through fsspec; a BOM is dropped, bytes that are not UTF-8 are
+    read as windows-1252."""
     compression = "gzip" if gz else "infer"
     return fsspec.open(
-        path, "rt", compression=compression, encoding="utf-8-sig", errors="replace", newline=newline, **opts
+        path, "rt", compression=compression, encoding="utf-8-sig", errors="altforge-cp1252", newline=newline, **opts
     )
 
 
@@ -126,8 +169,7 @@ def _read_csv(path, gz, delimiter, url_col, caption_col, extra_cols, opts, drops
         if header is None:
             return
         header = [h.strip() for h in header]
-        wanted = [url_col] + ([caption_col] if caption_col else []) + list(extra_cols)
-        _check_columns(header, wanted, path)
+        _check_columns(header, _wanted(url_col, caption_col, extra_cols), path)
         iu = header.index(url_col)
         ic = header.index(caption_col) if caption_col else None
         ix = [(c, header.index(c)) for c in extra_cols]
@@ -157,21 +199,32 @@ def _read_jsonl(path, gz, url_col, caption_col, extra_cols, opts, drops) -> Iter
                 drops["bad_row"] += 1
 
     with _open_text(path, gz, opts) as fh:
-        yield from _rows_from_dicts(rows(fh), url_col, caption_col, extra_cols, drops)
+        checked = _header_checked(rows(fh), _wanted(url_col, caption_col, extra_cols), path)
+        yield from _rows_from_dicts(checked, url_col, caption_col, extra_cols, drops)
 
 
 def _json_values(fh, drops: Counter) -> Iterator[Any]:
-    """The elements of a top-level JSON array (or of concatenated JSON values), decoded incrementally."""
+    """The elements of a top-level JSON array (or of concatenated JSON values), decoded incrementally.
+
+    An element that does not parse (malformed, or nested too deeply) is one ``bad_row``; reading resumes at the next
+    object of the array (after the next ``}, {``), so one bad element costs its own row, not the rest of the file,
+    and an element never holds more than ``JSON_MAX_ELEMENT_CHARS`` in memory.
+    """
     decoder = json.JSONDecoder()
     buf, pos, eof, opened = "", 0, False, False
+
+    def more() -> None:
+        nonlocal buf, pos, eof
+        chunk = fh.read(JSON_CHUNK_CHARS)
+        buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+
     while True:
         while pos < len(buf) and buf[pos] in _JSON_SEPARATORS:
             pos += 1
         if pos == len(buf):
             if eof:
                 return
-            chunk = fh.read(JSON_CHUNK_CHARS)
-            buf, pos, eof = chunk, 0, not chunk
+            more()
             continue
         if buf[pos] == "[" and not opened:
             opened, pos = True, pos + 1
@@ -180,15 +233,23 @@ def _json_values(fh, drops: Counter) -> Iterator[Any]:
             return
         try:
             value, end = decoder.raw_decode(buf, pos)
-        except RecursionError:  # nested too deeply to decode, and so to skip: nothing after it can be read
+        except (json.JSONDecodeError, RecursionError) as e:
+            at_end = isinstance(e, json.JSONDecodeError) and (
+                # it ran into the chunk's end: within a literal or \uXXXX escape of it (a cut "tru" fails where
+                # it starts), or inside a string (which fails where the string starts)
+                e.pos >= len(buf) - 16 or e.msg.startswith("Unterminated string")
+            )
+            if at_end and not eof and len(buf) - pos < JSON_MAX_ELEMENT_CHARS:
+                more()  # an element cut by the chunk boundary, most likely
+                continue
             drops["bad_row"] += 1
-            return
-        except json.JSONDecodeError:
-            if eof:  # malformed or cut: nothing after this point can be read reliably
-                drops["bad_row"] += 1
-                return
-            chunk = fh.read(JSON_CHUNK_CHARS)
-            buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+            while (m := _JSON_NEXT_OBJECT.search(buf, pos + 1)) is None:  # resynchronise at the next object
+                if eof:
+                    return
+                keep = min(len(buf) - pos, 64)  # a "}, {" that straddles the chunks
+                pos = len(buf) - keep
+                more()
+            pos = m.end() - 1
             continue
         pos = end
         yield value
@@ -202,11 +263,12 @@ def _read_json(path, gz, url_col, caption_col, extra_cols, opts, drops) -> Itera
             return
         if isinstance(first, dict) and isinstance(first.get(url_col), dict | list):
             # pandas' default DataFrame.to_json layout: {"url": {"0": ..., "1": ...}, "caption": {...}}
+            _check_columns(first, _wanted(url_col, caption_col, extra_cols), path)
             columns = {k: list(v.values()) if isinstance(v, dict) else list(v) for k, v in first.items()}
             n = len(columns[url_col])
             rows: Iterable[Any] = ({k: v[i] for k, v in columns.items() if i < len(v)} for i in range(n))
         else:
-            rows = _chain_first(first, values)
+            rows = _header_checked(_chain_first(first, values), _wanted(url_col, caption_col, extra_cols), path)
         yield from _rows_from_dicts(rows, url_col, caption_col, extra_cols, drops)
 
 
@@ -218,7 +280,7 @@ def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 def _read_parquet(path, url_col, caption_col, extra_cols, opts, drops) -> Iterator[Record]:
     with fsspec.open(path, "rb", **opts) as fh:
         pf = pq.ParquetFile(fh, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)  # read column chunks as a stream
-        wanted = list(dict.fromkeys([url_col] + ([caption_col] if caption_col else []) + list(extra_cols)))
+        wanted = _wanted(url_col, caption_col, extra_cols)
         _check_columns(pf.schema_arrow.names, wanted, path)
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted, use_threads=False):
             cols = {name: batch.column(name).to_pylist() for name in wanted}
@@ -263,16 +325,24 @@ def iter_url_list(
     extra_cols = tuple(extra_cols)
     for file in _files(path, input_format, opts):
         if base == "txt":
-            yield from _read_txt(file, gz, opts, drops)
+            rows = _read_txt(file, gz, opts, drops)
         elif base in ("csv", "tsv"):
             delimiter = "," if base == "csv" else "\t"
-            yield from _read_csv(file, gz, delimiter, url_col, caption_col, extra_cols, opts, drops)
+            rows = _read_csv(file, gz, delimiter, url_col, caption_col, extra_cols, opts, drops)
         elif base == "jsonl":
-            yield from _read_jsonl(file, gz, url_col, caption_col, extra_cols, opts, drops)
+            rows = _read_jsonl(file, gz, url_col, caption_col, extra_cols, opts, drops)
         elif base == "json":
-            yield from _read_json(file, gz, url_col, caption_col, extra_cols, opts, drops)
+            rows = _read_json(file, gz, url_col, caption_col, extra_cols, opts, drops)
         else:
-            yield from _read_parquet(file, url_col, caption_col, extra_cols, opts, drops)
+            rows = _read_parquet(file, url_col, caption_col, extra_cols, opts, drops)
+        try:
+            yield from rows
+        except gzip.BadGzipFile as e:  # not gzip at all: a wrong name or input_format, not a damaged list
+            raise ValueError(f"{file}: {e} (is input_format {input_format!r} right?)") from None
+        except EOFError:  # the rows before the cut are kept; the next file is read
+            drops["truncated_list"] += 1
+        except zlib.error:
+            drops["corrupt_list"] += 1
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -300,7 +370,7 @@ def iter_hf_dataset(
     import datasets  # heavy; only this function needs it
 
     extra_cols = tuple(extra_cols)
-    wanted = list(dict.fromkeys([url_col] + ([caption_col] if caption_col else []) + list(extra_cols)))
+    wanted = _wanted(url_col, caption_col, extra_cols)
     if _is_saved_dataset(name_or_path):
         ds = datasets.load_from_disk(name_or_path)
         if isinstance(ds, datasets.DatasetDict):
@@ -311,4 +381,6 @@ def iter_hf_dataset(
     if ds.column_names is not None:
         _check_columns(ds.column_names, wanted, name_or_path)
         ds = ds.select_columns(wanted)
-    yield from _rows_from_dicts(ds, url_col, caption_col, extra_cols, drops)
+        yield from _rows_from_dicts(ds, url_col, caption_col, extra_cols, drops)
+    else:  # a streamed dataset whose features are unknown until read: its first rows stand for the header
+        yield from _rows_from_dicts(_header_checked(ds, wanted, name_or_path), url_col, caption_col, extra_cols, drops)

@@ -268,3 +268,60 @@ def test_csv_keeps_quoted_fields_over_lines(tmp_path):
     (tmp_path / "q.csv").write_text('url,caption\nhttps://a.example/1.jpg,"two\nlines, one caption"\n')
     recs = list(iter_url_list(str(tmp_path / "q.csv"), drops=Counter()))
     assert [r.alt_raw for r in recs] == ["two\nlines, one caption"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_json_lists_check_their_columns_like_a_header(tmp_path, fmt):
+    rows = [{"URL": f"https://img.example/{i}.jpg", "TEXT": f"caption {i}"} for i in range(3)]
+    path = tmp_path / f"l.{fmt}"
+    path.write_text(json.dumps(rows) if fmt == "json" else "\n".join(map(json.dumps, rows)))
+    with pytest.raises(ValueError, match=r"column\(s\) \['url'\] not found \(columns: \['TEXT', 'URL'\]\)"):
+        next(iter_url_list(str(path), drops=Counter()))  # was: every row a bad_url, and exit 0
+    with pytest.raises(ValueError, match=r"column\(s\) \['caption'\] not found"):  # was: every caption None
+        next(iter_url_list(str(path), url_col="URL", drops=Counter()))
+    got = [(r.url, r.caption) for r in iter_url_list(str(path), url_col="URL", caption_col="TEXT", drops=Counter())]
+    assert got == [(f"https://img.example/{i}.jpg", f"caption {i}") for i in range(3)]
+    columns = tmp_path / "cols.json"  # pandas' column layout
+    columns.write_text(json.dumps({"URL": {"0": "https://img.example/0.jpg"}, "TEXT": {"0": "x"}}))
+    with pytest.raises(ValueError, match=r"column\(s\) \['caption'\] not found"):
+        next(iter_url_list(str(columns), url_col="URL", drops=Counter()))
+
+
+def test_a_malformed_json_array_element_costs_its_row_only_in_bounded_memory(tmp_path):
+    n = 60_000
+    good = [json.dumps({"url": f"https://img.example/{i}.jpg", "caption": f"caption {i}"}) for i in range(n)]
+    bad = '{"url": "https://img.example/bad.jpg", "caption": "broken" oops}'
+    path = tmp_path / "l.json"
+    path.write_text("[" + ",".join([good[0], bad, *good[1:], bad, '{"url": 5 oops']) + "]")
+    drops = Counter()
+    tracemalloc.start()
+    urls = [r.url for r in iter_url_list(str(path), drops=drops)]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert urls == [f"https://img.example/{i}.jpg" for i in range(n)] and drops == Counter({"bad_row": 3})
+    assert peak < 12_000_000, f"peak traced memory {peak} bytes"  # the file is ~5 MB; the rows alone take more
+
+
+def test_a_list_in_windows_1252_keeps_its_accents(tmp_path):
+    path = tmp_path / "l.csv"
+    path.write_bytes("url,caption\nhttps://img.example/1.jpg,Café crème à Noël\n".encode("cp1252"))
+    path2 = tmp_path / "mixed.txt"
+    path2.write_bytes(b"https://img.example/caf\xe9.jpg\nhttps://img.example/\xc3\xa9t\xc3\xa9.jpg\n")
+    assert [r.caption for r in iter_url_list(str(path), drops=Counter())] == ["Café crème à Noël"]
+    assert [r.url for r in iter_url_list(str(path2), drops=Counter())] == [
+        "https://img.example/café.jpg",
+        "https://img.example/été.jpg",  # UTF-8 lines stay UTF-8
+    ]
+
+
+def test_a_cut_gzipped_list_keeps_its_rows_and_a_mislabelled_one_is_one_line(tmp_path):
+    rows = "\n".join(json.dumps({"url": f"https://img.example/{i}.jpg", "caption": f"c {i}"}) for i in range(5000))
+    data = gzip.compress(rows.encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    drops = Counter()
+    recs = list(iter_url_list(str(tmp_path / "cut.jsonl.gz"), drops=drops))
+    assert 0 < len(recs) < 5000 and drops == Counter({"truncated_list": 1})
+    assert [r.url for r in recs] == [f"https://img.example/{i}.jpg" for i in range(len(recs))]
+    (tmp_path / "plain.jsonl.gz").write_text(rows)
+    with pytest.raises(ValueError, match=r"plain.jsonl.gz: Not a gzipped file .*input_format 'jsonl.gz'"):
+        list(iter_url_list(str(tmp_path / "plain.jsonl.gz"), drops=Counter()))
