@@ -398,8 +398,11 @@ def shard_urls(source: str, storage_options: dict | None = None) -> list[str]:
     manifest_url = source if source.endswith(".json") else storage.join(source, "manifest.json")
     base = (posixpath.dirname(source) or ".") if source.endswith(".json") else source
     if storage.exists(manifest_url, storage_options):
-        manifest = json.loads(storage.read_bytes(manifest_url, storage_options))
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        manifest = storage.read_json_object(manifest_url, storage_options)
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) for s in shards
+        ):
             raise ValueError(f"{manifest_url}: not a dataset manifest (no shards list)")
         own = [storage.join(base, s["name"]) for s in manifest["shards"]]
         if manifest.get("delta") and manifest.get("parent"):  # relative to this version's directory

@@ -84,6 +84,18 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
         return f.read()
 
 
+def read_json_object(url: str, storage_options: dict | None = None) -> dict:
+    """A small JSON file that must hold an object (a manifest, sizes.json, ...); one-line ``ValueError`` naming
+    the file when it is not valid JSON (cut short by a full disk, say) or not an object."""
+    try:
+        doc = json.loads(read_bytes(url, storage_options))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{url}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{url}: expected a JSON object")
+    return doc
+
+
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
     """Write a whole (small) file (not atomic; use :func:`publish` for that)."""
     fs, path = get_fs(url, storage_options)

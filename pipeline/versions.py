@@ -71,16 +71,6 @@ def _base(dataset_url: str) -> str:
     return (posixpath.dirname(dataset_url) or ".") if dataset_url.endswith(".json") else dataset_url.rstrip("/")
 
 
-def _read_json(url: str, storage_options: dict | None) -> dict:
-    try:
-        doc = json.loads(storage.read_bytes(url, storage_options))
-    except ValueError as e:
-        raise ValueError(f"{url}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{url}: expected a JSON object")
-    return doc
-
-
 def _absolute(url: str) -> str:
     return os.path.abspath(url) if "://" not in url else url
 
@@ -113,7 +103,7 @@ def ancestry(dataset_url: str, storage_options: dict | None = None) -> list[tupl
     while url is not None:
         if not storage.exists(url, storage_options):
             raise FileNotFoundError(f"manifest not found: {url}")
-        manifest = _read_json(url, storage_options)
+        manifest = storage.read_json_object(url, storage_options)
         chain.append((_base(url), manifest))
         parent = manifest.get("parent") if manifest.get("delta") else None
         url = storage.resolve_ref(_base(url), parent) if parent else None
@@ -327,7 +317,7 @@ def stamp_manifest(manifest: dict, target: NextVersion, storage_options: dict | 
     """Mark a freshly built manifest as version ``target.number`` (a delta of its parent) with family totals."""
     samples, shards_ = manifest["samples"], len(manifest["shards"])
     if target.parent is not None:  # the parent's totals already cover its own ancestors
-        parent = _read_json(target.parent, storage_options)
+        parent = storage.read_json_object(target.parent, storage_options)
         samples += parent.get("total_samples", parent["samples"])
         shards_ += parent.get("total_shards", len(parent["shards"]))
     parent = None if target.parent is None else "/".join(["..", *target.parent.rstrip("/").split("/")[-2:]])
@@ -369,7 +359,7 @@ def index_row(number: int, url: str, manifest: dict) -> dict:
 
 def build_index(root: str, storage_options: dict | None = None) -> list[dict]:
     """The index rows of every complete version, from their manifests."""
-    return [index_row(n, url, _read_json(manifest_url(url), storage_options))
+    return [index_row(n, url, storage.read_json_object(manifest_url(url), storage_options))
             for n, url in scan_versions(root, storage_options)]  # fmt: skip
 
 
@@ -394,7 +384,7 @@ def list_versions(root: str, storage_options: dict | None = None) -> list[dict]:
     root = _base(root)
     if is_versioned(root, storage_options):
         url = storage.join(root, INDEX_NAME)
-        rows = _read_json(url, storage_options).get("versions")
+        rows = storage.read_json_object(url, storage_options).get("versions")
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "version" in r for r in rows):
             raise ValueError(f"{url}: not a versions index (no list of versions)")
         if [r["version"] for r in rows] == [n for n, _ in scan_versions(root, storage_options)]:

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"  # text file naming the newest complete checkpoint directory
+FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")  # besides state.json
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -117,18 +120,43 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint directory of a run (the one ``latest`` names), or None.
 
     When ``latest`` names a directory that is gone (a kill in the middle of replacing a checkpoint of the same
-    step), the newest complete ``step_*`` or the set-aside ``.old-step_*`` is used instead of starting over.
+    step), the newest complete ``step_*`` or the set-aside ``.old-step_*`` is used instead of starting over. So is
+    an older one, with a warning, when the newest is damaged (a file cut short or missing: a disk that filled up,
+    a host that crashed before its writes reached the disk): the run resumes from the last checkpoint it can read.
     """
     root = Path(run_dir) / "checkpoints"
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text(encoding="utf-8").strip()
-    if (path / "state.json").is_file():
-        return path
-    complete = [p for p in root.glob("*step_*") if p.is_dir() and not p.name.startswith(".tmp-")]
-    complete = [p for p in complete if (p / "state.json").is_file()]
-    return max(complete, key=lambda p: p.name.rsplit("_", 1)[-1], default=None)
+    named = root / pointer.read_text(encoding="utf-8").strip()
+    if (named / "state.json").is_file() and damage(named) is None:
+        return named
+    candidates = [p for p in root.glob("*step_*") if p.is_dir() and not p.name.startswith(".tmp-")]
+    for path in sorted(candidates, key=lambda p: p.name.rsplit("_", 1)[-1], reverse=True):
+        if (path / "state.json").is_file() and damage(path) is None:
+            if (named / "state.json").is_file():
+                sys.stderr.write(f"warning: {named} is damaged ({damage(named)}); resuming from {path.name}\n")
+            return path
+    return named if (named / "state.json").is_file() else None  # all damaged: loading it names what is wrong
+
+
+def damage(path: str | Path) -> str | None:
+    """What makes a checkpoint directory unreadable (one line), or None when its state.json parses to an object and
+    each safetensors file's header is whole and covers the file. Reads headers only, not the tensors."""
+    path = Path(path)
+    try:
+        doc = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"state.json: {e}"
+    if not isinstance(doc, dict) or not all(k in doc for k in ("step", "optimizer", "rng")):
+        return "state.json: not a checkpoint state (no step, optimizer and rng)"
+    for name in FILES:
+        try:
+            with safe_open(str(path / name), "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            return f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
 
 
 def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
@@ -152,9 +180,35 @@ def read_state(path: str | Path) -> dict:
     if not state.is_file():
         raise ValueError(f"{path}: not a checkpoint directory (no state.json)")
     try:
-        return json.loads(state.read_text(encoding="utf-8"))
+        doc = json.loads(state.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{state}: unreadable checkpoint state: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{state}: unreadable checkpoint state: a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
+LOOP_FIELDS = ("step", "metrics", "train_seconds", "scaler")  # what each trainer's loop resumes from state.json
+DATA_FIELDS = ("data", "world_size", "workers")  # what its data position resumes from (training.data)
+
+
+def resume_fields(doc: dict, path: str | Path, *keys: str) -> list:
+    """``doc[key]`` for each key of a checkpoint's state; a one-line ``ValueError`` naming the missing ones (the
+    data position's fields are checked too, so a damaged state.json fails here, not in the loader)."""
+    missing = [k for k in (*keys, *DATA_FIELDS) if k not in doc]
+    if missing:
+        raise ValueError(
+            f"{path}: damaged checkpoint (state.json lacks {', '.join(missing)}); resume from another, or start over"
+            " with --resume none"
+        )
+    return [doc[k] for k in keys]
+
+
+def load_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Restore a gradient scaler. A checkpoint saved without fp16 (CPU, fp32 or bf16) holds an empty state: a
+    resume in fp16 then starts its loss scale afresh, where ``load_state_dict`` would refuse the empty state."""
+    if state:
+        scaler.load_state_dict(state)
 
 
 def check_fits(path: str | Path, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -174,16 +228,24 @@ def check_fits(path: str | Path, model: torch.nn.Module, weights: dict[str, torc
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load weights (and optimizer state, and RNG states) from a checkpoint directory; returns its state.json.
 
-    Weights of another architecture are a one-line ``ValueError`` before anything is loaded."""
+    Weights of another architecture, or a damaged checkpoint, are a one-line ``ValueError`` before anything is
+    loaded. The optimizer keeps this run's settings (betas, weight decay, eps, ...): only its state (the moments
+    and step counts) comes from the checkpoint, so a resume with a new ``--weight-decay`` trains with it, as its
+    saved config says."""
     path = Path(path)
     doc = read_state(path)
+    if (why := damage(path)) is not None:
+        raise ValueError(f"{path}: damaged checkpoint ({why}); resume from another, or start over with --resume none")
     model = getattr(model, "module", model)
     weights = load_file(str(path / "model.safetensors"), device="cpu")
     check_fits(path, model, weights)
     model.load_state_dict(weights)
     if optimizer is not None:
         tensors = load_file(str(path / "optimizer.safetensors"), device="cpu")
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(optimizer_from_flat(doc["optimizer"], tensors))
+        for group, mine in zip(optimizer.param_groups, settings, strict=True):
+            group.update(mine)
         match_param_layout(optimizer)
         set_rng_state(doc["rng"], load_file(str(path / "rng.safetensors"), device="cpu"))
     return doc

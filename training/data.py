@@ -112,7 +112,10 @@ def read_sizes(source: str, storage_options: dict | None = None) -> tuple[list[s
         sizes_url = storage.join(base, "sizes.json")
         if not storage.exists(sizes_url, storage_options):
             raise FileNotFoundError(f"sizes.json not found beside the shards: {sizes_url}")
-        sizes[base] = json.loads(storage.read_bytes(sizes_url, storage_options))
+        sizes[base] = storage.read_json_object(sizes_url, storage_options)
+        bad = [k for k, v in sizes[base].items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        if bad:
+            raise ValueError(f"{sizes_url}: not a count of samples for {bad[0]!r} ({sizes[base][bad[0]]!r})")
     split = [u.rsplit("/", 1) for u in urls]
     missing = [u for u, (base, name) in zip(urls, split, strict=True) if name not in sizes[base]]
     if missing:

@@ -92,8 +92,10 @@ def latent_map(
     if shape is not None and tuple(latent.shape) != tuple(shape):
         raise ValueError(f"latent of shape {tuple(latent.shape)}, the dataset's is {tuple(shape)}")
     if f"logvar{flip}.npy" in sample:
-        std = scale * torch.exp(0.5 * _npy(sample[f"logvar{flip}.npy"]))
-        latent = latent + std * torch.randn(latent.shape, generator=g)
+        logvar = _npy(sample[f"logvar{flip}.npy"])
+        if scale is None or logvar.shape != latent.shape:  # a damaged sample, or one unlike the dataset's first
+            raise ValueError(f"logvar of shape {tuple(logvar.shape)} beside a latent of {tuple(latent.shape)}")
+        latent = latent + scale * torch.exp(0.5 * logvar) * torch.randn(latent.shape, generator=g)
     out = {
         "latent": latent,
         "noise": sample_noise(tuple(latent.shape), offset, g),

@@ -81,6 +81,17 @@ def float_settings_out_of_range(cfg, positive=(), non_negative=(), unit=()) -> l
     return bad
 
 
+def run_dir(out: str) -> Path:
+    """The run directory, created if need be; a one-line ``ValueError`` when it cannot be (``--out`` names a file,
+    or a folder without write permission)."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the run directory: {e.strerror or e}") from None
+    return path
+
+
 def reached_stop(cfg, step: int, train_seconds: float) -> bool:
     """Whether ``--stop-after`` or ``--max-minutes`` ends a run at ``step`` (any trainer config with both fields)."""
     return (cfg.stop_after > 0 and step >= cfg.stop_after) or (

@@ -23,7 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import distributed, loop
-from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from training.checkpoint import (
+    LOOP_FIELDS,
+    latest_checkpoint,
+    load_checkpoint,
+    load_scaler,
+    read_state,
+    resume_fields,
+    save_checkpoint,
+)
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.evaluate import demo_tasks, evaluate_clip, load_eval_set
 from training.models import create_clip, export_open_clip, get_tokenizer, make_clip_map, model_config
@@ -131,8 +139,7 @@ def train(cfg: ClipTrainConfig) -> dict:
     dist = distributed.init_distributed(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = loop.run_dir(cfg.out)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
@@ -168,8 +175,8 @@ def train(cfg: ClipTrainConfig) -> dict:
                 f" --config {cfg.model}: start over with --resume none, or use another --out"
             )
         doc = load_checkpoint(ckpt, model, optimizer)
-        step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
-        scaler.load_state_dict(doc["scaler"])
+        step, history, train_seconds, scaler_state = resume_fields(doc, ckpt, *LOOP_FIELDS)
+        load_scaler(scaler, scaler_state)
         position, same_layout = DataPosition.resumed(doc, dist.rank, dist.world_size, cfg.workers, data_plan)
         if dist.is_main:
             print(

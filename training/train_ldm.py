@@ -29,7 +29,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import distributed, loop
-from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from training.checkpoint import (
+    LOOP_FIELDS,
+    latest_checkpoint,
+    load_checkpoint,
+    load_scaler,
+    read_state,
+    resume_fields,
+    save_checkpoint,
+)
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.latent_data import inspect_latents, latent_map, text_conditioning
 from training.ldm_outputs import export_model, log_sample_grid, sampling_pipeline
@@ -176,8 +184,7 @@ def train(cfg: LdmTrainConfig) -> dict:
     dist = distributed.init_distributed(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = loop.run_dir(cfg.out)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -249,8 +256,8 @@ def train(cfg: LdmTrainConfig) -> dict:
                 "with --resume none, or use another --out"
             )
         doc = load_checkpoint(ckpt, both, optimizer)
-        step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
-        scaler.load_state_dict(doc["scaler"])
+        step, history, train_seconds, scaler_state = resume_fields(doc, ckpt, *LOOP_FIELDS)
+        load_scaler(scaler, scaler_state)
         position, same_layout = DataPosition.resumed(doc, dist.rank, dist.world_size, cfg.workers, data_plan)
         if dist.is_main:
             print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (epoch {position.epoch})"))

@@ -32,7 +32,15 @@ from tqdm import tqdm
 from pipeline.images import prepare_image
 from pipeline.shards import first_image, iter_samples, shard_urls
 from training import distributed, loop
-from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from training.checkpoint import (
+    LOOP_FIELDS,
+    latest_checkpoint,
+    load_checkpoint,
+    load_scaler,
+    read_state,
+    resume_fields,
+    save_checkpoint,
+)
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.models.vae import (
     build_vae,
@@ -222,8 +230,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     dist = distributed.init_distributed(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = loop.run_dir(cfg.out)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
@@ -258,8 +265,8 @@ def train(cfg: VaeTrainConfig) -> dict:
                 f"{cfg.config}: start over with --resume none, or use another --out"
             )
         doc = load_checkpoint(ckpt, vae, optimizer)
-        step, history, train_seconds = doc["step"], doc["metrics"], doc["train_seconds"]
-        scaler.load_state_dict(doc["scaler"])
+        step, history, train_seconds, scaler_state = resume_fields(doc, ckpt, *LOOP_FIELDS)
+        load_scaler(scaler, scaler_state)
         position, same_layout = DataPosition.resumed(doc, dist.rank, dist.world_size, cfg.workers, data_plan)
         if dist.is_main:
             print(
@@ -293,9 +300,10 @@ def train(cfg: VaeTrainConfig) -> dict:
     def run_eval() -> float | None:
         """Log a reconstruction grid and the held-out PSNR; returns the PSNR (None without eval_data)."""
         value = None
+        on = {"eval_data": cfg.eval_data, "eval_limit": cfg.eval_limit, "resolution": cfg.resolution}
         done = history["eval"][-1] if history["eval"] else None
-        if done is not None and done["step"] == step:  # a relaunch of a finished run: evaluated already
-            distributed.barrier()
+        if done is not None and done["step"] == step and {k: done.get(k) for k in on} == on:
+            distributed.barrier()  # a relaunch of a finished run: evaluated already, on the same images
             return done["psnr"]
         if dist.is_main:
             vae.eval()
@@ -309,7 +317,7 @@ def train(cfg: VaeTrainConfig) -> dict:
                 )
                 value, n = heldout_psnr(vae, held)
                 history["eval"].append(
-                    {"step": step, "psnr": value, "images": n, "train_seconds": round(train_seconds, 2)}
+                    {"step": step, "psnr": value, "images": n, "train_seconds": round(train_seconds, 2), **on}
                 )
                 writer.add_scalar("eval/psnr", value, step)
                 print(f"eval step {step}: held-out PSNR {value:.2f} dB on {n} images", flush=True)

@@ -109,3 +109,68 @@ def test_a_checkpoint_of_another_architecture_is_a_one_line_error(tmp_path):
         load_checkpoint(latest_checkpoint(tmp_path), other, torch.optim.AdamW(other.parameters()))
     assert "\n" not in str(err.value) and "--resume none" in str(err.value)
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))  # nothing was loaded
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_and_an_explicit_one_is_one_line(tmp_path, capsys):
+    import pytest
+
+    model = channels_last_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in (2, 4):
+        one_step(model, opt)
+        save_checkpoint(tmp_path, step, model, opt, {"note": f"at {step}"})
+    newest = tmp_path / "checkpoints" / "step_00000004"
+    for name, damage in (
+        ("model.safetensors", lambda b: b[: len(b) // 2]),  # cut short: a full disk, a crash before the flush
+        ("optimizer.safetensors", None),  # missing
+        ("state.json", lambda b: b[:40]),
+        ("state.json", lambda b: b"[1, 2]"),
+    ):
+        saved = {p.name: p.read_bytes() for p in newest.iterdir()}
+        if damage is None:
+            (newest / name).unlink()
+        else:
+            (newest / name).write_bytes(damage(saved[name]))
+        found = latest_checkpoint(tmp_path)
+        assert found is not None and found.name == "step_00000002", name
+        assert f"{newest} is damaged ({name}" in capsys.readouterr().err
+        assert (
+            load_checkpoint(found, channels_last_model(), torch.optim.AdamW(channels_last_model().parameters()))[
+                "note"
+            ]
+            == "at 2"
+        )
+        with pytest.raises(ValueError) as e:  # named explicitly (--resume DIR): one line, nothing loaded
+            load_checkpoint(newest, channels_last_model(), torch.optim.AdamW(channels_last_model().parameters()))
+        assert "\n" not in str(e.value) and str(newest) in str(e.value), e.value
+        for n, data in saved.items():
+            (newest / n).write_bytes(data)
+    assert latest_checkpoint(tmp_path) == newest and not capsys.readouterr().err
+
+
+def test_a_resume_trains_with_this_runs_optimizer_settings_and_keeps_the_checkpoints_moments(tmp_path):
+    model = channels_last_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999))
+    one_step(model, opt)
+    save_checkpoint(tmp_path, 1, model, opt, {})
+    fresh = channels_last_model()
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-2, weight_decay=0.5, betas=(0.5, 0.9))  # the new flags
+    load_checkpoint(latest_checkpoint(tmp_path), fresh, opt2)
+    assert opt2.param_groups[0]["weight_decay"] == 0.5 and opt2.param_groups[0]["betas"] == (0.5, 0.9)
+    p = next(fresh.parameters())
+    assert torch.equal(opt2.state[p]["exp_avg"], opt.state[next(model.parameters())]["exp_avg"])
+
+
+def test_a_checkpoint_saved_without_fp16_resumes_into_an_fp16_scaler():
+    import pytest
+
+    from training.checkpoint import load_scaler, resume_fields
+
+    scaler = torch.amp.GradScaler("cpu", enabled=True)  # what an fp16 relaunch builds (on "cuda" there)
+    with pytest.raises(RuntimeError):  # what load_state_dict does with a disabled scaler's empty state
+        scaler.load_state_dict({})
+    load_scaler(scaler, {})
+    assert scaler.get_scale() == 65536.0  # a fresh scale
+    with pytest.raises(ValueError, match="state.json lacks metrics, data, world_size, workers") as e:
+        resume_fields({"step": 3, "scaler": {}, "train_seconds": 1.0}, "CKPT", "step", "metrics")
+    assert "\n" not in str(e.value)

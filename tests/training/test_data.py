@@ -310,3 +310,47 @@ def test_error_counts_survive_a_layout_change_once():
     assert ranks[0].errors == Counter({"bad": 9}) and not ranks[1].errors and not ranks[2].errors
     doc = {"world_size": 2, "workers": 0, "data_plan": "x", "data": saved}
     assert DataPosition.resumed(doc, 0, 1, 0, "x")[0].errors == Counter({"bad": 9})
+
+
+def test_a_cut_sizes_json_or_manifest_is_one_line_naming_the_file(shards, tmp_path):
+    import shutil
+
+    for name, text, named in (
+        ("sizes.json", '{"000000.tar": 30,\n', "sizes.json: not valid JSON"),  # a full disk cut it short
+        ("sizes.json", '{"000000.tar": "thirty"}', "sizes.json: not a count of samples for '000000.tar'"),
+        ("manifest.json", '{"shards": [', "manifest.json: not valid JSON"),
+        ("manifest.json", '{"shards": [{"nom": "000000.tar"}]}', "manifest.json: not a dataset manifest"),
+    ):
+        root = tmp_path / f"{name}-{len(text)}"
+        shutil.copytree(shards, root)
+        (root / name).write_text(text)
+        with pytest.raises(ValueError) as e:
+            make_plan(str(root), LoaderConfig(batch_size=10), world_size=1)
+        assert named in str(e.value) and str(root) in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_a_damaged_logvar_is_a_counted_skip_not_a_dead_run():
+    import numpy as np
+
+    from training.latent_data import latent_map
+
+    def npy(a) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    def sample(logvar_shape) -> dict:
+        latent = npy(np.zeros((4, 8, 8), np.float16))
+        logvar = npy(np.zeros(logvar_shape, np.float16))
+        return {"__key__": "k", "latent.npy": latent, "logvar.npy": logvar, "txt": b"a red circle"}
+
+    assert latent_map(sample((4, 8, 8)), random.Random(0), 0.5, False, 0.0, 0.0, (4, 8, 8))["latent"].shape == (
+        4,
+        8,
+        8,
+    )
+    # a ValueError is what the loader counts as a decode_error and skips (a RuntimeError from torch ended the run)
+    with pytest.raises(ValueError, match=r"logvar of shape \(4, 4, 4\) beside a latent of \(4, 8, 8\)"):
+        latent_map(sample((4, 4, 4)), random.Random(0), 0.5, False, 0.0, 0.0, (4, 8, 8))
+    with pytest.raises(ValueError, match="logvar"):  # a logvar where the dataset's first sample had none
+        latent_map(sample((4, 8, 8)), random.Random(0), None, False, 0.0, 0.0, (4, 8, 8))

@@ -418,12 +418,17 @@ def test_config_round_trips_and_cli_flags(capsys):
     assert lr_at(100, sched) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("module", ["training.train_ldm", "training.train_vae"])
+@pytest.mark.parametrize("module", ["training.train_ldm", "training.train_vae", "training.train_clip"])
 def test_refused_settings_and_missing_data_are_one_line_errors(module, tmp_path):
     import subprocess
     import sys
 
-    for flags, named in ((["--device", "bogus"], "unknown device"), (["--device", "cpu"], "no shards found")):
+    (tmp_path / "a-file").write_text("not a folder")
+    for flags, named in (
+        (["--device", "bogus"], "unknown device"),
+        (["--device", "cpu"], "no shards found"),
+        (["--device", "cpu", "--out", str(tmp_path / "a-file")], "a-file: cannot create the run directory"),
+    ):
         argv = [sys.executable, "-m", module, str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--steps", "1"]
         r = subprocess.run(argv + flags, capture_output=True, text=True, timeout=300, env={**os.environ})
         err = r.stderr.strip()

@@ -167,6 +167,9 @@ def test_a_relaunch_past_stop_after_stops_at_once_and_adds_no_evaluation(data, t
     assert first["step"] == again["step"] == 3
     assert len(again["train"]) == len(first["train"])
     assert [e["step"] for e in again["eval"]] == [e["step"] for e in first["eval"]] == [3]
+    other = train(replace(cfg, eval_limit=16))  # on other images: measured again, not the stored figure
+    assert [(e["step"], e["images"], e["eval_limit"]) for e in other["eval"]] == [(3, 8, 8), (3, 16, 16)]
+    assert other["psnr"] == other["eval"][-1]["psnr"] and other["psnr_images"] == 16
 
 
 def test_resuming_a_vae_of_another_architecture_is_refused(data, tmp_path):

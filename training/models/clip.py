@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -49,9 +50,19 @@ def model_config(name: str) -> dict:
     return open_clip.get_model_config(resolve_model_name(name))
 
 
+def _not_random_init_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 def create_clip(name: str, device: torch.device | str = "cpu", grad_checkpointing: bool = False) -> torch.nn.Module:
-    """A randomly initialised fp32 open_clip model (AMP casts at run time) for ``name``."""
-    model = open_clip.create_model(resolve_model_name(name), pretrained=None, device=device)
+    """A randomly initialised fp32 open_clip model (AMP casts at run time) for ``name``; without open_clip's
+    warning that no pretrained weights were loaded (none were asked for: the trainer starts from scratch)."""
+    root = logging.getLogger()
+    root.addFilter(_not_random_init_notice)
+    try:
+        model = open_clip.create_model(resolve_model_name(name), pretrained=None, device=device)
+    finally:
+        root.removeFilter(_not_random_init_notice)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
