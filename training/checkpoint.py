@@ -10,6 +10,7 @@ unpickled on load.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -46,7 +47,8 @@ def set_rng_state(js: dict, tensors: dict[str, torch.Tensor]) -> None:
     name, keys, pos, has_gauss, cached = js["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    names = [k for k in tensors if k.startswith("torch_cuda_")]
+    cuda = [tensors[k] for k in sorted(names, key=lambda k: int(k.rsplit("_", 1)[1]))]  # device 10 after device 9
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
@@ -99,6 +101,7 @@ def save_checkpoint(
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     doc = {"step": step, "optimizer": opt_js, "rng": rng_js, **state}
     (tmp / "state.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    _sync(tmp)  # on disk before the rename makes it the newest: a host crash cannot leave it half written
     replaced = root / f".old-step_{step:08d}"
     if final.exists():  # the same step again (a finished run relaunched): move it aside, never delete it first
         if replaced.exists():
@@ -126,18 +129,39 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """
     root = Path(run_dir) / "checkpoints"
     pointer = root / LATEST
-    if not pointer.is_file():
+    if not root.is_dir():
         return None
-    named = root / pointer.read_text(encoding="utf-8").strip()
+    # no pointer: a kill between the first checkpoint's rename and the pointer's write, or none saved yet
+    named = root / (pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else "none")
     if (named / "state.json").is_file() and damage(named) is None:
         return named
+    def step_of(p: Path) -> str:
+        return p.name.rsplit("_", 1)[-1]
+
     candidates = [p for p in root.glob("*step_*") if p.is_dir() and not p.name.startswith(".tmp-")]
-    for path in sorted(candidates, key=lambda p: p.name.rsplit("_", 1)[-1], reverse=True):
+    if (named / "state.json").is_file():  # damaged: an older one, not a higher step an abandoned run left behind
+        candidates = [p for p in candidates if step_of(p) < step_of(named)]
+    for path in sorted(candidates, key=step_of, reverse=True):
         if (path / "state.json").is_file() and damage(path) is None:
             if (named / "state.json").is_file():
                 sys.stderr.write(f"warning: {named} is damaged ({damage(named)}); resuming from {path.name}\n")
             return path
     return named if (named / "state.json").is_file() else None  # all damaged: loading it names what is wrong
+
+
+def _sync(directory: Path) -> None:
+    """fsync every file of ``directory``, then the directory itself."""
+    for f in directory.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def damage(path: str | Path) -> str | None:

@@ -174,3 +174,12 @@ def test_a_checkpoint_saved_without_fp16_resumes_into_an_fp16_scaler():
     with pytest.raises(ValueError, match="state.json lacks metrics, data, world_size, workers") as e:
         resume_fields({"step": 3, "scaler": {}, "train_seconds": 1.0}, "CKPT", "step", "metrics")
     assert "\n" not in str(e.value)
+
+
+def test_a_kill_before_the_first_pointer_write_resumes_from_the_checkpoint_on_disk(tmp_path):
+    model = channels_last_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    save_checkpoint(tmp_path, 3, model, opt, {"note": "three"})
+    (tmp_path / "checkpoints" / "latest").unlink()  # killed between the directory's rename and the pointer's write
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    assert latest_checkpoint(tmp_path / "never-trained") is None
