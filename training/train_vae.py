@@ -390,7 +390,7 @@ def train(cfg: VaeTrainConfig) -> dict:
         bar.update(1)
         stop = loop.reached_stop(cfg, step, train_seconds)
         if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
-            stop = distributed.all_gather_object(stop)[0]
+            stop = distributed.main_says(stop, dist.device)
 
         if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or stop:
             if dist.device.type == "cuda":

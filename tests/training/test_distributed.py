@@ -83,6 +83,13 @@ def test_two_gloo_processes_match_one(tmp_path):
     state = json.loads((tmp_path / "two" / "checkpoints" / "step_00000004" / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["data"]) == 2
     assert all(d["batches"] == 4 for d in state["data"])
+    # a time box: rank 0's clock decides, so both ranks stop after the same step (else DDP would hang)
+    boxed = [*common, "--steps", "100000", "--max-minutes", "0.003", "--batch-size", "8"]
+    run([*torchrun, *trainer, "--out", str(tmp_path / "boxed"), *boxed], repo)
+    metrics = json.loads((tmp_path / "boxed" / "metrics.json").read_text())
+    assert 0 < metrics["step"] < 100000
+    state = json.loads((tmp_path / "boxed" / "checkpoints" / f"step_{metrics['step']:08d}" / "state.json").read_text())
+    assert [d["batches"] for d in state["data"]] == [metrics["step"]] * 2
 
 
 def test_single_process_without_torchrun_env(monkeypatch):
