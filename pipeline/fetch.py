@@ -45,6 +45,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 KINDS = ("image", "page", "robots")
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+REDIRECT_REFUSALS = frozenset({"refused_address", "refused_scheme", "invalid_url"})  # a Location not followed
 TRANSIENT = frozenset({"timeout", "stalled", "connection_error", "http_429"})  # plus every http_5xx
 CHUNK_BYTES = 256 * 1024  # read size for response bodies
 ROBOTS_CACHE_SIZE = 100_000  # origins whose robots.txt is kept
@@ -124,6 +125,7 @@ class _Host:
     sem: asyncio.Semaphore
     users: int = 0
     next_time: float = 0.0  # loop time before which the next request may not start (rate limit)
+    last_start: float = -math.inf  # loop time the last request started, inside the global slot (rate limit)
 
 
 @dataclass
@@ -168,6 +170,9 @@ def _error_reason(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, aiohttp.InvalidURL):
         return "invalid_url", f"invalid URL: {exc}"
     detail = " ".join(str(exc).split())  # one line
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError) and "content-encoding" in detail:
+        # a body in an encoding we did not ask for (br, zstd) or a corrupt gzip one: the same on every attempt
+        return "bad_encoding", f"{type(exc).__name__}: {detail}"[:200]
     return "connection_error", f"{type(exc).__name__}: {detail}"[:200]
 
 
@@ -375,9 +380,13 @@ class Fetcher:
 
     @staticmethod
     async def _drain(resp: aiohttp.ClientResponse) -> None:
-        """Read a small error/redirect body so the connection can be reused; close on anything bigger."""
+        """Read a small error/redirect body so the connection can be reused; close on anything bigger. A body that
+        stalls or breaks off costs the connection only: the status and Location already read stand."""
         if resp.content_length is not None and resp.content_length <= 65536:
-            await resp.read()
+            try:
+                await resp.read()
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                resp.close()
         else:
             resp.close()
 
@@ -394,13 +403,21 @@ class Fetcher:
         host.users += 1
         try:
             async with host.sem:
-                if self.cfg.per_host_rate > 0:
+                rate = self.cfg.per_host_rate
+                if rate > 0:  # wait for the host's turn outside the global slot, leaving it to other hosts
                     now = asyncio.get_running_loop().time()
                     start = max(now, host.next_time)
-                    host.next_time = start + 1.0 / self.cfg.per_host_rate
+                    host.next_time = start + 1.0 / rate
                     if start > now:
                         await asyncio.sleep(start - now)
                 async with self._global:
+                    if rate > 0:  # a full global pool may have held several of the host's turns: space them again
+                        now = asyncio.get_running_loop().time()
+                        start = max(now, host.last_start + 1.0 / rate)
+                        host.last_start = start
+                        host.next_time = max(host.next_time, start + 1.0 / rate)
+                        if start > now:
+                            await asyncio.sleep(start - now)
                     yield
         finally:
             host.users -= 1
@@ -437,10 +454,11 @@ class Fetcher:
 def _robots_outcome(result: FetchResult) -> tuple[RobotsRules, tuple[str, str] | None]:
     """The rules a robots.txt fetch gives: (rules, None), or (DISALLOW_ALL, (status, detail)) on failure.
 
-    As Google does: 2xx is parsed, 4xx (but 429) or a redirect chain too long allows everything, 5xx, 429 and
-    network failures disallow everything (RFC 9309 2.3.1.4) as ``robots_unavailable``, a transient status. A refused
-    address or a failed name lookup is reported as itself: it is about the host, and the page or image itself would
-    fail the same way.
+    As Google does: 2xx is parsed, 4xx (but 429), a redirect chain too long or a redirect we refuse to follow (to a
+    private address, another scheme, a bad URL) allows everything, 5xx, 429 and network failures disallow
+    everything (RFC 9309 2.3.1.4) as ``robots_unavailable``, a transient status. A refused address, a failed name
+    lookup or a bad certificate of the host itself is reported as itself (permanent, like the page or image's own
+    fetch would be).
     """
     if result.status == "success":
         return parse_robots(result.body or b""), None
@@ -448,6 +466,8 @@ def _robots_outcome(result: FetchResult) -> tuple[RobotsRules, tuple[str, str] |
         result.http_status is not None and 400 <= result.http_status < 500 and result.http_status != 429
     ):
         return ALLOW_ALL, None
-    if result.status in ("refused_address", "dns_error"):
+    if result.status in REDIRECT_REFUSALS and (result.error or "").startswith("redirect:"):
+        return ALLOW_ALL, None  # robots.txt redirected where we do not go: not found, like a redirect chain too long
+    if result.status in ("refused_address", "dns_error", "tls_error"):
         return DISALLOW_ALL, (result.status, result.error or "")
     return DISALLOW_ALL, ("robots_unavailable", f"robots.txt unavailable ({result.status}): disallow all")

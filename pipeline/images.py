@@ -131,6 +131,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     try:
         raw_w, raw_h = img.size
         _check_geometry(raw_w, raw_h, cfg)
+        _check_output_size(raw_w, raw_h, cfg)
         original_format = (img.format or "unknown").lower()
         scale = _scale(raw_w, raw_h, cfg)  # rotation-invariant, so the raw (pre-EXIF) size is good for the draft
         if scale < 1:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= the needed size; a no-op for other formats
@@ -197,6 +198,20 @@ def _check_geometry(w: int, h: int, cfg: ImageConfig) -> None:
         raise ImageRejected("bad_aspect_ratio", f"{w}x{h} > {cfg.max_aspect_ratio}")
 
 
+# Largest side each output format can hold (JPEG's 16-bit header fields as libjpeg caps them, WebP's 14 bits).
+_MAX_SIDE = {"jpg": 65_500, "webp": 16_383, "png": 2**31 - 1}
+
+
+def _check_output_size(w: int, h: int, cfg: ImageConfig) -> None:
+    """Reject, before decoding, an output that ``upscale`` would make huge: a 1x3000 strip enlarged to 256 px wide
+    is 256x768000, gigabytes of pixels from a few hundred bytes. Rotation-invariant, like the checks above."""
+    if cfg.resize_mode != "keep_ratio" or _scale(w, h, cfg) <= 1:
+        return
+    ow, oh = _fit(w, h, _scale(w, h, cfg), w <= h, cfg.image_size)
+    if ow * oh > cfg.max_pixels or max(ow, oh) > _MAX_SIDE[cfg.encode_format]:
+        raise ImageRejected("output_too_large", f"{w}x{h} enlarged to {ow}x{oh}")
+
+
 def _scale(w: int, h: int, cfg: ImageConfig) -> float:
     """Output/input size factor of the resize step (1.0 = no resize)."""
     if cfg.resize_mode == "no":
@@ -230,8 +245,13 @@ def to_rgb(img: Image.Image, background: tuple) -> Image.Image:
     if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in _MODES_16BIT:  # 16-bit grey: scale 0..65535 to 0..255 (Pillow's convert would clip)
-        arr = np.asarray(img).astype(np.uint32).clip(0, 65535)
-        img = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
+        raw = np.asarray(img)
+        arr = raw.astype(np.int64).clip(0, 65535)
+        grey = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
+        key = img.info.get("transparency")  # a PNG tRNS grey value: those pixels are transparent
+        if isinstance(key, int) and not isinstance(key, bool):
+            grey.putalpha(Image.fromarray(np.where(raw == key, 0, 255).astype(np.uint8), "L"))
+        img = grey
     elif img.mode == "F":
         img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:

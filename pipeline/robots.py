@@ -144,6 +144,9 @@ def parse_robots(data: bytes | str, agent: str = AGENT_TOKEN) -> RobotsRules:
     return ALLOW_ALL
 
 
+_PRODUCT_TOKEN = re.compile(r"[a-z0-9_.-]+")  # a user-agent scope: one token, unlike a date's "25 jun 2030 15"
+
+
 def header_says(header_values: Iterable[str], directives: frozenset[str], agent: str = AGENT_TOKEN) -> bool:
     """True if any X-Robots-Tag value holds one of ``directives`` for everyone or for ``agent``.
 
@@ -157,8 +160,12 @@ def header_says(header_values: Iterable[str], directives: frozenset[str], agent:
             item = item.strip().lower()
             if ":" in item:
                 head, rest = (part.strip() for part in item.split(":", 1))
-                if head not in _VALUED_DIRECTIVES:
+                if head in _VALUED_DIRECTIVES:
+                    pass
+                elif _PRODUCT_TOKEN.fullmatch(head):
                     scope, item = _agent_name(head), rest
+                else:  # the rest of a value cut at its comma ("unavailable_after: Fri, 25 Jun 2030 15:00:00 GMT")
+                    continue
             if item in directives and scope in (None, agent):
                 return True
     return False

@@ -135,6 +135,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     named = root / (pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else "none")
     if (named / "state.json").is_file() and damage(named) is None:
         return named
+
     def step_of(p: Path) -> str:
         return p.name.rsplit("_", 1)[-1]
 

@@ -585,3 +585,77 @@ def test_a_bad_certificate_is_a_permanent_tls_error_not_a_retried_connection_err
     assert status == "tls_error" and status not in TRANSIENT and "certificate verify failed" in detail
     reset = aiohttp.ClientConnectorError(key, ConnectionResetError(104, "reset"))
     assert _error_reason(reset)[0] == "connection_error" and "connection_error" in TRANSIENT
+
+
+def test_the_rate_limit_holds_when_the_global_pool_was_full(fresh):
+    def hold(ex):  # another host's request holds the only global slot for a while
+        ex.sleep(1.0)
+        ex.respond(200, PNG, "image/png")
+
+    fresh.route("/hold.png", hold)
+    cfg = dataclasses.replace(
+        FAST, concurrency=1, per_host_rate=4.0, read_timeout=3.0, total_timeout=10.0, respect_robots=False
+    )
+    other = fresh.url("/hold.png").replace("127.0.0.1", "localhost")  # another origin, the same server
+
+    async def go():
+        async with Fetcher(cfg) as f:
+            first = asyncio.ensure_future(f.fetch(other))
+            await asyncio.sleep(0.2)  # the slot is taken; the six below queue behind it
+            rest = [f.fetch(fresh.url(f"/ok.png?i={i}")) for i in range(6)]
+            return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(go())
+    assert all(r.status == "success" for r in results), [r.status for r in results]
+    times = sorted(q.time for q in fresh.log if q.path == "/ok.png")
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert len(times) == 6 and min(gaps) >= 0.2, gaps  # 1/rate = 0.25 s: they were sent together before
+
+
+def test_a_stalled_or_cut_body_after_a_404_or_a_redirect_keeps_the_status(fresh):
+    def stall_404(ex):  # a short error body that never finishes
+        ex.start(404, {"Content-Length": "100", "Content-Type": "text/plain"})
+        ex.write(b"not fou")
+        ex.sleep(2)
+
+    def stall_301(ex):
+        ex.start(301, {"Content-Length": "100", "Location": "/ok.png"})
+        ex.write(b"moved")
+        ex.sleep(2)
+
+    def reset_404(ex):
+        ex.start(404, {"Content-Length": "100"})
+        ex.write(b"x")
+        ex.reset()
+
+    fresh.route("/stall404", stall_404)
+    fresh.route("/stall301", stall_301)
+    fresh.route("/reset404", reset_404)
+    r404, r301, reset = fetch_all([fresh.url(p) for p in ("/stall404", "/stall301", "/reset404")], FAST)[0]
+    assert (r404.status, r404.http_status, r404.attempts) == ("http_404", 404, 1)  # not a retried "stalled"
+    assert r301.status == "success" and r301.final_url.endswith("/ok.png")  # the redirect is followed
+    assert (reset.status, reset.attempts) == ("http_404", 1)
+
+
+def test_a_body_in_an_encoding_not_asked_for_is_a_permanent_bad_encoding(fresh):
+    for path, encoding, body in (("/br", "br", b"\x1b\x00\x00"), ("/badgzip", "gzip", b"\x1f\x8bnot gzip at all")):
+        fresh.add(path, body, content_type="image/png", headers=[("Content-Encoding", encoding)])
+    br, bad_gzip = fetch_all([fresh.url("/br"), fresh.url("/badgzip")], FAST)[0]
+    for r, path in ((br, "/br"), (bad_gzip, "/badgzip")):
+        assert r.status == "bad_encoding" and r.attempts == 1 and fresh.hits(path) == 1, (r.status, r.error)
+    assert "content-encoding" in br.error
+
+
+def test_a_robots_txt_the_fetch_cannot_follow_or_trust(fresh):
+    from pipeline.fetch import FetchResult, _robots_outcome
+
+    # a redirect we refuse to follow: not found, as a chain too long is (the site's own images still count)
+    for status in ("refused_address", "refused_scheme", "invalid_url"):
+        refused = FetchResult("u", "u", status, 302, error=f"redirect: {status}")
+        assert _robots_outcome(refused)[1] is None
+    direct = FetchResult("u", "u", "refused_address", error="address 10.0.0.1 is not public")
+    assert _robots_outcome(direct)[1][0] == "refused_address"  # the host itself: the image would fail the same way
+    tls = FetchResult("u", "u", "tls_error", error="certificate verify failed")
+    assert _robots_outcome(tls)[1][0] == "tls_error"  # permanent, as for the image itself: not robots_unavailable
+    fresh.route("/robots.txt", lambda ex: ex.redirect("ftp://127.0.0.1/robots.txt"))
+    assert fetch(fresh.url("/ok.png"), FAST).status == "success"

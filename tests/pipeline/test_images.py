@@ -206,6 +206,29 @@ def test_16bit_grey_is_scaled_not_clipped():
     assert out.getpixel((40, 8)) == WHITE
 
 
+def test_16bit_grey_with_a_transparent_value_composites_on_white():
+    arr = np.full((20, 30), 20000, np.uint16)
+    arr[:, :10] = 0  # the tRNS grey value below: transparent
+    img = Image.fromarray(arr)
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=0)
+    assert Image.open(io.BytesIO(buf.getvalue())).info.get("transparency") == 0
+    out = decoded(process_image(buf.getvalue(), ImageConfig(encode_format="png")))
+    assert out.getpixel((5, 10)) == WHITE and out.getpixel((20, 10)) == (78, 78, 78)  # 20000 / 257
+
+
+def test_an_upscale_past_the_pixel_or_format_limits_is_rejected_before_decoding():
+    strip = encode(Image.new("RGB", (1, 3000), (200, 30, 30)), "PNG")  # ~100 bytes
+    cfg = ImageConfig(image_size=256, resize_mode="keep_ratio", upscale=True)
+    with pytest.raises(ImageRejected) as e:  # 256x768000: gigabytes of pixels, and past JPEG's 65,500 px
+        process_image(strip, cfg)
+    assert e.value.reason == "output_too_large" and "256x768000" in e.value.message
+    wide = encode(Image.new("RGB", (300, 10), (200, 30, 30)), "PNG")  # 7680x256: within both limits
+    assert process_image(wide, cfg).width == 7680
+    with pytest.raises(ImageRejected, match="output_too_large"):  # WebP holds 16,383 px a side
+        process_image(encode(Image.new("RGB", (700, 10)), "PNG"), dataclasses.replace(cfg, encode_format="webp"))
+
+
 @pytest.mark.parametrize("mode", ["L", "1", "P", "I;16", "RGB"])
 def test_other_modes_become_rgb(mode):
     img = photo(80, 60).convert(mode) if mode != "I;16" else Image.fromarray(np.full((60, 80), 1000, np.uint16))

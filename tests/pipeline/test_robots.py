@@ -84,6 +84,8 @@ def test_robots_txt_itself_and_constants():
         (["otherbot: noindex, noai"], False),  # the agent prefix scopes the whole value
         (["googlebot: noindex", "noimageai"], True),
         (["unavailable_after: 25 Jun 2030 15:00:00 PST, noai"], True),  # a valued directive is not an agent
+        (["unavailable_after: Fri, 25 Jun 2030 15:00:00 GMT, noai"], True),  # RFC 822's comma: not "25" as an agent
+        (["otherbot: unavailable_after: Fri, 25 Jun 2030 15:00:00 GMT, noai"], False),  # the scope holds across it
         (["max-image-preview: large"], False),
         (["noindex, nofollow"], False),
         (["none"], False),
