@@ -167,7 +167,7 @@ class ClipModelRef(_Strict):
 
 class DedupSection(_Strict):
     exact: bool = True  # by image sha256
-    phash_distance: int | None = Field(4, ge=0, le=64)  # Hamming distance in bits; None disables
+    phash_distance: int | None = Field(4, ge=0, le=63)  # Hamming bits (at 64 any two images are twins); None: off
     embedding_threshold: float | None = Field(0.95, gt=0, le=1)  # cosine; None disables
 
 

@@ -69,7 +69,7 @@ def encode_field(ext: str, value) -> bytes:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, str):
-        return value.encode("utf-8")
+        return _utf8(value)
     if isinstance(value, np.ndarray):
         if not ext.endswith("npy"):
             raise ValueError(f"array field '{ext}' must use a .npy extension")
@@ -77,10 +77,19 @@ def encode_field(ext: str, value) -> bytes:
         np.save(buf, value, allow_pickle=False)
         return buf.getvalue()
     if isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=_json_default).encode("utf-8")
+        return _utf8(json.dumps(value, ensure_ascii=False, sort_keys=True, default=_json_default))
     if isinstance(value, int | float):
         return str(value).encode("utf-8")
     raise TypeError(f"cannot store field '{ext}' of type {type(value).__name__}")
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of ``text``; a lone surrogate (a "\\ud83d" escape in JSON metadata, an emoji cut in half by the
+    tool that wrote it) becomes U+FFFD instead of failing the shard."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return without_lone_surrogates(text).encode("utf-8")
 
 
 def _json_default(o):
@@ -234,13 +243,19 @@ def _sort_tar(path: str) -> None:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def without_lone_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate (an undecodable tar name or header byte kept by surrogateescape, a cut
+    ``\\ud83d`` JSON escape) replaced by U+FFFD, as the score tables and parquets store such strings."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def arrow_array(values: list, type=None) -> pa.Array:
     """``pa.array``, with strings that hold lone surrogates (undecodable header bytes a server sent, kept by
     surrogateescape) written with U+FFFD in their place instead of failing the whole shard."""
     try:
         return pa.array(values, type=type)
     except UnicodeEncodeError:
-        clean = [_LONE_SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v for v in values]
+        clean = [without_lone_surrogates(v) if isinstance(v, str) else v for v in values]
         return pa.array(clean, type=type)
 
 

@@ -7,6 +7,7 @@ setting needs no new inference.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -107,7 +108,8 @@ def fraction_threshold(scores: np.ndarray, keep_fraction: float) -> float:
     s = np.sort(scores[np.isfinite(scores)])[::-1]
     if len(s) == 0:
         return float("inf")
-    n_keep = max(1, int(np.ceil(keep_fraction * len(s))))
+    # round away float noise first: 0.28 * 25 is 7.000000000000001, whose ceiling would keep an eighth
+    n_keep = max(1, math.ceil(round(keep_fraction * len(s), 9)))
     return float(s[min(n_keep, len(s)) - 1])
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data._utils import signal_handling as _signals
 
 from pipeline import storage
+from pipeline.images import to_rgb
 from pipeline.shards import first_image, iter_samples
 
 if TYPE_CHECKING:
@@ -127,8 +128,8 @@ def decode_pair(sample: dict, transform) -> tuple[str, torch.Tensor | None, str,
     if data is None:
         return sample["__key__"], None, caption, meta, "no image field"
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            rgb = im.convert("RGB")
+        with Image.open(io.BytesIO(data)) as im:  # upright, alpha on white, 16-bit grey scaled: as the scraper does
+            rgb = to_rgb(ImageOps.exif_transpose(im), (255, 255, 255))
             return sample["__key__"], transform(rgb), caption, _fill_image_meta(meta, data, rgb), None
     except Exception as e:  # any undecodable image is one dropped sample, never a failed shard
         return sample["__key__"], None, caption, meta, f"{type(e).__name__}: {e}"[:200]

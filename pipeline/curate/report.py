@@ -16,11 +16,12 @@ import string
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline import shards, storage, versions
 from pipeline.curate.select import SCORE_REASON
 from pipeline.curate.tags import tag_distribution
+from pipeline.images import to_rgb
 
 TEMPLATE = Path(__file__).with_name("report.html")
 GALLERY = 18  # samples per gallery
@@ -28,6 +29,7 @@ NEAR_CUT = 12  # samples on each side of the cut
 CLUSTERS = 12  # duplicate clusters shown per dedup kind
 CLUSTER_MEMBERS = 12  # members shown per cluster, then "… and N more"
 THUMB = 128  # px, longest side of an embedded thumbnail
+CAPTION_CHARS = 300  # characters of a caption shown on a card
 
 
 def esc(x) -> str:
@@ -40,11 +42,12 @@ def _pct(n: int, total: int) -> str:
 
 
 def thumbnail(data: bytes) -> str:
-    """A data URI of a small JPEG of the image (the original bytes when already small)."""
+    """A data URI of a small JPEG of the image (the original bytes when already small; browsers apply their EXIF
+    orientation), upright, with transparency on white and 16-bit grey scaled as the scraper does."""
     with Image.open(io.BytesIO(data)) as im:
         if max(im.size) <= THUMB and im.format == "JPEG":
             return "data:image/jpeg;base64," + base64.b64encode(data).decode()
-        im = im.convert("RGB")
+        im = to_rgb(ImageOps.exif_transpose(im), (255, 255, 255))
         im.thumbnail((THUMB, THUMB))
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=85)
@@ -58,11 +61,12 @@ def load_thumbnails(srcs: dict[str, str], table, keys: set[str], storage_options
     for stem in dict.fromkeys(want["shard"]):
         wanted = set(want.loc[want["shard"] == stem, "key"])
         for s in shards.iter_samples(srcs[stem], storage_options, decode=False):
-            if s["__key__"] in wanted:
-                img = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
+            key = shards.without_lone_surrogates(s["__key__"])  # as the score table has it
+            if key in wanted:
+                img = shards.first_image(s)
                 if img is not None:
                     try:
-                        out[s["__key__"]] = thumbnail(img)
+                        out[key] = thumbnail(img)
                     except Exception:  # an undecodable image shows as a caption-only card
                         pass
     return out
@@ -77,8 +81,15 @@ def card(r, thumbs: dict, kept: bool = False, note: str = "") -> str:
     return (
         f'<div class="card{" kept" if kept else ""}" data-key="{esc(r["key"])}">{img}'
         f'<div><span class="score">{s}</span> <code>{esc(r["key"])}</code></div>'
-        f'<div class="cap">{esc(r["caption"])}</div><div class="muted">{esc(why)}</div></div>'
+        f'<div class="cap">{esc(_shown(r["caption"]))}</div><div class="muted">{esc(why)}</div></div>'
     )
+
+
+def _shown(caption, limit: int = CAPTION_CHARS) -> str:
+    """A caption as a card shows it: cut to ``limit`` characters with its length said (a page of 300 kB captions
+    would not open)."""
+    text = "" if caption is None else str(caption)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} chars)"
 
 
 def _spread(df, n: int):
@@ -171,10 +182,14 @@ def threshold_html(pool_scores: np.ndarray, all_scores: np.ndarray, cut: float) 
     for t, a, b in zip(ts, pool_share, all_share, strict=True):
         rows.append(f"<tr><td>{t:.3f}</td><td>{100 * a:.1f}%</td><td>{100 * b:.1f}%</td></tr>")
     rows.append("</table>")
-    q = {"values": [round(float(v), 4) for v in np.quantile(s, np.linspace(0, 1, min(len(s), 2001)))], "pool": len(s)}
+    # unrounded, and the slider unsnapped (step any): at its start it reads the applied cut's own count, where a
+    # value rounded to 0.001 read a sample more or fewer
     lo, hi = float(s.min()), float(s.max())
+    start = min(max(cut, lo), hi)
+    q = {"values": [float(v) for v in np.quantile(s, np.linspace(0, 1, min(len(s), 2001)))], "pool": len(s)}
+    q["cut"] = start
     rows.append(
-        f"<p>Threshold <input id='slider' type='range' min='{lo:.3f}' max='{hi:.3f}' step='0.001' value='{cut:.3f}'>"
+        f"<p>Threshold <input id='slider' type='range' min='{lo!r}' max='{hi!r}' step='any' value='{start!r}'>"
         " <span id='slider-t'></span> keeps <span id='slider-out'></span> of the pool (<span id='slider-n'></span>"
         " samples).</p>"
     )
@@ -220,7 +235,7 @@ def diff_html(kept_keys: set[str], previous: str | None, storage_options: dict |
 def render(srcs, table, sel, manifest: dict, storage_options: dict | None = None, previous: str | None = None) -> str:
     """The report page as a string."""
     kept = sel.kept
-    scores = table["clip_score"].to_numpy(np.float32)
+    scores = table["clip_score"].to_numpy(np.float64)
     t = table.assign(_order=np.arange(len(table)))
     pool = t[(sel.status == "success") | (sel.status == SCORE_REASON)].sort_values("clip_score")
     above = pool[pool["clip_score"] >= sel.threshold].head(NEAR_CUT)
@@ -265,7 +280,7 @@ def render(srcs, table, sel, manifest: dict, storage_options: dict | None = None
         funnel_html(m),
         "<h2 id='scores-h'>CLIP scores</h2>",
         histogram_svg(scores, scores[kept], sel.threshold),
-        threshold_html(pool["clip_score"].to_numpy(np.float32), scores, sel.threshold),
+        threshold_html(pool["clip_score"].to_numpy(np.float64), scores, sel.threshold),
         f"<h2 id='cut-h'>Near the cut ({sel.threshold:.4f})</h2><h3>Just above (kept unless dropped later)</h3>",
         "<div class='grid' id='above-cut'>" + "".join(card(r, thumbs) for r in above.to_dict("records")) + "</div>",
         "<h3>Just below (dropped)</h3><div class='grid' id='below-cut'>",

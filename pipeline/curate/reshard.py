@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,7 +20,6 @@ from pipeline.curate.scores import META_FIELDS
 from pipeline.stats import StageStats
 
 DECISIONS = "decisions.parquet"
-_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # undecodable tar name bytes; the score table has U+FFFD
 
 
 def plan_spans(kept: np.ndarray, shard_size: int) -> list[tuple[int, int]]:
@@ -78,7 +76,7 @@ def curate_shard(
     with shards.ShardWriter(base, index, storage_options) as writer:
         for stem in dict.fromkeys(r["shard"] for r in recs):
             for sample in shards.iter_samples(src_urls[stem], storage_options, decode=False):
-                r = by_key.get(_LONE_SURROGATE.sub("\ufffd", sample["__key__"]))  # as the score table stored it
+                r = by_key.get(shards.without_lone_surrogates(sample["__key__"]))  # as the score table has it
                 if r is None or r["status"] != "success":
                     continue
                 meta = json.loads(sample["json"]) if "json" in sample else {}

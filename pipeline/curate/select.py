@@ -89,7 +89,10 @@ def _resolve_twins(keys, twin: np.ndarray, detail: np.ndarray, clusters: list[di
             if keys[end] != twin[i]:
                 detail[i], twin[i] = f"{detail[i]}, via {twin[i]}", keys[end]
     for c in clusters:
-        c["kept"] = keys[final(index[c["kept"]])]
+        end = keys[final(index[c["kept"]])]
+        if end != c["kept"]:  # the members' detail says which twin they copy, as the parquet's does
+            c["members"] = [{**m, "detail": f"{m['detail']}, via {c['kept']}"} for m in c["members"]]
+        c["kept"] = end
 
 
 def select(table, img_emb: np.ndarray, cfg, detect_language=None) -> Selection:

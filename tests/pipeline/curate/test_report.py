@@ -95,6 +95,8 @@ def test_page_loads_shows_images_and_matches_the_manifest(report):
         assert f'id="{section}"' in dom or f"id='{section}'" in dom, section
     assert 'data-gallery="kept"' in dom and 'data-gallery="exact_duplicate"' in dom
     assert 'slider-out">' in dom and "%" in re.search(r'id="slider-out">([^<]*)<', dom).group(1)
+    # at its start the slider reads the applied cut: the pool's samples at or above it are exactly the kept ones
+    assert int(re.search(r'id="slider-n">([^<]*)<', dom).group(1)) == m["stats"]["kept"]
 
 
 def test_screenshot_is_kept_as_an_artifact(report):

@@ -1,5 +1,6 @@
 """Curation on bad inputs: non-finite scores, failed reruns, stale output, odd metadata, repeated keys."""
 
+import base64
 import io
 import json
 import os
@@ -115,7 +116,7 @@ def test_undecodable_images_get_no_tags(model, scorer, tmp_path):
     s[0]["jpg"] = b"broken"
     src, dst = write_dataset(str(tmp_path / "src"), [s]), str(tmp_path / "out")
     curate_dataset(src, dst, cfg(model, tags=["cat", "dog"]), scorer)
-    rows = read_parquet(dst).set_index("key")
+    rows = pd.read_parquet(f"{dst}/decisions.parquet").set_index("key")
     assert pd.isna(rows.loc["k00000", "tags"]) and isinstance(rows.loc["k00001", "tags"], str)
     table = pd.DataFrame({"tags": [None, np.nan, json.dumps([{"label": "dog", "p": 1.0}])]})
     assert "<td>dog</td><td>1</td>" in tags_html(table, np.array([True, True, True]))
@@ -180,3 +181,79 @@ def test_report_shows_at_most_a_dozen_members_per_cluster(model, scorer, tmp_pat
     page = open(f"{dst}/review/index.html", encoding="utf-8").read()
     assert f"… and {19 - CLUSTER_MEMBERS} more" in page
     assert "k0019" not in page.split("id='dups-h'")[1].split("id='tags-h'")[0]
+
+
+def test_metadata_with_a_lone_surrogate_escape_is_written_with_a_replacement_character(model, scorer, tmp_path):
+    items = [
+        {
+            "__key__": f"s{i}",
+            "jpg": jpeg(COLS[i], noise_seed=i),
+            "txt": f"a tile {i}",
+            "json": b'{"url": "u", "alt": "smile \\ud83d"}',
+        }  # fmt: skip  # an emoji cut in half by a JS tool
+        for i in range(2)
+    ]
+    src, dst = raw_shard(str(tmp_path / "src"), items), str(tmp_path / "out")
+    m = curate_dataset(src, dst, cfg(model), scorer)  # pass 2 failed here with UnicodeEncodeError
+    assert m["stats"]["kept"] == 2
+    with tarfile.open(f"{dst}/000000.tar") as t:
+        metas = [json.loads(t.extractfile(n).read()) for n in t.getnames() if n.endswith(".json")]
+    assert [meta["alt"] for meta in metas] == ["smile \ufffd"] * 2
+
+
+def test_keep_fraction_keeps_exactly_its_share_when_it_lands_on_a_whole_number():
+    from pipeline.curate.filters import fraction_threshold
+
+    scores = np.linspace(0.0, 1.0, 25)
+    for frac, n in ((0.28, 7), (0.52, 13), (0.04, 1), (0.2, 5)):  # 0.28 * 25 is 7.000000000000001 in floats
+        assert (scores >= fraction_threshold(scores, frac)).sum() == n, frac
+    hundred = np.linspace(0.0, 1.0, 100)
+    assert all((hundred >= fraction_threshold(hundred, f)).sum() == round(f * 100) for f in (0.07, 0.14, 0.55, 0.29))
+
+
+def test_report_cards_show_transparent_images_on_white_and_clip_sees_them_so(model, scorer, tmp_path):
+    from PIL import Image
+
+    from pipeline.curate.report import thumbnail
+
+    rgba = Image.new("RGBA", (200, 200), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (75, 75, 125, 125))  # a black square on transparency
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    uri = thumbnail(buf.getvalue())
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+        arr = np.asarray(im.convert("L"))
+    assert arr[5, 5] > 240 and arr[64, 64] < 20  # the background is white, the square black (all black before)
+
+
+def test_report_captions_are_cut_and_keys_cannot_break_the_layout(model, scorer, tmp_path):
+    long = "word " * 60_000  # a 300 kB keyword-stuffed caption
+    s = [{"key": f"k{i:04d}", "jpg": jpeg(COLS[i % 4], noise_seed=i), "caption": long} for i in range(12)]
+    s.append({"key": "z" * 60 + "\u202e", "jpg": jpeg(COLS[1], noise_seed=99), "caption": "a green tile"})
+    src, dst = write_dataset(str(tmp_path / "src"), [s]), str(tmp_path / "out")
+    curate_dataset(src, dst, cfg(model, report=True), scorer)
+    page = open(f"{dst}/review/index.html", encoding="utf-8").read()
+    assert len(page) < 400_000, len(page)  # 12 whole captions made 3.6 MB
+    assert page.count(" chars)</div>") >= 12
+    assert "overflow-wrap: anywhere; unicode-bidi: isolate" in page
+
+
+def test_a_duplicate_of_a_duplicate_says_so_in_its_cluster_and_phash_64_is_refused(model, scorer, tmp_path):
+    import re
+
+    red = jpeg((220, 30, 30))
+    s = [
+        {"key": "0c", "jpg": jpeg((225, 35, 30)), "caption": "a red square", "phash": "d6d629c621d6d628"},
+        {"key": "a1", "jpg": red, "caption": "a red square too"},  # a near duplicate of 0c
+        {"key": "b2", "jpg": red, "caption": "red square again"},  # a byte copy of a1
+    ]
+    src, dst = write_dataset(str(tmp_path / "src"), [s]), str(tmp_path / "out")
+    dedup = {"exact": True, "phash_distance": 4, "embedding_threshold": None}
+    curate_dataset(src, dst, cfg(model, report=True, dedup=dedup, dedup_keep="first_key"), scorer)
+    rows = pd.read_parquet(f"{dst}/decisions.parquet").set_index("key")
+    assert rows.loc["b2", "detail"] == "same sha256, via a1" and rows.loc["b2", "duplicate_of"] == "0c"
+    page = open(f"{dst}/review/index.html", encoding="utf-8").read()
+    b2_cards = re.findall(r'data-key="b2">.*?<div class="muted">([^<]*)</div></div>', page)
+    assert b2_cards and set(b2_cards) == {"same sha256, via a1"}  # the cluster card said "same sha256" (as 0c's)
+    with pytest.raises(ValueError, match="less than or equal to 63"):  # at 64 bits any two images are twins
+        cfg(model, dedup={"phash_distance": 64})
