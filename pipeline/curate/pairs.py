@@ -93,6 +93,8 @@ def clean_meta(meta: dict) -> dict:
     phash of 16 hex digits or None (a bad value in one sample must not fail its shard)."""
     out = {f: _int_or_none(meta.get(f)) for f in INT_META}
     out.update({f: meta[f] if isinstance(meta.get(f), str) else None for f in STR_META})
+    if out["sha256"]:  # another tool's upper-case hex matches ours
+        out["sha256"] = out["sha256"].strip().lower() or None
     ph = meta.get("phash")
     out["phash"] = ph.lower() if isinstance(ph, str) and _PHASH.fullmatch(ph) else None
     return out

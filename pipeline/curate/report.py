@@ -165,7 +165,7 @@ def funnel_html(manifest: dict) -> str:
 
 def _cut(value) -> str:
     """The CLIP cut as shown: none when nothing reached the score filter."""
-    return "none" if value is None else f"{value:.4f}"
+    return "none" if value is None or not np.isfinite(value) else f"{value:.4f}"
 
 
 def threshold_html(pool_scores: np.ndarray, all_scores: np.ndarray, cut: float) -> str:
@@ -281,7 +281,7 @@ def render(srcs, table, sel, manifest: dict, storage_options: dict | None = None
         "<h2 id='scores-h'>CLIP scores</h2>",
         histogram_svg(scores, scores[kept], sel.threshold),
         threshold_html(pool["clip_score"].to_numpy(np.float64), scores, sel.threshold),
-        f"<h2 id='cut-h'>Near the cut ({sel.threshold:.4f})</h2><h3>Just above (kept unless dropped later)</h3>",
+        f"<h2 id='cut-h'>Near the cut ({_cut(sel.threshold)})</h2><h3>Just above (kept unless dropped later)</h3>",
         "<div class='grid' id='above-cut'>" + "".join(card(r, thumbs) for r in above.to_dict("records")) + "</div>",
         "<h3>Just below (dropped)</h3><div class='grid' id='below-cut'>",
         "".join(card(r, thumbs) for r in below.to_dict("records")) + "</div>",

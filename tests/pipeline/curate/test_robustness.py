@@ -147,6 +147,7 @@ def test_bad_metadata_types_are_cleaned_not_fatal(model, scorer, tmp_path):
         "url": None, "page_url": None, "sha256": None, "phash": None,
     }  # fmt: skip
     assert clean_meta({"phash": "ABCDEF0123456789"})["phash"] == "abcdef0123456789"
+    assert clean_meta({"sha256": " AB12 "})["sha256"] == "ab12"  # an upper-case hash from another tool matches
     src = str(tmp_path / "src")
     os.makedirs(src)
     with tarfile.open(f"{src}/000000.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
