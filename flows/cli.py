@@ -296,11 +296,21 @@ app.command("launch")(cli_run.launch)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. A wrong option or argument is one ``error:`` line naming the command's --help,
+    like every other refusal, instead of the usage block and a box (whose "possible options" named one at random)."""
     try:
-        app()
-    except KeyboardInterrupt:
+        rv = app(standalone_mode=False)
+    except typer.TyperException as e:  # typer's own click: usage errors (no such option, bad value, ...)
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message"):
+            e.show()  # a bare group: its help, as before
+        else:
+            where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            sys.stderr.write(f"error: {e.format_message().splitlines()[0]}{where}\n")
+        sys.exit(getattr(e, "exit_code", 2))
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

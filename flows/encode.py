@@ -38,6 +38,7 @@ from pipeline.latents import (
     source_record,
 )
 from pipeline.stats import StageStats
+from training.loop import ArgumentParser
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ def encode_ranks(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of ``python -m flows.encode``."""
     d = EncodeConfig()
-    p = argparse.ArgumentParser(prog="python -m flows.encode", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="altforge encode", description=__doc__.splitlines()[0])
     p.add_argument("src", help="image dataset: directory, manifest.json or brace pattern")
     p.add_argument("--out", required=True, help="latent dataset directory or fsspec URL")
     p.add_argument("--vae", required=True, help="diffusers VAE folder, pipeline folder or hub id")

@@ -5,6 +5,7 @@ A bad recipe fails with one line that names the file, the field and what is wron
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import yaml
@@ -258,7 +259,7 @@ class GenerateSection(_Strict):
     prompts: list[str] = Field(min_length=1)
     negative: str | None = None
     steps: int = Field(20, gt=0, le=TRAIN_TIMESTEPS)
-    guidance: float = Field(7.5, ge=0)
+    guidance: float = Field(7.5, gt=0)  # 1 = unguided
     seed: int = 0
     n: int = Field(4, gt=0)
     scheduler: Literal["dpm", "ddim"] = "dpm"
@@ -397,6 +398,18 @@ def parse_recipe(data: object, path: str = "<recipe>") -> Recipe:
         raise RecipeError(_error_line(path, e)) from None
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader with YAML 1.2's floats: ``1e-4`` and ``-1e-05`` are numbers, where PyYAML (YAML 1.1, which
+    wants a dot) reads them as strings, and a string in a run's ``options`` reaches the trainer as text."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_recipe(path: str) -> Recipe:
     """Read and validate a recipe file; raises :class:`RecipeError` with one line on any problem."""
     try:
@@ -407,7 +420,7 @@ def load_recipe(path: str) -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: cannot read recipe: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

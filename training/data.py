@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 MapFn = Callable[[dict, random.Random], dict]
 
 
+SPLITS = ("shard", "sample")  # how shards are shared out over ranks and workers (LoaderConfig.split)
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
     """How shards become batches on one rank."""
@@ -53,7 +56,7 @@ class LoaderConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("batch_size must be >= 1, workers and shuffle_buffer >= 0")
-        if self.split not in ("shard", "sample"):
+        if self.split not in SPLITS:
             raise ValueError(f"split must be 'shard' or 'sample', got {self.split!r}")
 
 

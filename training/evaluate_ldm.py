@@ -35,6 +35,7 @@ from pipeline.demo_site import COLOURS, SHAPES
 from pipeline.demo_site.scenes import ShapeSpec, backgrounds_for, random_scene, render_scene
 from training.evaluate import class_embeddings, demo_tasks
 from training.image_measures import CHROMATIC, frechet_distance, hue_ambiguous, hue_mass, pixel_share
+from training.loop import ArgumentParser
 from training.objectives import NUM_TRAIN_TIMESTEPS as TRAIN_TIMESTEPS
 
 FD_NOTE = (
@@ -409,7 +410,7 @@ def default_clip(pipe) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The ``python -m training.evaluate_ldm`` arguments."""
-    p = argparse.ArgumentParser(prog="python -m training.evaluate_ldm", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m training.evaluate_ldm", description=__doc__.splitlines()[0])
     p.add_argument("model_dir", help="pipeline folder")
     p.add_argument("--out", required=True, help="JSON report to write")
     p.add_argument("--judge", default=None, help="judge directory (training.judge.save_judge); trained when absent")

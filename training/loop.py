@@ -6,6 +6,7 @@ otherwise each repeat.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -16,9 +17,17 @@ from pathlib import Path
 
 import torch
 
-from training.data import error_line
+from training.data import SPLITS, error_line
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value of the wrong type) are one ``error:`` line and exit status
+    2, like every other refusal, instead of the usage block; ``--help`` still prints it whole."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def trainer_main(train_fn, parse_fn, argv: list[str] | None) -> int:
@@ -57,6 +66,15 @@ def _raised_by_project(e: BaseException) -> bool:
         files = [tb[-1].filename] if tb else []
     last = str(Path(files[-1]).resolve()) if files else ""
     return last.startswith(root + os.sep) and f"{os.sep}site-packages{os.sep}" not in last
+
+
+def check_choices(cfg) -> None:
+    """One-line ``ValueError`` for a trainer config whose ``precision`` or ``split`` is not one of the known
+    values: refused when the config is made (``altforge validate`` for a recipe's options), not at train time."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}: use {', '.join(PRECISIONS)}")
+    if cfg.split not in SPLITS:
+        raise ValueError(f"unknown split {cfg.split!r}: use {', '.join(SPLITS)}")
 
 
 def float_settings_out_of_range(cfg, positive=(), non_negative=(), unit=()) -> list[str]:

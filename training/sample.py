@@ -23,6 +23,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from training.loop import ArgumentParser
+
 SCHEDULERS = ("dpm", "ddim")
 
 
@@ -192,7 +194,7 @@ def save_grid(images: torch.Tensor, path: str | Path, meta: dict, cols: int | No
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The ``python -m training.sample`` / ``altforge generate`` arguments."""
-    p = argparse.ArgumentParser(prog="altforge generate", description="Generate images from a pipeline folder.")
+    p = ArgumentParser(prog="altforge generate", description="Generate images from a pipeline folder.")
     p.add_argument("model_dir", help="pipeline folder (model_index.json, unet/, vae/, scheduler/, text_encoder/)")
     p.add_argument("prompt")
     p.add_argument("--negative", default=None, help="negative prompt: replaces the unconditional branch")

@@ -80,8 +80,7 @@ class ClipTrainConfig:
 
     def __post_init__(self):
         distributed.check_device(self.device)
-        if self.precision not in loop.PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}: use {', '.join(loop.PRECISIONS)}")
+        loop.check_choices(self)
         if self.steps < 1 or self.batch_size < 1 or self.accum_steps < 1:
             raise ValueError("steps, batch_size and accum_steps must be >= 1")
         for name in ("log_every", "save_every", "eval_every", "stop_after", "warmup_steps", "workers", "threads"):
@@ -348,7 +347,7 @@ def _eval_image(sample: dict, size, mean, std, decode, to_tensor) -> torch.Tenso
 
 def parse_args(argv: list[str] | None = None) -> ClipTrainConfig:
     """Command-line flags -> config (every config field is a flag: --batch-size, --eval-data, ...)."""
-    p = argparse.ArgumentParser(prog="training.train_clip", description="Train a CLIP model on WebDataset shards.")
+    p = loop.ArgumentParser(prog="altforge train clip", description="Train a CLIP model on WebDataset shards.")
     p.add_argument("data")
     p.add_argument("--out", required=True)
     p.add_argument("--config", dest="model", default="tiny", help="model: project config, JSON path or open_clip name")

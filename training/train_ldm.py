@@ -117,6 +117,7 @@ class LdmTrainConfig:
     storage_options: dict | None = None  # fsspec options for a remote dataset
 
     def __post_init__(self):
+        loop.check_choices(self)
         if self.prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {self.prediction!r}")
         if not 0.0 <= self.cond_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
@@ -468,9 +469,12 @@ def log_row(window: dict, step: int, lr: float, global_batch: int, train_seconds
     return row
 
 
+FLAG_ALIASES = {"warmup": "--warmup-steps", "clip_grad": "--grad-clip"}  # as train_clip and train_vae call them
+
+
 def parse_args(argv: list[str] | None = None) -> LdmTrainConfig:
     """Command-line flags -> config (every config field is a flag: --batch-size, --min-snr-gamma, ...)."""
-    p = argparse.ArgumentParser(prog="training.train_ldm", description="Train a latent diffusion U-Net on latents.")
+    p = loop.ArgumentParser(prog="altforge train ldm", description="Train a latent diffusion U-Net on latents.")
     p.add_argument("data")
     p.add_argument("--out", required=True)
     for f in fields(LdmTrainConfig):
@@ -479,6 +483,9 @@ def parse_args(argv: list[str] | None = None) -> LdmTrainConfig:
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.name in FLAG_ALIASES:  # the CLIP and VAE trainers' names for the same settings work too
+            kind = {"int": int, "float": float}[f.type]
+            p.add_argument(flag, FLAG_ALIASES[f.name], dest=f.name, type=kind, default=f.default)
         elif f.name == "betas":
             p.add_argument(flag, type=float, nargs=2, default=f.default)
         elif f.name == "sample_prompts":

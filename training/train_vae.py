@@ -99,6 +99,7 @@ class VaeTrainConfig:
     storage_options: dict | None = None  # fsspec options for remote shards (plan, eval and scaling reads)
 
     def __post_init__(self):
+        loop.check_choices(self)
         if self.loss not in ("l1", "mse"):
             raise ValueError(f"loss must be 'l1' or 'mse', got {self.loss!r}")
         if self.perceptual_weight != 0:
@@ -468,7 +469,7 @@ def _grid(images: torch.Tensor, ncol: int) -> torch.Tensor:
 
 def parse_args(argv: list[str] | None = None) -> VaeTrainConfig:
     """Command-line flags -> config (every config field is a flag: --batch-size, --eval-data, ...)."""
-    p = argparse.ArgumentParser(prog="training.train_vae", description="Train an AutoencoderKL on image shards.")
+    p = loop.ArgumentParser(prog="altforge train vae", description="Train an AutoencoderKL on image shards.")
     p.add_argument("data")
     p.add_argument("--out", required=True)
     for f in fields(VaeTrainConfig):

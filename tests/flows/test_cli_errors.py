@@ -71,3 +71,36 @@ def test_an_infinite_option_is_refused_in_one_line(tmp_path):
     r = run("scrape", "--url-list", str(urls), "--out", str(tmp_path / "o"), "--timeout", "inf")
     text = r.output.strip()
     assert r.exit_code == 2 and text == "error: --timeout: Input should be a finite number", text
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["scrape", "--bogus", "1", "--out", "x"], "No such option: --bogus"),
+        (["scrape", "--image-size", "abc", "--out", "x"], "Invalid value for '--image-size'"),
+        (["versions"], "Missing argument 'dataset'"),
+        (["nosuch"], "No such command 'nosuch'"),
+        (["train", "ldm", "DATA", "--out", "OUT", "--steps", "abc"], "Invalid value for '--steps'"),
+    ],
+)
+def test_the_console_script_gives_usage_errors_in_one_line(args, named):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120)
+    err = p.stderr.strip()
+    assert p.returncode == 2 and err.startswith("error: ") and named in err and "\n" not in err, err
+    assert "--help)" in err and "╭" not in err  # where the flags are listed; no usage block and box
+
+
+def test_trainer_flag_errors_are_one_line_and_the_ldm_trainer_takes_the_other_trainers_names(capsys):
+    from training import train_clip, train_ldm, train_vae
+
+    for module in (train_ldm, train_clip, train_vae):
+        with pytest.raises(SystemExit) as e:
+            module.parse_args(["DATA", "--out", "OUT", "--no-such-flag"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: unrecognized arguments: --no-such-flag"), err
+        assert "\n" not in err and "usage:" not in err
+    cfg = train_ldm.parse_args(["DATA", "--out", "OUT", "--warmup-steps", "7", "--grad-clip", "0.5"])
+    assert (cfg.warmup, cfg.clip_grad) == (7, 0.5)

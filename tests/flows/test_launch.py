@@ -439,3 +439,9 @@ def test_option_values_the_trainer_refuses_fail_at_the_check():
         with pytest.raises(RuntimeError, match="train\\[0\\].options: the clip trainer refuses them") as e:
             check_options(recipe)
         assert named in str(e.value) and "\n" not in str(e.value)
+    for kind in ("ldm", "vae", "clip"):  # refused when the recipe is checked, not when its stage launches
+        for options, named in (({"precision": "fp8"}, "unknown precision 'fp8'"), ({"split": "rows"}, "split")):
+            run = {"kind": kind, "config": "micro" if kind == "clip" else "tiny", "steps": 5, "data": "/d/x"}
+            recipe = parse_recipe({**base, "train": [{**run, "options": options}]})
+            with pytest.raises(RuntimeError, match=f"the {kind} trainer refuses them: .*{named}"):
+                check_options(recipe)

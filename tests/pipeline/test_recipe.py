@@ -76,6 +76,7 @@ def test_defaults_and_round_trip():
         (MINIMAL + "generate: {prompts: [x], guidance_interval: [1, 2, 3]}\n", "generate.guidance_interval: Tuple"),
         (MINIMAL + "generate: {prompts: [x], guidance_interval: [200, 1000]}\n", "0 <= lo <= hi < 1000"),
         (MINIMAL + "generate: {prompts: [x], steps: 2000}\n", "generate.steps: Input should be less than or equal"),
+        (MINIMAL + "generate: {prompts: [x], guidance: 0}\n", "generate.guidance: Input should be greater than 0"),
         (MINIMAL + "scrape: {max_aspect_ratio: .inf}\n", "scrape.max_aspect_ratio: Input should be a finite number"),
         (MINIMAL.replace("output: out", "output: ''"), "output: String should have at least 1 character"),
         (MINIMAL.replace("output: out", "output: '   '"), "output: '   ': blank or padded"),
@@ -117,6 +118,15 @@ def test_bad_recipes_fail_with_one_line(tmp_path, text, expected):
 def test_missing_recipe(tmp_path):
     with pytest.raises(RecipeError, match="recipe not found"):
         load_recipe(str(tmp_path / "nope.yaml"))
+
+
+def test_floats_in_exponent_notation_are_numbers_not_strings(tmp_path):
+    path = tmp_path / "r.yaml"  # PyYAML alone (YAML 1.1) reads 1e-4 and -1e-05 as strings: they need a dot there
+    path.write_text(MINIMAL + "train:\n  - {kind: vae, config: tiny, steps: 5, lr: 2e-3,\n"
+                    "     options: {latent_noise: 1e-3, kl_weight: -1e-05, note: '1e-4', tag: 1e5x}}\n")  # fmt: skip
+    run = load_recipe(str(path)).train[0]
+    assert run.lr == 0.002 and run.options["latent_noise"] == 0.001 and run.options["kl_weight"] == -1e-05
+    assert run.options["note"] == "1e-4" and run.options["tag"] == "1e5x"  # quoted or not a number: text
 
 
 def test_cli_reports_bad_recipe_in_one_line_without_traceback(tmp_path):
