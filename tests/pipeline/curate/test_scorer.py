@@ -213,11 +213,11 @@ def test_a_killed_decode_worker_fails_its_shard_and_the_next_one_starts_afresh(m
     victim = loader._iterator._workers[0].pid
     os.kill(victim, signal.SIGKILL)  # the OOM killer, say
     # torch's handler names the dead worker; or, when a chunk of its was in flight, the fetch of that chunk's
-    # shared memory from it is refused first
-    with pytest.raises((RuntimeError, ConnectionResetError)) as e:
+    # shared memory from it fails first (refused, or the socket at its end of file)
+    with pytest.raises((RuntimeError, ConnectionResetError, EOFError)) as e:
         for _ in passes:
             pass
-    assert e.type is ConnectionResetError or "exited unexpectedly" in str(e.value) or "killed" in str(e.value)
+    assert e.type is not RuntimeError or "exited unexpectedly" in str(e.value) or "killed" in str(e.value)
     np.testing.assert_allclose(score_pairs(url, scorer, 4, 2)[3], want, atol=1e-5)  # the retry: new workers
     fresh = pair_loader(scorer, 4, 2)[1]
     assert fresh is not loader and victim not in [w.pid for w in fresh._iterator._workers]
