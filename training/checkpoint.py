@@ -250,6 +250,17 @@ def check_fits(path: str | Path, model: torch.nn.Module, weights: dict[str, torc
         )
 
 
+def resume_loop(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> tuple[dict, int, dict, float]:
+    """What a trainer's loop resumes from a checkpoint: weights, optimizer, RNG and loss scaler loaded; returns
+    (state.json, step, metrics history, training seconds so far). One-line ``ValueError`` on a damaged one."""
+    doc = load_checkpoint(path, model, optimizer)
+    step, history, train_seconds, scaler_state = resume_fields(doc, path, *LOOP_FIELDS)
+    load_scaler(scaler, scaler_state)
+    return doc, step, history, train_seconds
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load weights (and optimizer state, and RNG states) from a checkpoint directory; returns its state.json.
 

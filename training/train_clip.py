@@ -23,15 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import distributed, loop
-from training.checkpoint import (
-    LOOP_FIELDS,
-    latest_checkpoint,
-    load_checkpoint,
-    load_scaler,
-    read_state,
-    resume_fields,
-    save_checkpoint,
-)
+from training.checkpoint import latest_checkpoint, read_state, resume_loop, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.evaluate import demo_tasks, evaluate_clip, load_eval_set
 from training.models import create_clip, export_open_clip, get_tokenizer, make_clip_map, model_config
@@ -173,9 +165,7 @@ def train(cfg: ClipTrainConfig) -> dict:
                 f"{ckpt} holds a model of another architecture (--config {saved['config']['model']}) than"
                 f" --config {cfg.model}: start over with --resume none, or use another --out"
             )
-        doc = load_checkpoint(ckpt, model, optimizer)
-        step, history, train_seconds, scaler_state = resume_fields(doc, ckpt, *LOOP_FIELDS)
-        load_scaler(scaler, scaler_state)
+        doc, step, history, train_seconds = resume_loop(ckpt, model, optimizer, scaler)
         position, same_layout = DataPosition.resumed(doc, dist.rank, dist.world_size, cfg.workers, data_plan)
         if dist.is_main:
             print(

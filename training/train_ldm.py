@@ -29,15 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import distributed, loop
-from training.checkpoint import (
-    LOOP_FIELDS,
-    latest_checkpoint,
-    load_checkpoint,
-    load_scaler,
-    read_state,
-    resume_fields,
-    save_checkpoint,
-)
+from training.checkpoint import latest_checkpoint, read_state, resume_loop, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.latent_data import inspect_latents, latent_map, text_conditioning
 from training.ldm_outputs import export_model, log_sample_grid, sampling_pipeline
@@ -256,9 +248,7 @@ def train(cfg: LdmTrainConfig) -> dict:
                 f"{ckpt} was trained with another {' and '.join(w.replace('_', ' ') for w in what)}: start over "
                 "with --resume none, or use another --out"
             )
-        doc = load_checkpoint(ckpt, both, optimizer)
-        step, history, train_seconds, scaler_state = resume_fields(doc, ckpt, *LOOP_FIELDS)
-        load_scaler(scaler, scaler_state)
+        doc, step, history, train_seconds = resume_loop(ckpt, both, optimizer, scaler)
         position, same_layout = DataPosition.resumed(doc, dist.rank, dist.world_size, cfg.workers, data_plan)
         if dist.is_main:
             print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (epoch {position.epoch})"))

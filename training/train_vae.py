@@ -32,15 +32,7 @@ from tqdm import tqdm
 from pipeline.images import prepare_image
 from pipeline.shards import first_image, iter_samples, shard_urls
 from training import distributed, loop
-from training.checkpoint import (
-    LOOP_FIELDS,
-    latest_checkpoint,
-    load_checkpoint,
-    load_scaler,
-    read_state,
-    resume_fields,
-    save_checkpoint,
-)
+from training.checkpoint import latest_checkpoint, read_state, resume_loop, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.models.vae import (
     build_vae,
@@ -265,9 +257,7 @@ def train(cfg: VaeTrainConfig) -> dict:
                 f"{ckpt} holds a VAE of another architecture (--config {saved['config']['config']}) than --config "
                 f"{cfg.config}: start over with --resume none, or use another --out"
             )
-        doc = load_checkpoint(ckpt, vae, optimizer)
-        step, history, train_seconds, scaler_state = resume_fields(doc, ckpt, *LOOP_FIELDS)
-        load_scaler(scaler, scaler_state)
+        doc, step, history, train_seconds = resume_loop(ckpt, vae, optimizer, scaler)
         position, same_layout = DataPosition.resumed(doc, dist.rank, dist.world_size, cfg.workers, data_plan)
         if dist.is_main:
             print(
