@@ -18,7 +18,7 @@ def evaluation_grid(model_dir: str, gen: dict, out_png: str, evaluate_with: dict
     ``gen`` is the recipe's generate section (prompts, negative, steps, guidance, seed, n, scheduler).
     """
     from training.models.pipeline import load_pipeline
-    from training.sample import generate, save_grid
+    from training.sample import generate, grid_meta, save_grid
 
     pipe = load_pipeline(model_dir, device="auto")  # as `altforge generate`: the GPU when there is one
     images = generate(
@@ -32,9 +32,19 @@ def evaluation_grid(model_dir: str, gen: dict, out_png: str, evaluate_with: dict
         scheduler=gen.get("scheduler", "dpm"),
         guidance_interval=_interval(gen),
     )
-    keys = ("prompts", "negative", "steps", "guidance", "guidance_interval", "seed", "n", "scheduler")
-    meta = {k: gen.get(k) for k in keys}
-    save_grid(images, out_png, {**meta, "model": os.path.abspath(model_dir)}, cols=gen["n"])
+    meta = grid_meta(
+        list(gen["prompts"]),
+        negative=gen.get("negative"),
+        seed=gen["seed"],
+        steps=gen["steps"],
+        guidance=gen["guidance"],
+        guidance_interval=_interval(gen),
+        scheduler=gen.get("scheduler", "dpm"),
+        n=gen["n"],
+        precision="auto",
+        model=model_dir,
+    )
+    save_grid(images, out_png, meta, cols=gen["n"])
     metrics = {"images": int(images.shape[0]), "grid": out_png}
     if evaluate_with:
         metrics.update(quick_evaluation(pipe, gen, evaluate_with, os.path.dirname(out_png)))

@@ -14,15 +14,17 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from pipeline.shards import without_lone_surrogates
 from training.loop import ArgumentParser
 
 SCHEDULERS = ("dpm", "ddim")
@@ -32,16 +34,21 @@ def make_scheduler(train_config: dict, name: str):
     """A sampling scheduler on the training noise schedule: ``"dpm"`` (DPM-Solver++ 2M) or ``"ddim"`` (eta 0).
 
     Both use "trailing" timestep spacing, so the first step starts at t = T - 1, where the training noise lives
-    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2).
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2), and both end on a
+    clean sample. DDIM is first-order DPM-Solver++, the same update (Lu et al. 2022, section 4.1), stepped along
+    the actual timesteps: diffusers' DDIMScheduler steps by T // steps, which with trailing spacing ends one noise
+    level short of clean for step counts that do not divide T (15, 24, ...).
     """
     base = {k: v for k, v in train_config.items() if not k.startswith("_")}
-    if name == "dpm":
-        return DPMSolverMultistepScheduler.from_config(
-            base, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
-        )
-    if name == "ddim":
-        return DDIMScheduler.from_config(base, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
-    raise ValueError(f"unknown scheduler {name!r}: use one of {SCHEDULERS}")
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: use one of {SCHEDULERS}")
+    return DPMSolverMultistepScheduler.from_config(
+        base,
+        algorithm_type="dpmsolver++",
+        solver_order=2 if name == "dpm" else 1,
+        timestep_spacing="trailing",
+        final_sigmas_type="zero",
+    )
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -179,13 +186,46 @@ def make_grid(images: torch.Tensor, cols: int | None = None, pad: int = 2) -> Im
     return Image.fromarray(grid, "RGB")
 
 
+def grid_meta(
+    prompts: list[str],
+    *,
+    negative: str | None,
+    seed: int,
+    steps: int,
+    guidance: float,
+    guidance_interval: tuple[int, int] | None,
+    scheduler: str,
+    n: int,
+    precision: str,
+    model: str,
+) -> dict:
+    """The PNG metadata of a generated grid, the same from ``altforge generate`` and a recipe's generate stage."""
+    meta = {"prompt": prompts[0]} if len(prompts) == 1 else {}
+    return {
+        **meta,
+        "prompts": list(prompts),
+        "negative": negative or "",
+        "seed": seed,
+        "seeds": f"image i, row by row, uses seed + i ({seed}..{seed + len(prompts) * n - 1})",
+        "steps": steps,
+        "guidance": guidance,
+        "guidance_interval": " ".join(map(str, guidance_interval)) if guidance_interval else "all steps",
+        "scheduler": scheduler,
+        "n": n,
+        "precision": precision,
+        "model": os.path.abspath(model),
+    }
+
+
 def save_grid(images: torch.Tensor, path: str | Path, meta: dict, cols: int | None = None) -> Path:
-    """Write a PNG grid of uint8 images with every ``meta`` entry as a PNG text chunk (non-strings as JSON)."""
+    """Write a PNG grid of uint8 images with every ``meta`` entry as a PNG text chunk (non-strings as JSON; a lone
+    surrogate, from a prompt with an undecodable byte, as U+FFFD)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     for key, value in meta.items():
-        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        info.add_text(str(key), without_lone_surrogates(text))
     tmp = path.with_name(path.name + ".tmp")
     make_grid(images, cols).save(tmp, format="PNG", pnginfo=info)
     tmp.replace(path)
@@ -247,17 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    meta = {
-        "prompt": args.prompt,
-        "negative": args.negative or "",
-        "seed": args.seed,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "guidance_interval": " ".join(map(str, args.guidance_interval)) if args.guidance_interval else "all steps",
-        "scheduler": args.scheduler,
-        "n": args.num_images,
-        "model": str(args.model_dir),
-    }
+    meta = grid_meta(
+        [args.prompt],
+        negative=args.negative,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        guidance_interval=args.guidance_interval,
+        scheduler=args.scheduler,
+        n=args.num_images,
+        precision=args.precision,
+        model=args.model_dir,
+    )
     try:
         out = save_grid(images, args.out, meta, args.cols)
     except OSError as e:

@@ -129,6 +129,8 @@ def load_scorer(model: str, pretrained: str | None = None, device: str = "auto")
         if local is not None:
             if not os.path.isfile(os.path.join(local, "open_clip_config.json")):
                 raise ValueError(f"{local}: not an open_clip model directory (no open_clip_config.json)")
+            if not any(os.path.isfile(os.path.join(local, f)) for f in WEIGHT_FILES):  # open_clip would start random
+                raise ValueError(f"{local}: open_clip model directory without weights ({', '.join(WEIGHT_FILES)})")
             name = "local-dir:" + os.path.abspath(local)
             net, _, transform = open_clip.create_model_and_transforms(name, device=dev)
             tokenizer = open_clip.get_tokenizer(name)

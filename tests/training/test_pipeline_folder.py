@@ -135,3 +135,16 @@ def test_loading_prints_no_warning_about_accelerate(saved, capfd, caplog):
         load_pipeline(saved["dir"])
     out = capfd.readouterr()
     assert "accelerate" not in caplog.text + out.err + out.out  # the plain load asks for no optional package
+
+
+def test_copying_a_text_tower_over_an_older_one_leaves_no_stale_weights(tmp_path):
+    from training.models.pipeline import OPEN_CLIP_FILES, _copy_text_encoder
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for folder, weights in ((src, "open_clip_pytorch_model.bin"), (dst, "open_clip_model.safetensors")):
+        folder.mkdir()
+        for name in (*OPEN_CLIP_FILES, weights):
+            (folder / name).write_text(f"{folder.name} {name}")
+    _copy_text_encoder(src, None, dst)  # open_clip prefers .safetensors: the old tower would have been loaded
+    assert sorted(p.name for p in dst.iterdir()) == sorted([*OPEN_CLIP_FILES, "open_clip_pytorch_model.bin"])
+    assert (dst / "open_clip_pytorch_model.bin").read_text() == "src open_clip_pytorch_model.bin"

@@ -286,3 +286,77 @@ def test_samplers_recover_gaussian_data_from_its_exact_denoiser(prediction_type,
     generate(pipe, ["0.5"], negative="1.0", steps=20, guidance=3.0, n=16)
     assert float(latents[0].mean()) == pytest.approx(0 + 3.0 * (mu - 0), rel=0.06)
     assert float(latents[1].mean()) == pytest.approx(1.0 + 3.0 * (mu - 1.0), rel=0.06)
+
+
+class ExactX0(GaussianOracle):
+    """The noise predictor of data that is always x0 = 0.3: its samples must end exactly there."""
+
+    def forward(self, x, t, encoder_hidden_states):
+        ab = self.ac[int(t)]
+        eps = (x.double() - ab.sqrt() * 0.3) / (1 - ab).sqrt()
+        return SimpleNamespace(sample=eps.float())
+
+
+@pytest.mark.parametrize("steps", [15, 20, 24])
+def test_both_samplers_end_on_a_clean_sample_for_any_step_count(steps, monkeypatch):
+    import training.models.vae as vae_module
+
+    latents = []
+    monkeypatch.setattr(vae_module, "decode_latents", lambda vae, z: latents.append(z) or torch.zeros(len(z), 3, 4, 4))
+    vae = SimpleNamespace(config={"block_out_channels": [16, 32, 64]})
+    sched = default_scheduler_config("epsilon")
+    pipe = LdmPipeline(ExactX0("epsilon", 1.0), vae, NumberEncoder(), sched, "epsilon", 32, torch.zeros(4, 8))
+    for scheduler in ("ddim", "dpm"):  # diffusers' DDIM scheduler stopped at t = 0's noise for 15 and 24 steps
+        latents.clear()
+        generate(pipe, ["0"], steps=steps, guidance=1.0, n=2, scheduler=scheduler)
+        assert float((latents[0] - 0.3).abs().max()) < 1e-3, (scheduler, float((latents[0] - 0.3).abs().max()))
+
+
+def test_a_pipeline_folder_whose_parts_do_not_fit_is_a_one_line_error(pipe, tmp_path):
+    import shutil
+
+    from training.models.pipeline import load_pipeline
+
+    def broken(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(pipe.path, folder)
+        change(folder)
+        return folder
+
+    def edit_index(**changes):
+        def change(folder):
+            index = json.loads((folder / "model_index.json").read_text())
+            (folder / "model_index.json").write_text(json.dumps({**index, **changes}))
+
+        return change
+
+    cases = [
+        ("noweights", lambda f: (f / "text_encoder" / "open_clip_model.safetensors").unlink(), "without weights"),
+        ("emb-shape", lambda f: np.save(f / "empty_text_emb.npy", np.zeros((7, 3), np.float32)), "different models"),
+        ("emb-text", lambda f: np.save(f / "empty_text_emb.npy", np.array(["a", "b"])), "not 2-D float"),
+        ("emb-null", edit_index(empty_text_emb=None), "not a file name"),
+        ("res-bool", edit_index(resolution=True), "no image resolution"),
+        ("res-odd", edit_index(resolution=30), "not a multiple of 4"),
+        (
+            "sched-list",
+            lambda f: (f / "scheduler" / "scheduler_config.json").write_text("[1, 2]"),
+            "not a JSON object",
+        ),
+        (
+            "sched-str",
+            lambda f: (f / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": "9"}'),
+            "not a positive integer",
+        ),  # fmt: skip
+    ]
+    for name, change, named in cases:
+        with pytest.raises(ValueError, match=named) as e:
+            load_pipeline(broken(name, change))
+        assert "\n" not in str(e.value), name
+
+
+def test_an_undecodable_prompt_byte_is_written_as_a_replacement_character(pipe, tmp_path, capsys):
+    out = tmp_path / "u.png"
+    assert main([pipe.path, "a red \udcff circle", "--steps", "2", "-n", "1", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.text["prompt"] == "a red \ufffd circle" and json.loads(im.text["prompts"]) == ["a red \ufffd circle"]
+        assert im.text["seeds"].startswith("image i, row by row, uses seed + i") and im.text["precision"] == "auto"

@@ -75,6 +75,8 @@ def _copy_text_encoder(src: str | Path, pretrained: str | None, dst: Path) -> No
         weights = [f for f in OPEN_CLIP_WEIGHT_FILES if (src_path / f).is_file()]
         if not weights:
             raise ValueError(f"{src_path}: open_clip directory without weights ({', '.join(OPEN_CLIP_WEIGHT_FILES)})")
+        for stale in OPEN_CLIP_WEIGHT_FILES:  # open_clip prefers safetensors: an old copy would win over the new
+            (dst / stale).unlink(missing_ok=True)
         for name in (*OPEN_CLIP_FILES, weights[0]):
             shutil.copyfile(src_path / name, dst / name)
         return
@@ -195,6 +197,55 @@ class LdmPipeline:
         return int(self.unet.config.in_channels), side, side
 
 
+def _scheduler_config(path: Path) -> dict:
+    """scheduler/scheduler_config.json as a dict whose step counts are integers; one-line ``ValueError`` else."""
+    file = path / "scheduler" / "scheduler_config.json"
+    try:
+        sched = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{file}: not readable JSON: {e}") from None
+    if not isinstance(sched, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    steps = sched.get("num_train_timesteps", 1000)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"{file}: num_train_timesteps is {steps!r}, not a positive integer")
+    return sched
+
+
+def _empty_embedding(file: Path, dev: torch.device) -> torch.Tensor:
+    """The stored empty-prompt embedding, a 2-D float array; one-line ``ValueError`` else."""
+    try:
+        arr = np.load(file, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{file}: not a readable .npy array: {e}") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{file}: the empty-prompt embedding is {arr.dtype} of shape {arr.shape}, not 2-D float")
+    return torch.from_numpy(arr).float().to(dev)
+
+
+def _check_parts(path: Path, unet, vae, encoder, empty: torch.Tensor, resolution: int) -> None:
+    """One-line ``ValueError`` when the folder's parts do not fit together (a part copied in from another model)."""
+    probe = encoder.encode([""])[0]  # (context, width): what the U-Net is conditioned on
+    if tuple(empty.shape) != tuple(probe.shape):
+        raise ValueError(
+            f"{path}: the empty-prompt embedding has shape {tuple(empty.shape)}, the text encoder gives"
+            f" {tuple(probe.shape)}: they come from different models"
+        )
+    if int(unet.config.cross_attention_dim) != probe.shape[-1]:
+        raise ValueError(
+            f"{path}: the U-Net attends to width {unet.config.cross_attention_dim}, the text encoder gives"
+            f" {probe.shape[-1]}: they come from different models"
+        )
+    if int(unet.config.in_channels) != int(vae.config.latent_channels):
+        raise ValueError(
+            f"{path}: the U-Net takes {unet.config.in_channels} latent channels, the VAE makes"
+            f" {vae.config.latent_channels}"
+        )
+    step = _downsample(vae.config)
+    if resolution % step:  # else the images come out smaller than the resolution says
+        raise ValueError(f"{path}: resolution {resolution} is not a multiple of {step}, the VAE's downsampling")
+
+
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load a pipeline folder: U-Net and VAE in ``dtype`` (eval, channels_last), the fp32 text encoder, the schedule.
 
@@ -214,25 +265,29 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
         raise ValueError(f"{path}: {MODEL_INDEX} is not a JSON object")
     if index.get("_class_name") != PIPELINE_CLASS:
         raise ValueError(f"{path}: {MODEL_INDEX} is for {index.get('_class_name')!r}, not {PIPELINE_CLASS}")
-    missing = [p for p in ("scheduler/scheduler_config.json", index.get("empty_text_emb", EMPTY_EMB))
-               if not (path / p).is_file()]  # fmt: skip
+    empty_name = index.get("empty_text_emb", EMPTY_EMB)
+    if not isinstance(empty_name, str) or not empty_name:
+        raise ValueError(f"{path}: {MODEL_INDEX}'s empty_text_emb is {empty_name!r}, not a file name")
+    missing = [p for p in ("scheduler/scheduler_config.json", empty_name) if not (path / p).is_file()]
     if missing:
         raise ValueError(f"{path}: incomplete pipeline folder (no {', '.join(missing)})")
-    if not isinstance(index.get("resolution"), int) or index["resolution"] < 1:
+    resolution = index.get("resolution")
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
         raise ValueError(f"{path}: {MODEL_INDEX} has no image resolution (a positive integer)")
+    sched = _scheduler_config(path)
     dev = resolve_device(str(device))
     try:
         # low_cpu_mem_usage=False: the plain load, without the warning about the optional `accelerate` package
         kw = {"torch_dtype": dtype, "low_cpu_mem_usage": False}
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", **kw)
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights of another size than the config
         raise ValueError(f"{path}: cannot load the U-Net/VAE: {str(e).strip().splitlines()[0]}") from e
     unet = unet.to(dev, memory_format=torch.channels_last).eval().requires_grad_(False)
     vae = vae.to(dev, memory_format=torch.channels_last).eval().requires_grad_(False)
-    sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     encoder = load_text_encoder(str(path / "text_encoder"), device=str(dev))
-    empty = torch.from_numpy(np.load(path / index.get("empty_text_emb", EMPTY_EMB))).float().to(dev)
+    empty = _empty_embedding(path / empty_name, dev)
+    _check_parts(path, unet, vae, encoder, empty, resolution)
     return LdmPipeline(
         unet=unet,
         vae=vae,
