@@ -105,7 +105,8 @@ def encode_partition(src_url: str, dst_url: str, cfg_json: str, refs_json: str, 
     """Encode one shard in a worker process (or inline) with this process's models; returns its stats."""
     cfg = EncodeConfig.from_dict(json.loads(cfg_json))
     loaded = worker_encoders(ModelRefs(**json.loads(refs_json)), cfg.dtype)
-    stats = encode_latents_shard(src_url, dst_url, cfg, loaded.encoders, storage_options, workers.worker_progress())
+    progress = workers.worker_progress("encode")
+    stats = encode_latents_shard(src_url, dst_url, cfg, loaded.encoders, storage_options, progress)
     return stats.to_dict()
 
 

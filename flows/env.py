@@ -14,7 +14,9 @@ def quiet_environment(prefect_home: str | None = None) -> None:
     os.environ.setdefault("PREFECT_HOME", prefect_home or os.path.join(os.getcwd(), ".prefect"))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+    for name in ("NO_PROXY", "no_proxy"):  # the local Prefect server never through a proxy (urllib reads no_proxy)
+        have = [h.strip() for h in os.environ.get(name, "").split(",") if h.strip()]
+        os.environ[name] = ",".join([*have, *(h for h in ("127.0.0.1", "localhost") if h not in have)])
     # Prefect's own temporary server (a flow called in-process) gets 20 s to answer by default; a fresh home
     # migrates its database first (about 15 s on 2 cores), so a busy machine missed it now and then
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

@@ -16,34 +16,47 @@ SUCCESS_KEYS = ("seen", "kept")
 
 
 class ProgressDisplay:
-    """Reads count deltas (``{"seen": n, "kept": n, reason: n}``) from a queue and renders them until closed."""
+    """Reads count deltas (``{"seen": n, "kept": n, reason: n}``, with ``"stage"`` naming the stage that sent them)
+    from a queue and renders a row per stage until closed: a recipe run's scrape and encode counts stay apart."""
 
     def __init__(self, title: str, total: int | None = None, console: Console | None = None):
         self.title = title
         self.total = total
-        self.counts: Counter = Counter()
+        self.stages: dict[str, Counter] = {}  # stage -> its counts, in the order they started
+        self._started: dict[str, float] = {}
         self.queue = mp.get_context("spawn").Queue()
         self.console = console or Console(stderr=True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._t0 = time.monotonic()
 
+    @property
+    def counts(self) -> Counter:
+        """All stages' counts together."""
+        return sum(self.stages.values(), Counter())
+
     def _render(self) -> Table:
-        elapsed = max(time.monotonic() - self._t0, 1e-6)
         t = Table.grid(padding=(0, 2))
-        seen, kept = self.counts["seen"], self.counts["kept"]
-        of = f"/{self.total}" if self.total else ""
-        t.add_row(
-            f"[bold]{self.title}[/]",
-            f"records {seen}{of}",
-            f"kept {kept}",
-            f"{kept / elapsed:.1f} images/s",
-            f"{elapsed:.0f} s",
-        )
-        failures = [(k, v) for k, v in self.counts.most_common() if k not in SUCCESS_KEYS]
+        for stage, counts in self.stages.items() or [(self.title, Counter())]:
+            elapsed = max(time.monotonic() - self._started.get(stage, self._t0), 1e-6)
+            seen, kept = counts["seen"], counts["kept"]
+            of = f"/{self.total}" if self.total and len(self.stages) <= 1 else ""
+            unit = "images/s" if stage in (self.title, "scrape") else "samples/s"
+            t.add_row(
+                f"[bold]{stage}[/]",
+                f"records {seen}{of}",
+                f"kept {kept}",
+                f"{kept / elapsed:.1f} {unit}",
+                f"{elapsed:.0f} s",
+            )
+            self._failures(t, counts)
+        return t
+
+    @staticmethod
+    def _failures(t: Table, counts: Counter) -> None:
+        failures = [(k, v) for k, v in counts.most_common() if k not in SUCCESS_KEYS]
         if failures:
             t.add_row("", "failures: " + ", ".join(f"{k} {v}" for k, v in failures[:8]), "", "", "")
-        return t
 
     def _drain(self) -> None:
         while True:
@@ -51,7 +64,11 @@ class ProgressDisplay:
                 delta = self.queue.get_nowait()
             except (queue.Empty, OSError, ValueError):
                 return
-            self.counts.update(delta)
+            delta = dict(delta)
+            stage = str(delta.pop("stage", self.title))
+            if stage not in self.stages:
+                self.stages[stage], self._started[stage] = Counter(), time.monotonic()
+            self.stages[stage].update(delta)
 
     def _run(self) -> None:
         with Live(self._render(), console=self.console, refresh_per_second=4, transient=False) as live:
@@ -68,3 +85,5 @@ class ProgressDisplay:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if not self.console.is_terminal:  # the last render ends without a newline: the next output would join it
+            self.console.file.write("\n")

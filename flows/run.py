@@ -82,17 +82,19 @@ class RunState:
         exists = storage.exists if "://" in done_file else lambda p, _so: os.path.exists(p)
         return entry if exists(done_file, self.so) else None
 
-    def begin(self, stage: str, fp: str, output: str) -> str | None:
+    def begin(self, stage: str, fp: str, output: str, legacy: tuple[str, ...] = ()) -> str | None:
         """Record that ``stage`` starts building ``output`` under ``fp``; returns where a stale output went.
 
         The stage resumes inside ``output`` (finished shards, checkpoints). That is only right when what is there
         was built under the same fingerprint: output from another recipe setting or input (finished, or a killed
         run's part) is moved aside to ``OUTPUT.replaced-<its fingerprint>`` first, so the stage starts clean and
-        nothing already written is lost.
+        nothing already written is lost. ``legacy``: the same settings fingerprinted as before a change of what the
+        fingerprint covers; output recorded under one of them is resumed, not moved.
         """
         entry = self.stages.get(stage)
         moved = None
-        if entry and entry.get("fingerprint") != fp and storage.exists(output, self.so):  # (not the path: OUT moves)
+        stale = entry and entry.get("fingerprint") not in (fp, *legacy)
+        if stale and storage.exists(output, self.so):  # (not the path: OUT moves)
             base = f"{output.rstrip('/')}.replaced-{entry.get('fingerprint')}"
             moved, k = base, 1
             while storage.exists(moved, self.so):

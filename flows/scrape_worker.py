@@ -26,7 +26,7 @@ def scrape_partition(
     if seen_from:
         fetcher = versions.SeenContentFetcher(fetcher, stored_content(seen_from, storage_options))
     records = plans.read_partition(partition_url, storage_options)
-    stats = scrape_shard(records, dst_url, cfg, fetcher, storage_options, progress=workers.worker_progress())
+    stats = scrape_shard(records, dst_url, cfg, fetcher, storage_options, progress=workers.worker_progress("scrape"))
     return stats.to_dict()
 
 

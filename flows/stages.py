@@ -44,19 +44,23 @@ class StageContext:
         """Log through Prefect's run logger."""
         get_run_logger().info(msg, *args)
 
-    def skip(self, stage: str, fp: str, output: str, done_file: str) -> bool:
-        """True (and the recorded metrics restored) when ``stage`` is complete and current."""
-        entry = self.state.current(stage, fp, output, done_file)
-        if entry is None:
-            return False
-        self.result.skipped.append(stage)
-        self.result.metrics[stage] = entry.get("metrics", {})
-        self.log("%s: complete and current (%s), skipped", stage, output)
-        return True
+    def skip(self, stage: str, fp: str, output: str, done_file: str, legacy: tuple[str, ...] = ()) -> str | None:
+        """The fingerprint ``stage`` was recorded under (its metrics restored) when it is complete and current, else
+        None. ``legacy``: the same settings fingerprinted the way earlier versions did (before speed-only settings
+        and unused models were left out), so their output stays current; downstream stages fingerprint what was
+        recorded, and so stay current too."""
+        for f in (fp, *legacy):
+            entry = self.state.current(stage, f, output, done_file)
+            if entry is not None:
+                self.result.skipped.append(stage)
+                self.result.metrics[stage] = entry.get("metrics", {})
+                self.log("%s: complete and current (%s), skipped", stage, output)
+                return f
+        return None
 
-    def begin(self, stage: str, fp: str, output: str) -> None:
+    def begin(self, stage: str, fp: str, output: str, legacy: tuple[str, ...] = ()) -> None:
         """Before running ``stage``: set aside what another recipe setting or input left in ``output``."""
-        moved = self.state.begin(stage, fp, output)
+        moved = self.state.begin(stage, fp, output, legacy)
         if moved:
             self.log("%s: %s was built from other settings or inputs; moved to %s", stage, output, moved)
 
@@ -77,13 +81,20 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
     dst = storage.join(ctx.out, "scraped")
     ctx.datasets["scraped"] = dst
     ctx.result.datasets["scrape"] = dst
-    fp = fingerprint("scrape", [s.model_dump(mode="json") for s in r.sources], r.scrape.model_dump(mode="json"))
+    sources = [s.model_dump(mode="json") for s in r.sources]
+    fp = fingerprint("scrape", sources, scrape_identity(r.scrape))
+    legacy = (fingerprint("scrape", sources, r.scrape.model_dump(mode="json")),)
     if storage.is_local(ctx.out):
         gt = os.path.join(ctx.out, "demo-site-ground-truth.jsonl")
         ctx.result.ground_truth = gt if os.path.exists(gt) else None
-    if incremental or not ctx.skip("scrape", fp, dst, storage.join(dst, "manifest.json")):
+    if not incremental:
+        check_not_versioned(dst, ctx.so)
+    done = None if incremental else ctx.skip("scrape", fp, dst, storage.join(dst, "manifest.json"), legacy)
+    if done is not None:
+        fp = done
+    else:
         if not incremental:  # a versioned dataset keeps its versions; the run adds one
-            ctx.begin("scrape", fp, dst)
+            ctx.begin("scrape", fp, dst, legacy)
         with resolved_sources(r, ctx.out, dst, ctx.so) as (sources, gt_path):
             ctx.result.ground_truth = gt_path
             manifest = run_scrape(
@@ -110,6 +121,26 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
         ctx.state.record("scrape", fp, ctx.datasets["scraped"], metrics)
     _held_out(ctx)
     return fp
+
+
+SPEED_SETTINGS = ("processes", "concurrency", "per_host_concurrency", "per_host_rate", "connect_timeout",
+                  "read_timeout", "timeout", "retries")  # fmt: skip
+
+
+def scrape_identity(cfg) -> dict:
+    """The scrape section as fingerprinted: without the speed settings (processes, concurrency, rates, timeouts,
+    retries), which the scrape's own resume lets change, so tuning them does not rebuild the dataset."""
+    return cfg.model_dump(mode="json", exclude=set(SPEED_SETTINGS))
+
+
+def check_not_versioned(dst: str, so: dict | None) -> None:
+    """One-line ``ValueError`` when ``dst`` holds an incremental (versioned) dataset: a plain ``altforge run`` would
+    write a plain scrape into it, and the deployment's next run would then refuse it."""
+    if storage.exists(storage.join(dst, "versions.json"), so):
+        raise ValueError(
+            f"{dst} holds versions of an incremental scrape (versions.json): run the recipe with --incremental (as"
+            " its deployment does), or use another --out"
+        )
 
 
 def _held_out(ctx: StageContext) -> None:
@@ -147,12 +178,14 @@ def curate_stage(ctx: StageContext, fps: dict) -> str:
     clip, pretrained = resolve_model_ref(ctx, c.clip.model, c.clip.pretrained)
     dst = storage.join(ctx.out, "curated")
     ctx.datasets["curated"] = ctx.result.datasets["curate"] = dst
-    fp = fingerprint("curate", c.model_dump(mode="json"), fps["scraped"], ctx.run_fps.get("clip"))
+    uses_clip_run = (c.clip.pretrained or "").startswith("train:")
+    fp = fingerprint("curate", curate_identity(c), fps["scraped"], ctx.run_fps.get("clip") if uses_clip_run else None)
+    legacy = (fingerprint("curate", c.model_dump(mode="json"), fps["scraped"], ctx.run_fps.get("clip")),)
     report = storage.join(dst, "review", "index.html") if c.report else None
     if report:
         ctx.result.artifacts["review report"] = report
-    if ctx.skip("curate", fp, dst, storage.join(dst, "manifest.json")):
-        return fp
+    if (done := ctx.skip("curate", fp, dst, storage.join(dst, "manifest.json"), legacy)) is not None:
+        return done
     m = run_curate(
         ctx.datasets["scraped"],
         dst,
@@ -171,6 +204,11 @@ def curate_stage(ctx: StageContext, fps: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- encode
+
+
+def curate_identity(c) -> dict:
+    """The curate section as fingerprinted: ``workers``, ``device`` and ``batch_size`` change no decision."""
+    return c.model_dump(mode="json", exclude={"workers", "device", "batch_size"})
 
 
 def encode_identity(e) -> dict:
@@ -195,10 +233,13 @@ def encode_stage(ctx: StageContext, fps: dict) -> str:
     dst = storage.join(ctx.out, "latents")
     ctx.datasets["latents"] = ctx.result.datasets["encode"] = dst
     upstream = fps.get("curated") or fps["scraped"]
-    fp = fingerprint("encode", encode_identity(e), upstream, ctx.run_fps.get("vae"), ctx.run_fps.get("clip"))
-    if ctx.skip("encode", fp, dst, storage.join(dst, "manifest.json")):
-        return fp
-    ctx.begin("encode", fp, dst)
+    runs = [ctx.run_fps.get(k) if ref.startswith("train:") else None
+            for k, ref in (("vae", e.vae), ("clip", e.text_encoder.pretrained or ""))]  # fmt: skip
+    fp = fingerprint("encode", encode_identity(e), upstream, *runs)
+    legacy = (fingerprint("encode", encode_identity(e), upstream, ctx.run_fps.get("vae"), ctx.run_fps.get("clip")),)
+    if (done := ctx.skip("encode", fp, dst, storage.join(dst, "manifest.json"), legacy)) is not None:
+        return done
+    ctx.begin("encode", fp, dst, legacy)
     m = run_encode(
         src,
         dst,
@@ -255,6 +296,15 @@ def trainer_flags(ctx: StageContext, run: TrainRun, data: str) -> list[str]:
     return flags
 
 
+def external_data_identity(data: str, so: dict | None) -> list:
+    """A training run's outside dataset as it is now: the manifest it reads (a versioned root's latest version's)
+    and that file's size and stamp, so a new version or a rewritten dataset retrains the run."""
+    from pipeline import versions
+
+    manifest = versions.input_manifest_url(data, so)
+    return [manifest, *storage.stamp(manifest, so)] if manifest else [data]
+
+
 def train_stage(ctx: StageContext, phase: str, fps: dict) -> None:
     """Run the recipe's training runs whose data is ``phase`` ("scraped", "curated", "latents" or "external")."""
     from flows.launch import launch_training
@@ -273,10 +323,13 @@ def train_stage(ctx: StageContext, phase: str, fps: dict) -> None:
         if run.kind == "vae" and ctx.recipe.encode is not None:  # trainer_flags passes the encode resolution
             deps = [ctx.recipe.encode.resolution]
         fp = fingerprint(name, run.model_dump(mode="json"), fps.get(data_kind, data), deps)
-        ctx.runs[run.kind], ctx.run_fps[run.kind] = out_dir, fp
+        if data_kind not in DATA_KINDS:  # outside data: what it is now (a versioned root's latest version, say)
+            fp = fingerprint(fp, external_data_identity(data, ctx.so))
         ctx.result.artifacts[f"{run.kind} model"] = out_dir
         ctx.result.artifacts[f"{run.kind} TensorBoard logs"] = os.path.join(out_dir, "tensorboard")
-        if ctx.skip(name, fp, out_dir, os.path.join(out_dir, FINISHED_FILE[run.kind])):
+        done = ctx.skip(name, fp, out_dir, os.path.join(out_dir, FINISHED_FILE[run.kind]))
+        ctx.runs[run.kind], ctx.run_fps[run.kind] = out_dir, done or fp
+        if done is not None:
             continue
         ctx.begin(name, fp, out_dir)  # a changed run or input must not resume the old run's checkpoints
         os.makedirs(out_dir, exist_ok=True)

@@ -107,6 +107,9 @@ def _spawn(sock: socket.socket) -> subprocess.Popen:
         stdin=subprocess.DEVNULL,
         pass_fds=(fd,),
         preexec_fn=_die_with_parent,  # noqa: PLW1509
+        # its own session: a Ctrl-C in the terminal interrupts the command, which then stops the server itself;
+        # in the terminal's process group the server died at once and the command retried against it for minutes
+        start_new_session=True,
     )
 
 

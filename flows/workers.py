@@ -53,13 +53,18 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def worker_object(name: str, factory, *args):
-    """A per-process singleton (a fetcher, a model): built by ``factory(*args)`` on first use, then reused."""
-    loaded = _worker_state.setdefault("loaded", {})
-    if name not in loaded:
-        loaded[name] = factory(*args)
-        loads = _worker_state.setdefault("loads", {})
-        loads[name] = loads.get(name, 0) + 1
-    return loaded[name]
+    """A per-process singleton (a fetcher, a model): built by ``factory(*args)`` on first use, then reused. Built
+    once even when two task threads ask at once: two fetchers would each keep the per-host rate, doubling it."""
+    with _WORKER_OBJECT_LOCK:
+        loaded = _worker_state.setdefault("loaded", {})
+        if name not in loaded:
+            loaded[name] = factory(*args)
+            loads = _worker_state.setdefault("loads", {})
+            loads[name] = loads.get(name, 0) + 1
+        return loaded[name]
+
+
+_WORKER_OBJECT_LOCK = threading.RLock()  # an RLock: a factory may ask for another worker object
 
 
 def load_counts() -> dict[str, int]:
@@ -67,10 +72,10 @@ def load_counts() -> dict[str, int]:
     return dict(_worker_state.get("loads", {}))
 
 
-def worker_progress():
-    """The progress callback of this process (puts deltas on the run's queue), or None."""
+def worker_progress(stage: str):
+    """The progress callback of this process for ``stage`` (puts its deltas on the run's queue), or None."""
     q = _worker_state.get("queue", _progress_queue)
-    return q.put if q is not None else None
+    return None if q is None else lambda delta: q.put({**delta, "stage": stage})
 
 
 def get_pool(kind: str, processes: int) -> ProcessPoolExecutor:

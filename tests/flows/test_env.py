@@ -38,3 +38,12 @@ def test_import_contracts_hold():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 kept, 0 broken" in out.stdout
+
+
+def test_a_users_own_no_proxy_keeps_loopback_out_of_the_proxy(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update(NO_PROXY="intranet.example", no_proxy="localhost")  # their proxy would get the local server's calls
+    code = "import flows, os; print(os.environ['NO_PROXY'], os.environ['no_proxy'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    upper, lower = out.stdout.split()
+    assert upper == "intranet.example,127.0.0.1,localhost" and lower == "localhost,127.0.0.1"

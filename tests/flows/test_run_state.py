@@ -62,3 +62,43 @@ def test_a_finished_stage_is_current_under_any_spelling_of_its_output(tmp_path, 
     assert moved.current("scrape", "A", str(out), done) is None  # not the recorded place inside OUT
     assert storage.local_path(f"file://{out}") == str(out) and storage.local_path("s3://b/x") == "s3://b/x"
     assert not storage.same_place("s3://b/x", "s3://b/y") and storage.same_place("s3://b/x/", "s3://b/x")
+
+
+def test_speed_settings_and_unused_models_are_not_fingerprinted_and_older_records_stay_current(tmp_path):
+    from types import SimpleNamespace
+
+    from flows.stages import StageContext, curate_identity, scrape_identity
+    from pipeline.recipe import CurateSection, ScrapeConfig
+
+    fast, slow = ScrapeConfig(processes=2, concurrency=64, timeout=30), ScrapeConfig(processes=8, per_host_rate=1.0)
+    assert scrape_identity(fast) == scrape_identity(slow)  # a full re-scrape for a speed setting, before
+    assert scrape_identity(fast) != scrape_identity(ScrapeConfig(image_size=64))  # what the samples are: counted
+    curate = {"clip": {"model": "m"}}
+    assert curate_identity(CurateSection(**curate, workers=0)) == curate_identity(CurateSection(**curate, workers=4))
+    out = tmp_path / "scraped"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    state = RunState(str(tmp_path), None)
+    state.record("scrape", "OLD", str(out), {"images": 3})  # recorded before these fingerprints changed
+    result = SimpleNamespace(skipped=[], metrics={})
+    ctx = StageContext(None, str(tmp_path), None, None, state, result, "code")
+    ctx.log = lambda *a: None
+    done = str(out / "manifest.json")
+    assert ctx.skip("scrape", "NEW", str(out), done) is None
+    assert ctx.skip("scrape", "NEW", str(out), done, legacy=("OLD",)) == "OLD"  # current: its downstream too
+    assert result.metrics["scrape"] == {"images": 3}
+    assert state.begin("scrape", "NEW", str(out), legacy=("OLD",)) is None and out.exists()  # resumed, not moved
+
+
+def test_a_plain_run_refuses_an_incremental_scrape_root(tmp_path):
+    import pytest
+
+    from flows.stages import check_not_versioned
+
+    root = tmp_path / "scraped"
+    root.mkdir()
+    check_not_versioned(str(root), None)
+    (root / "versions.json").write_text('{"versions": []}')
+    with pytest.raises(ValueError, match="versions of an incremental scrape.*--incremental") as e:
+        check_not_versioned(str(root), None)
+    assert "\n" not in str(e.value)

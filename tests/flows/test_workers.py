@@ -46,3 +46,40 @@ def test_workers_exit_soon_after_their_parent_is_killed():
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_object_is_built_once_when_two_threads_ask_together():
+    import threading
+    import time
+
+    from flows import workers
+
+    def slow_factory():
+        time.sleep(0.2)  # both threads are inside worker_object meanwhile
+        return object()
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(workers.worker_object("two-threads", slow_factory)))
+               for _ in range(2)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] is got[1] and workers.load_counts()["two-threads"] == 1  # two fetchers doubled the host's rate
+
+
+def test_progress_rows_per_stage_and_a_final_newline_off_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from flows.progress import ProgressDisplay
+
+    buf = io.StringIO()
+    with ProgressDisplay("run", console=Console(file=buf, force_terminal=False, width=120)) as display:
+        display.queue.put({"seen": 35, "kept": 26, "http_404": 2, "stage": "scrape"})
+        display.queue.put({"seen": 20, "kept": 20, "stage": "encode"})
+        time.sleep(1.0)
+    text = buf.getvalue()
+    assert "records 35" in text and "kept 26" in text and "records 20" in text and "records 55" not in text
+    assert text.endswith("\n") and dict(display.stages["scrape"]) == {"seen": 35, "kept": 26, "http_404": 2}
