@@ -37,7 +37,9 @@ class ProgressDisplay:
 
     def _render(self) -> Table:
         t = Table.grid(padding=(0, 2))
-        for stage, counts in self.stages.items() or [(self.title, Counter())]:
+        if not self.stages:  # nothing counted yet, or workers (process, Dask) that have no way to report: no zeros
+            t.add_row(f"[bold]{self.title}[/]", f"{time.monotonic() - self._t0:.0f} s")
+        for stage, counts in self.stages.items():
             elapsed = max(time.monotonic() - self._started.get(stage, self._t0), 1e-6)
             seen, kept = counts["seen"], counts["kept"]
             of = f"/{self.total}" if self.total and len(self.stages) <= 1 else ""

@@ -150,7 +150,9 @@ DEMO_SITES_FILE = "demo-sites.json"  # in the scrape's output: the loopback port
 
 
 @contextlib.contextmanager
-def resolved_sources(recipe: Recipe, out: str, dst: str | None = None, storage_options: dict | None = None):
+def resolved_sources(
+    recipe: Recipe, out: str, dst: str | None = None, storage_options: dict | None = None, incremental: bool = False
+):
     """Yield the recipe's sources as plain dicts, with demo sites started on loopback ports meanwhile.
 
     A scrape plans with full URLs, so a demo site is served again on the port an unfinished scrape into ``dst``
@@ -160,7 +162,8 @@ def resolved_sources(recipe: Recipe, out: str, dst: str | None = None, storage_o
 
     ports_url = storage.join(dst, DEMO_SITES_FILE) if dst else None
     ports = {}
-    if ports_url and storage.exists(ports_url, storage_options):
+    unfinished = _unfinished_scrape(dst, storage_options, incremental) if dst else None
+    if unfinished and ports_url and storage.exists(ports_url, storage_options):  # a finished one pins no port
         ports = json.loads(storage.read_bytes(ports_url, storage_options))
     servers, sources, gt_path = [], [], None
     try:
@@ -172,8 +175,9 @@ def resolved_sources(recipe: Recipe, out: str, dst: str | None = None, storage_o
                     srv = serve(DemoSiteConfig(seed=s.seed, n_images=s.images), host="127.0.0.1", port=port)
                 except OSError as e:
                     raise RuntimeError(
-                        f"the unfinished scrape in {dst} planned the demo site at 127.0.0.1:{port}, which cannot be "
-                        f"served again ({e.strerror or e}); free the port, or remove {dst} to scrape afresh"
+                        f"the unfinished scrape in {unfinished} planned the demo site at 127.0.0.1:{port}, which "
+                        f"cannot be served again ({e.strerror or e}); free the port, or remove {unfinished} to "
+                        "scrape it afresh"
                     ) from None
                 servers.append(srv)
                 if ports_url and ports.get(key) != srv.port:
@@ -190,6 +194,18 @@ def resolved_sources(recipe: Recipe, out: str, dst: str | None = None, storage_o
     finally:
         for srv in servers:
             srv.shutdown()
+
+
+def _unfinished_scrape(dst: str, storage_options: dict | None, incremental: bool) -> str | None:
+    """The dataset of a scrape into ``dst`` that was planned and not finished (a versioned root's next version),
+    whose planned URLs name the demo site's port; None when there is none, and any free port will do."""
+    from pipeline import plan as plans
+    from pipeline import versions
+
+    target = versions.next_version(dst, storage_options).url if incremental else dst
+    planned = storage.exists(storage.join(plans.plan_dir(target), "plan.json"), storage_options)
+    finished = storage.exists(storage.join(target, "manifest.json"), storage_options)
+    return target if planned and not finished else None
 
 
 def has_demo_site(recipe: Recipe) -> bool:

@@ -46,7 +46,6 @@ def placement_of(runtime, dask_address: str | None = None) -> Placement:
 
 def check_dask(address: str, timeout_s: float = 10.0) -> None:
     """Raise ``RuntimeError`` (one line) unless a Dask scheduler answers at ``address``."""
-    from distributed import Client
     from distributed.comm import parse_address
     from distributed.comm.addressing import parse_host_port
 
@@ -56,14 +55,22 @@ def check_dask(address: str, timeout_s: float = 10.0) -> None:
             parse_host_port(loc)
     except ValueError as e:
         raise RuntimeError(f"Dask scheduler address {address!r}: {str(e).splitlines()[0]}") from None
+    n = dask_worker_count(address, timeout_s)
+    if n == 0:
+        raise RuntimeError(f"Dask scheduler {address} has no workers")
+
+
+def dask_worker_count(address: str, timeout_s: float = 10.0) -> int:
+    """The worker processes of the Dask cluster at ``address`` (each keeps its own fetcher, so a per-host limit is
+    shared out over them); ``RuntimeError`` (one line) when it cannot be reached."""
+    from distributed import Client
+
     try:
         with Client(address, timeout=timeout_s, set_as_default=False) as client:
-            n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+            return len(client.scheduler_info(n_workers=-1).get("workers", {}))
     except Exception as e:  # OSError/TimeoutError when down, and whatever else a client raises: one line
         why = (str(e) or type(e).__name__).splitlines()[0]
         raise RuntimeError(f"Dask scheduler {address} is unreachable: {why}") from None
-    if n == 0:
-        raise RuntimeError(f"Dask scheduler {address} has no workers")
 
 
 def check_output(url: str, storage_options: dict | None = None) -> None:

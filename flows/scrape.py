@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections import Counter
@@ -11,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import workers  # importing the flows package turns telemetry off before prefect loads (flows/env.py)
-from flows.runners import Placement, wait_for_shards
+from flows.runners import Placement, dask_worker_count, wait_for_shards
 from flows.scrape_worker import scrape_partition
 from pipeline import plan as plans
 from pipeline import shards, versions
@@ -90,13 +91,14 @@ def scrape_shard_task(
     storage_options: dict | None,
     processes: int,
     seen_from: str | None = None,
+    host_share: int | None = None,
 ) -> dict:
     """Scrape one shard (skipped when already done), in the run's worker pool."""
     if shards.is_done(dst, int(name), storage_options):
         return shards.read_shard_stats(dst, name, storage_options)
     dst_url = shards.shard_files(dst, int(name))["tar"]
     return workers.run(
-        "scrape", processes, scrape_partition, partition_url, dst_url, cfg_json, storage_options, seen_from
+        "scrape", processes, scrape_partition, partition_url, dst_url, cfg_json, storage_options, seen_from, host_share
     )
 
 
@@ -111,6 +113,7 @@ def scrape_flow(
     parent: str | None = None,
     incremental: bool = False,
     processes: int | None = None,
+    host_share: int | None = None,
 ) -> dict:
     """Scrape ``sources`` into the dataset ``dst``; returns its manifest.
 
@@ -125,6 +128,17 @@ def scrape_flow(
         raise ValueError("retry_failed does not combine with incremental")
     scfg = ScrapeConfig.model_validate(cfg)
     cfg_json = scfg.model_dump_json()
+    lock = contextlib.ExitStack()  # an incremental scrape holds its versioned root until its version is written
+    if incremental:
+        lock.enter_context(versions.writer_lock(dst, storage_options))
+    with lock:
+        return _scrape_into(log, dst, sources, scfg, cfg_json, storage_options, retry_failed, recipe, parent,
+                            incremental, processes, host_share)  # fmt: skip
+
+
+def _scrape_into(log, dst, sources, scfg, cfg_json, storage_options, retry_failed, recipe, parent, incremental,
+                 processes, host_share) -> dict:  # fmt: skip
+    """scrape_flow's body: plan, one task per partition, then the manifest (and the version index)."""
     target = versions.next_version(dst, storage_options) if incremental else None
     if target is not None:
         dst, parent = target.url, target.parent
@@ -135,7 +149,7 @@ def scrape_flow(
     nproc = processes or scfg.processes
     futures = [
         scrape_shard_task.submit(
-            shards.shard_name(p["index"]), p["url"], dst, cfg_json, storage_options, nproc, seen_from
+            shards.shard_name(p["index"]), p["url"], dst, cfg_json, storage_options, nproc, seen_from, host_share
         )
         for p in plan["partitions"]
     ]
@@ -210,4 +224,5 @@ def run_scrape(
         recipe,
         incremental=incremental,
         processes=placement.worker_processes(cfg.processes),
+        host_share=dask_worker_count(placement.dask_address) if placement.kind == "dask" else None,
     )

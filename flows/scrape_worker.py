@@ -13,15 +13,21 @@ from pipeline.scrape import scrape_shard
 
 
 def scrape_partition(
-    partition_url: str, dst_url: str, cfg_json: str, storage_options: dict | None, seen_from: str | None = None
+    partition_url: str,
+    dst_url: str,
+    cfg_json: str,
+    storage_options: dict | None,
+    seen_from: str | None = None,
+    host_share: int | None = None,
 ) -> dict:
     """Scrape one partition into one shard; runs in a worker process, which keeps its fetcher between shards.
 
     ``seen_from`` (incremental runs: the previous version's manifest URL) turns downloads of bytes that version or
-    its ancestors stored into ``seen_content`` drops.
+    its ancestors stored into ``seen_content`` drops. ``host_share``: how many processes share the per-host limits
+    (default ``processes``; on Dask, the cluster's worker processes).
     """
     cfg = ScrapeConfig.model_validate_json(cfg_json)
-    fetch_cfg = cfg.fetch_config().for_processes(cfg.processes)  # the per-host limits are shared by the processes
+    fetch_cfg = cfg.fetch_config().for_processes(host_share or cfg.processes)  # the per-host limits are shared
     fetcher = workers.worker_object(f"fetcher:{fetch_cfg!r}", BackgroundFetcher, fetch_cfg)
     if seen_from:
         fetcher = versions.SeenContentFetcher(fetcher, stored_content(seen_from, storage_options))

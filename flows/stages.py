@@ -95,7 +95,7 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
     else:
         if not incremental:  # a versioned dataset keeps its versions; the run adds one
             ctx.begin("scrape", fp, dst, legacy)
-        with resolved_sources(r, ctx.out, dst, ctx.so) as (sources, gt_path):
+        with resolved_sources(r, ctx.out, dst, ctx.so, incremental) as (sources, gt_path):
             ctx.result.ground_truth = gt_path
             manifest = run_scrape(
                 dst,

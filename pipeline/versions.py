@@ -29,6 +29,7 @@ Layout of a versioned dataset (local path or fsspec URL)::
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -297,6 +298,34 @@ class NextVersion:
     url: str  # this version's directory
     parent: str | None  # the previous version's manifest URL; None for version 1
     start_index: int  # first shard index of this version (after every ancestor's shards)
+
+
+WRITER_LOCK = ".writer.lock"  # in a local versioned root: held by the incremental scrape writing its next version
+
+
+@contextlib.contextmanager
+def writer_lock(root: str, storage_options: dict | None = None):
+    """Hold a local versioned root for one incremental scrape: a second one started meanwhile (a scheduled run and a
+    manual one) fails in one line instead of writing the same version. An flock, so a killed writer releases it.
+    Object stores have no such lock: there, one run at a time is the scheduler's job (a deployment's runs are)."""
+    if not storage.is_local(root):
+        yield
+        return
+    import fcntl
+
+    path = os.path.join(storage.local_path(root), WRITER_LOCK)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{root}: another incremental scrape is writing its next version; run again when it has finished"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def next_version(root: str, storage_options: dict | None = None) -> NextVersion:

@@ -107,3 +107,14 @@ def _load_counts():
     from flows.workers import load_counts
 
     return load_counts()
+
+
+def test_the_per_host_limits_are_shared_out_over_the_clusters_worker_processes(cluster):
+    from flows.runners import dask_worker_count
+    from pipeline.recipe import ScrapeConfig
+
+    address, _ = cluster
+    assert dask_worker_count(address) == 2  # what run_scrape passes as host_share on Dask (was scrape.processes)
+    cfg = ScrapeConfig(per_host_rate=2.0, per_host_concurrency=16, processes=8)
+    shared = cfg.fetch_config().for_processes(dask_worker_count(address))
+    assert (shared.per_host_rate, shared.per_host_concurrency) == (1.0, 8)

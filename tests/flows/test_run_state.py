@@ -102,3 +102,25 @@ def test_a_plain_run_refuses_an_incremental_scrape_root(tmp_path):
     with pytest.raises(ValueError, match="versions of an incremental scrape.*--incremental") as e:
         check_not_versioned(str(root), None)
     assert "\n" not in str(e.value)
+
+
+def test_a_demo_sites_port_is_pinned_only_while_a_scrape_is_unfinished(tmp_path):
+    import json
+
+    from flows.run import _unfinished_scrape
+
+    plain = tmp_path / "scraped"
+    assert _unfinished_scrape(str(plain), None, False) is None
+    (plain / "_inputs").mkdir(parents=True)
+    (plain / "_inputs" / "plan.json").write_text("{}")
+    assert _unfinished_scrape(str(plain), None, False) == str(plain)  # planned with the old port: pinned
+    (plain / "manifest.json").write_text('{"shards": []}')
+    assert _unfinished_scrape(str(plain), None, False) is None
+    root = tmp_path / "versioned"
+    (root / "v0001").mkdir(parents=True)
+    (root / "v0001" / "manifest.json").write_text(json.dumps({"shards": [], "samples": 0}))
+    (root / "versions.json").write_text("{}")
+    assert _unfinished_scrape(str(root), None, True) is None  # the next scheduled run takes any free port
+    (root / "v0002" / "_inputs").mkdir(parents=True)
+    (root / "v0002" / "_inputs" / "plan.json").write_text("{}")
+    assert _unfinished_scrape(str(root), None, True).endswith("v0002")  # a killed version resumes on its port

@@ -256,3 +256,18 @@ def test_a_broken_index_is_a_one_line_error(tmp_path, index):
     with pytest.raises(ValueError) as e:
         versions.list_versions(str(root))
     assert str(e.value).startswith(str(root / "versions.json")) and "\n" not in str(e.value)
+
+
+def test_one_incremental_writer_at_a_time_on_a_local_root(tmp_path):
+    import pytest
+
+    from pipeline.versions import writer_lock
+
+    root = str(tmp_path / "scraped")
+    with writer_lock(root):
+        second = writer_lock(root)  # a second run meanwhile: both would have written the same version
+        with pytest.raises(ValueError, match="another incremental scrape is writing its next version") as e:
+            second.__enter__()
+        assert "\n" not in str(e.value)
+    with writer_lock(root):  # released when the first one ends (or dies: an flock)
+        pass
