@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from pipeline import storage
+
 LATEST = "latest"  # text file naming the newest complete checkpoint directory
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")  # besides state.json
 
@@ -205,12 +207,9 @@ def read_state(path: str | Path) -> dict:
     if not state.is_file():
         raise ValueError(f"{path}: not a checkpoint directory (no state.json)")
     try:
-        doc = json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{state}: unreadable checkpoint state: {e}") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{state}: unreadable checkpoint state: a JSON {type(doc).__name__}, not an object")
-    return doc
+        return storage.read_json_object(str(state))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable checkpoint state: {e}") from None
 
 
 LOOP_FIELDS = ("step", "metrics", "train_seconds", "scaler")  # what each trainer's loop resumes from state.json

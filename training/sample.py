@@ -271,34 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         if out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
             raise ValueError(f"--out {args.out}: give a PNG file path whose parent folders can be created")
         pipe = load_pipeline(args.model_dir, device=args.device)
-        images = generate(
-            pipe,
-            [args.prompt],
-            negative=args.negative,
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=args.seed,
-            n=args.num_images,
-            scheduler=args.scheduler,
-            batch_size=args.batch_size,
-            precision=args.precision,
-            guidance_interval=args.guidance_interval,
-        )
+        settings = {"negative": args.negative, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+                    "n": args.num_images, "scheduler": args.scheduler, "precision": args.precision,
+                    "guidance_interval": args.guidance_interval}  # fmt: skip
+        images = generate(pipe, [args.prompt], batch_size=args.batch_size, **settings)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    meta = grid_meta(
-        [args.prompt],
-        negative=args.negative,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        guidance_interval=args.guidance_interval,
-        scheduler=args.scheduler,
-        n=args.num_images,
-        precision=args.precision,
-        model=args.model_dir,
-    )
+    meta = grid_meta([args.prompt], model=args.model_dir, **settings)
     try:
         out = save_grid(images, args.out, meta, args.cols)
     except OSError as e:

@@ -340,7 +340,7 @@ def test_a_pipeline_folder_whose_parts_do_not_fit_is_a_one_line_error(pipe, tmp_
         (
             "sched-list",
             lambda f: (f / "scheduler" / "scheduler_config.json").write_text("[1, 2]"),
-            "not a JSON object",
+            "expected a JSON object",
         ),
         (
             "sched-str",

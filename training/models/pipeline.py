@@ -199,13 +199,10 @@ class LdmPipeline:
 
 def _scheduler_config(path: Path) -> dict:
     """scheduler/scheduler_config.json as a dict whose step counts are integers; one-line ``ValueError`` else."""
+    from pipeline import storage
+
     file = path / "scheduler" / "scheduler_config.json"
-    try:
-        sched = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{file}: not readable JSON: {e}") from None
-    if not isinstance(sched, dict):
-        raise ValueError(f"{file}: not a JSON object")
+    sched = storage.read_json_object(str(file))
     steps = sched.get("num_train_timesteps", 1000)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"{file}: num_train_timesteps is {steps!r}, not a positive integer")
