@@ -30,17 +30,12 @@ class ProgressDisplay:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._t0 = time.monotonic()
 
-    @property
-    def counts(self) -> Counter:
-        """All stages' counts together."""
-        return sum(self.stages.values(), Counter())
-
     def _render(self) -> Table:
         t = Table.grid(padding=(0, 2))
         if not self.stages:  # nothing counted yet, or workers (process, Dask) that have no way to report: no zeros
             t.add_row(f"[bold]{self.title}[/]", f"{time.monotonic() - self._t0:.0f} s")
         for stage, counts in self.stages.items():
-            elapsed = max(time.monotonic() - self._started.get(stage, self._t0), 1e-6)
+            elapsed = max(time.monotonic() - self._started[stage], 1e-6)
             seen, kept = counts["seen"], counts["kept"]
             of = f"/{self.total}" if self.total and len(self.stages) <= 1 else ""
             unit = "images/s" if stage in (self.title, "scrape") else "samples/s"

@@ -128,56 +128,47 @@ def scrape_flow(
         raise ValueError("retry_failed does not combine with incremental")
     scfg = ScrapeConfig.model_validate(cfg)
     cfg_json = scfg.model_dump_json()
-    lock = contextlib.ExitStack()  # an incremental scrape holds its versioned root until its version is written
-    if incremental:
-        lock.enter_context(versions.writer_lock(dst, storage_options))
-    with lock:
-        return _scrape_into(log, dst, sources, scfg, cfg_json, storage_options, retry_failed, recipe, parent,
-                            incremental, processes, host_share)  # fmt: skip
-
-
-def _scrape_into(log, dst, sources, scfg, cfg_json, storage_options, retry_failed, recipe, parent, incremental,
-                 processes, host_share) -> dict:  # fmt: skip
-    """scrape_flow's body: plan, one task per partition, then the manifest (and the version index)."""
-    target = versions.next_version(dst, storage_options) if incremental else None
-    if target is not None:
-        dst, parent = target.url, target.parent
-        log.info("incremental: version %d at %s, parent %s", target.number, dst, parent or "none")
-    seen_from, start = (target.parent, target.start_index) if target is not None else (None, 0)
-    plan = plan_inputs(dst, sources, cfg_json, storage_options, retry_failed, seen_from, start)
-    shards.clean_temporaries(dst, storage_options)
-    nproc = processes or scfg.processes
-    futures = [
-        scrape_shard_task.submit(
-            shards.shard_name(p["index"]), p["url"], dst, cfg_json, storage_options, nproc, seen_from, host_share
+    # an incremental scrape holds its versioned root until its version is written
+    with versions.writer_lock(dst, storage_options) if incremental else contextlib.nullcontext():
+        target = versions.next_version(dst, storage_options) if incremental else None
+        if target is not None:
+            dst, parent = target.url, target.parent
+            log.info("incremental: version %d at %s, parent %s", target.number, dst, parent or "none")
+        seen_from, start = (target.parent, target.start_index) if target is not None else (None, 0)
+        plan = plan_inputs(dst, sources, cfg_json, storage_options, retry_failed, seen_from, start)
+        shards.clean_temporaries(dst, storage_options)
+        nproc = processes or scfg.processes
+        futures = [
+            scrape_shard_task.submit(
+                shards.shard_name(p["index"]), p["url"], dst, cfg_json, storage_options, nproc, seen_from, host_share
+            )
+            for p in plan["partitions"]
+        ]
+        names = [shards.shard_name(p["index"]) for p in plan["partitions"]]
+        wait_for_shards(dict(zip(names, futures, strict=True)), "scrape")
+        shards.clean_temporaries(dst, storage_options)  # what writers killed mid-shard left (never visible)
+        manifest = build_manifest(
+            dst,
+            "scrape",
+            scfg.model_dump(),
+            recipe=recipe,
+            parent=parent,
+            storage_options=storage_options,
+            extra={"input_records": plan["records"], "extraction": plan["extraction"], "sources": sources},
         )
-        for p in plan["partitions"]
-    ]
-    names = [shards.shard_name(p["index"]) for p in plan["partitions"]]
-    wait_for_shards(dict(zip(names, futures, strict=True)), "scrape")
-    shards.clean_temporaries(dst, storage_options)  # what writers killed mid-shard left (never visible)
-    manifest = build_manifest(
-        dst,
-        "scrape",
-        scfg.model_dump(),
-        recipe=recipe,
-        parent=parent,
-        storage_options=storage_options,
-        extra={"input_records": plan["records"], "extraction": plan["extraction"], "sources": sources},
-    )
-    if target is not None:
-        versions.stamp_manifest(manifest, target, storage_options)
-    write_manifest(dst, manifest, storage_options)
-    if target is not None:
-        versions.write_index(target.root, storage_options)
-    publish_funnel("scrape", manifest, dst)
-    log.info(
-        "scrape: %d of %d records kept in %d shards",
-        manifest["stats"]["kept"],
-        plan["records"],
-        len(plan["partitions"]),
-    )
-    return manifest
+        if target is not None:
+            versions.stamp_manifest(manifest, target, storage_options)
+        write_manifest(dst, manifest, storage_options)
+        if target is not None:
+            versions.write_index(target.root, storage_options)
+        publish_funnel("scrape", manifest, dst)
+        log.info(
+            "scrape: %d of %d records kept in %d shards",
+            manifest["stats"]["kept"],
+            plan["records"],
+            len(plan["partitions"]),
+        )
+        return manifest
 
 
 def funnel_rows(manifest: dict) -> list[dict]:

@@ -87,38 +87,36 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
     if storage.is_local(ctx.out):
         gt = os.path.join(ctx.out, "demo-site-ground-truth.jsonl")
         ctx.result.ground_truth = gt if os.path.exists(gt) else None
-    if not incremental:
+    if not incremental:  # a versioned dataset keeps its versions; the run adds one
         check_not_versioned(dst, ctx.so)
-    done = None if incremental else ctx.skip("scrape", fp, dst, storage.join(dst, "manifest.json"), legacy)
-    if done is not None:
-        fp = done
-    else:
-        if not incremental:  # a versioned dataset keeps its versions; the run adds one
-            ctx.begin("scrape", fp, dst, legacy)
-        with resolved_sources(r, ctx.out, dst, ctx.so, incremental) as (sources, gt_path):
-            ctx.result.ground_truth = gt_path
-            manifest = run_scrape(
-                dst,
-                sources,
-                r.scrape,
-                ctx.so,
-                recipe=r.model_dump(mode="json"),
-                placement=ctx.placement,
-                incremental=incremental,
-            )
-        st = manifest["stats"]
-        metrics = {"records": st["seen"], "images": st["kept"], "shards": len(manifest["shards"])}
-        metrics["dropped"] = st["dropped"]
-        if incremental:  # the rest of this run belongs to the new version
-            version = f"v{int(manifest['version']):04d}"
-            metrics.update(version=version, samples_in_version=manifest.get("total_samples"))
-            fp = fingerprint(fp, manifest["dataset"])
-            ctx.datasets["scraped"] = ctx.result.datasets["scrape"] = manifest["dataset"]
-            ctx.out = storage.join(ctx.out, "versions", version)
-            ctx.result.models = os.path.join(ctx.result.models, "versions", version)  # runs are per version too
-            ctx.state = RunState(ctx.out, ctx.so)
-        ctx.result.metrics["scrape"] = metrics
-        ctx.state.record("scrape", fp, ctx.datasets["scraped"], metrics)
+        if (done := ctx.skip("scrape", fp, dst, storage.join(dst, "manifest.json"), legacy)) is not None:
+            _held_out(ctx)
+            return done
+        ctx.begin("scrape", fp, dst, legacy)
+    with resolved_sources(r, ctx.out, dst, ctx.so, incremental) as (sources, gt_path):
+        ctx.result.ground_truth = gt_path
+        manifest = run_scrape(
+            dst,
+            sources,
+            r.scrape,
+            ctx.so,
+            recipe=r.model_dump(mode="json"),
+            placement=ctx.placement,
+            incremental=incremental,
+        )
+    st = manifest["stats"]
+    metrics = {"records": st["seen"], "images": st["kept"], "shards": len(manifest["shards"])}
+    metrics["dropped"] = st["dropped"]
+    if incremental:  # the rest of this run belongs to the new version
+        version = f"v{int(manifest['version']):04d}"
+        metrics.update(version=version, samples_in_version=manifest.get("total_samples"))
+        fp = fingerprint(fp, manifest["dataset"])
+        ctx.datasets["scraped"] = ctx.result.datasets["scrape"] = manifest["dataset"]
+        ctx.out = storage.join(ctx.out, "versions", version)
+        ctx.result.models = os.path.join(ctx.result.models, "versions", version)  # runs are per version too
+        ctx.state = RunState(ctx.out, ctx.so)
+    ctx.result.metrics["scrape"] = metrics
+    ctx.state.record("scrape", fp, ctx.datasets["scraped"], metrics)
     _held_out(ctx)
     return fp
 
@@ -136,7 +134,9 @@ def scrape_identity(cfg) -> dict:
 def check_not_versioned(dst: str, so: dict | None) -> None:
     """One-line ``ValueError`` when ``dst`` holds an incremental (versioned) dataset: a plain ``altforge run`` would
     write a plain scrape into it, and the deployment's next run would then refuse it."""
-    if storage.exists(storage.join(dst, "versions.json"), so):
+    from pipeline import versions
+
+    if versions.is_versioned(dst, so):
         raise ValueError(
             f"{dst} holds versions of an incremental scrape (versions.json): run the recipe with --incremental (as"
             " its deployment does), or use another --out"

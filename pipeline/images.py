@@ -205,9 +205,10 @@ _MAX_SIDE = {"jpg": 65_500, "webp": 16_383, "png": 2**31 - 1}
 def _check_output_size(w: int, h: int, cfg: ImageConfig) -> None:
     """Reject, before decoding, an output that ``upscale`` would make huge: a 1x3000 strip enlarged to 256 px wide
     is 256x768000, gigabytes of pixels from a few hundred bytes. Rotation-invariant, like the checks above."""
-    if cfg.resize_mode != "keep_ratio" or _scale(w, h, cfg) <= 1:
+    scale = _scale(w, h, cfg)
+    if cfg.resize_mode != "keep_ratio" or scale <= 1:
         return
-    ow, oh = _fit(w, h, _scale(w, h, cfg), w <= h, cfg.image_size)
+    ow, oh = _fit(w, h, scale, w <= h, cfg.image_size)
     if ow * oh > cfg.max_pixels or max(ow, oh) > _MAX_SIDE[cfg.encode_format]:
         raise ImageRejected("output_too_large", f"{w}x{h} enlarged to {ow}x{oh}")
 

@@ -419,7 +419,7 @@ def shard_urls(source: str, storage_options: dict | None = None) -> list[str]:
             isinstance(s, dict) and isinstance(s.get("name"), str) for s in shards
         ):
             raise ValueError(f"{manifest_url}: not a dataset manifest (no shards list)")
-        own = [storage.join(base, s["name"]) for s in manifest["shards"]]
+        own = [storage.join(base, s["name"]) for s in shards]
         if manifest.get("delta") and manifest.get("parent"):  # relative to this version's directory
             return shard_urls(storage.resolve_ref(base, manifest["parent"]), storage_options) + own
         return own

@@ -135,21 +135,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     # no pointer: a kill between the first checkpoint's rename and the pointer's write, or none saved yet
     named = root / (pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else "none")
-    if (named / "state.json").is_file() and damage(named) is None:
+    why = damage(named)  # also for a named directory that is gone
+    if why is None:
         return named
 
     def step_of(p: Path) -> str:
         return p.name.rsplit("_", 1)[-1]
 
+    present = (named / "state.json").is_file()
     candidates = [p for p in root.glob("*step_*") if p.is_dir() and not p.name.startswith(".tmp-")]
-    if (named / "state.json").is_file():  # damaged: an older one, not a higher step an abandoned run left behind
+    if present:  # damaged: an older one, not a higher step an abandoned run left behind
         candidates = [p for p in candidates if step_of(p) < step_of(named)]
     for path in sorted(candidates, key=step_of, reverse=True):
-        if (path / "state.json").is_file() and damage(path) is None:
-            if (named / "state.json").is_file():
-                sys.stderr.write(f"warning: {named} is damaged ({damage(named)}); resuming from {path.name}\n")
+        if damage(path) is None:
+            if present:
+                sys.stderr.write(f"warning: {named} is damaged ({why}); resuming from {path.name}\n")
             return path
-    return named if (named / "state.json").is_file() else None  # all damaged: loading it names what is wrong
+    return named if present else None  # all damaged: loading it names what is wrong
 
 
 def _sync(directory: Path) -> None:
