@@ -47,7 +47,8 @@ def plan_inputs(
         seen = versions.seen_urls(seen_from, storage_options) if seen_from else None
         with BackgroundFetcher(cfg.fetch_config()) as fetcher:
             records = itertools.chain.from_iterable(
-                plans.source_records(parse_source(s), fetcher, drops, storage_options) for s in sources
+                plans.source_records(parse_source(s), fetcher, drops, storage_options, cfg.allow_private_network)
+                for s in sources
             )
             if seen is not None:
                 log.info("incremental: %d URLs already attempted by %s", len(seen), seen_from)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import socket
+from functools import partial
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 from aiohttp.abc import AbstractResolver
@@ -241,3 +242,40 @@ class GuardedResolver(AbstractResolver):
         """Close the inner resolver."""
         if self._inner is not None:
             await self._inner.close()
+
+
+def input_options(url: str, storage_options: dict | None, allow_private: bool) -> dict:
+    """fsspec options for reading an input file (a URL list, a WARC) at ``url`` under the fetcher's address rules.
+
+    An http(s) URL is checked here, and its reads go through a client that checks every request, redirect hops
+    included, and connects only to resolved addresses the guard allows; other schemes are returned unchanged.
+    Raises :class:`RefusedURL` for a refused ``url``.
+    """
+    opts = dict(storage_options or {})
+    if url.split(":", 1)[0].lower() not in ALLOWED_SCHEMES:
+        return opts
+    check_url(url, allow_private)
+    opts["get_client"] = partial(_guarded_session, allow_private)
+    return opts
+
+
+async def _guarded_session(allow_private: bool, **kwargs):
+    """An aiohttp session for fsspec's HTTP filesystem that refuses what the fetcher refuses."""
+    import aiohttp
+
+    async def check_start(session, ctx, params) -> None:
+        check_url(params.url, allow_private)
+
+    async def check_redirect(session, ctx, params) -> None:  # before the hop is requested, as aiohttp reads it
+        location = params.response.headers.get("Location") or params.response.headers.get("URI")
+        if location is not None:
+            target = URL(location, encoded=not session.requote_redirect_url)
+            check_url(params.url.join(target) if not target.absolute else target, allow_private)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(check_start)
+    trace.on_request_redirect.append(check_redirect)
+    kwargs["trace_configs"] = [*kwargs.get("trace_configs", ()), trace]
+    kwargs["connector"] = aiohttp.TCPConnector(resolver=GuardedResolver(allow_private))
+    kwargs["trust_env"] = False  # a proxy would do the lookup and the connection where the guard cannot see
+    return aiohttp.ClientSession(**kwargs)

@@ -138,12 +138,15 @@ def new_plan(partitions: list[dict], extraction: Counter, sources: list[dict]) -
     }
 
 
-def source_records(source, fetcher, drops: Counter, storage_options: dict | None = None) -> Iterator:
+def source_records(
+    source, fetcher, drops: Counter, storage_options: dict | None = None, allow_private: bool = False
+) -> Iterator:
     """Records of one recipe source (a ``pipeline.recipe`` source model); drops are counted in ``drops``.
 
     ``fetcher`` (a BackgroundFetcher) is needed to crawl sites; demo_site sources are turned into site sources by
     the caller, which starts the server. ``storage_options`` reach the URL-list and WARC readers (an ``s3://``
-    input on another endpoint, credentials).
+    input on another endpoint, credentials). ``allow_private`` is ``--allow-private-network`` for http(s) lists
+    and archives, which are read under the fetcher's address rules.
     """
     kind = source.kind
     if kind == "site":
@@ -165,13 +168,14 @@ def source_records(source, fetcher, drops: Counter, storage_options: dict | None
                 extra_cols=tuple(source.extra_cols),
                 drops=drops,
                 storage_options=storage_options,
+                allow_private=allow_private,
             )
     elif kind == "warc":
         from pipeline.sources.warc import iter_warc
 
         for pattern in source.paths:
             for path in _expand(pattern):
-                yield from iter_warc(path, drops, storage_options=storage_options)
+                yield from iter_warc(path, drops, storage_options=storage_options, allow_private=allow_private)
     elif kind == "hf_dataset":
         from pipeline.sources.url_list import iter_hf_dataset
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -51,3 +52,32 @@ def partition(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     it = iter(records)
     while chunk := list(islice(it, size)):
         yield chunk
+
+
+def guarded_options(path: str, storage_options: dict | None, allow_private: bool) -> dict:
+    """fsspec options to read the input file ``path`` under the fetcher's address rules; one-line ValueError when
+    an http(s) ``path`` is refused (see :func:`pipeline.netguard.input_options`)."""
+    from pipeline.netguard import RefusedURL, input_options
+
+    try:
+        return input_options(path, storage_options, allow_private)
+    except RefusedURL as exc:
+        raise ValueError(f"input {path[:200]} refused ({exc.reason}): {exc.message}") from None
+
+
+@contextmanager
+def refusals_as_errors(path: str) -> Iterator[None]:
+    """Turn a refused redirect hop or address met while reading the input ``path`` (fsspec may wrap it) into a
+    one-line ValueError."""
+    from pipeline.netguard import AddressRefused, RefusedURL
+
+    try:
+        yield
+    except Exception as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, RefusedURL | AddressRefused):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        reason = getattr(cause, "reason", "refused_address")
+        raise ValueError(f"input {path[:200]}: redirect refused ({reason}): {cause}") from None

@@ -38,7 +38,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from pipeline.sources.html import clean_text
-from pipeline.sources.records import Record, partition
+from pipeline.sources.records import Record, guarded_options, partition, refusals_as_errors
 
 __all__ = ["FORMATS", "infer_format", "iter_hf_dataset", "iter_url_list", "partition"]
 
@@ -312,17 +312,23 @@ def iter_url_list(
     extra_cols: Iterable[str] = (),
     drops: Counter,
     storage_options: dict | None = None,
+    allow_private: bool = False,
 ) -> Iterator[Record]:
     """Stream the records of a URL list file or directory (img2dataset's ``input_format`` / column options).
 
     ``extra_cols`` is img2dataset's ``save_additional_columns``: carried into ``Record.extra`` as (name, value).
     ``caption_col=None`` reads no caption; a ``txt`` list never has one. ``input_format`` defaults to the
-    file's extension. A column that is not in the file is an error, raised before the first record.
+    file's extension. A column that is not in the file is an error, raised before the first record. An http(s)
+    list is read under the fetcher's address rules (``allow_private`` as ``--allow-private-network``).
     """
-    opts = storage_options or {}
+    opts = guarded_options(path, storage_options, allow_private)
     input_format = input_format or infer_format(path)
+    with refusals_as_errors(path):
+        yield from _read_files(path, input_format, url_col, caption_col, tuple(extra_cols), drops, opts)
+
+
+def _read_files(path, input_format, url_col, caption_col, extra_cols, drops, opts) -> Iterator[Record]:
     base, gz = _split_format(input_format)
-    extra_cols = tuple(extra_cols)
     for file in _files(path, input_format, opts):
         if base == "txt":
             rows = _read_txt(file, gz, opts, drops)

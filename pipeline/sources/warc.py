@@ -35,7 +35,7 @@ from pipeline.sources.html import (
     robots_meta_flags,
     unescape_attribute,
 )
-from pipeline.sources.records import Record, SeenPairs
+from pipeline.sources.records import Record, SeenPairs, guarded_options, refusals_as_errors
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 WAT_IMAGE_PATH = "IMG@/src"
@@ -181,10 +181,18 @@ def iter_warc(
     *,
     cfg: ExtractConfig = ExtractConfig(),
     storage_options: dict | None = None,
+    allow_private: bool = False,
 ) -> Iterator[Record]:
-    """Yield the image records of a ``.warc[.gz]`` or ``.wat[.gz]`` file (a local path or any fsspec URL)."""
+    """Yield the image records of a ``.warc[.gz]`` or ``.wat[.gz]`` file (a local path or any fsspec URL; an
+    http(s) one is read under the fetcher's address rules, ``allow_private`` as ``--allow-private-network``)."""
+    opts = guarded_options(path_or_url, storage_options, allow_private)
+    with refusals_as_errors(path_or_url):
+        yield from _read_warc(path_or_url, drops, cfg, opts)
+
+
+def _read_warc(path_or_url: str, drops: Counter, cfg: ExtractConfig, opts: dict) -> Iterator[Record]:
     seen = SeenPairs()
-    with fsspec.open(path_or_url, "rb", **(storage_options or {})) as raw:
+    with fsspec.open(path_or_url, "rb", **opts) as raw:
         gzipped = raw.read(2) == GZIP_MAGIC  # by content, not name: a signed URL's query hides its ".gz"
         raw.seek(0)
         # decompressed here, not inside warcio, so that a cut gzip member reaches _EOFWatch and is counted

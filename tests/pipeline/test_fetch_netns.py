@@ -161,3 +161,142 @@ def test_guard_end_to_end_in_isolated_namespace(tmp_path):
     statuses = {name: r["status"] for name, r in long_names.items()}
     assert statuses == dict.fromkeys(long_names, "invalid_url"), long_names
     assert all("too long" in r["error"] for r in long_names.values()) and out["redirects_served"] == 6
+
+
+INPUT_SCRIPT = r"""
+import asyncio, io, json, os, subprocess, sys, tempfile, threading, urllib.request
+from collections import Counter
+sys.path.insert(0, sys.argv[1])
+
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for cidr in ("198.51.100.7/32", "10.0.0.1/32", "169.254.169.254/32"):
+    subprocess.run(["ip", "addr", "add", cidr, "dev", "lo"], check=True)
+
+from aiohttp import web
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+from pipeline.sources.url_list import iter_url_list
+from pipeline.sources.warc import iter_warc
+
+
+class Files:
+    # A file server with HEAD and ranges (what fsspec's HTTP reader uses) that logs every request.
+    def __init__(self, host, files, redirects=None):
+        self.log, self.redirects, self.dir = [], redirects or {}, tempfile.mkdtemp()
+        for name, body in files.items():
+            with open(os.path.join(self.dir, name), "wb") as f:
+                f.write(body)
+        ready = threading.Event()
+
+        async def handler(req):
+            self.log.append(req.path)
+            name = req.path.lstrip("/")
+            if name in self.redirects:
+                raise web.HTTPFound(self.redirects[name])
+            path = os.path.join(self.dir, name)
+            if os.path.isfile(path):
+                return web.FileResponse(path)
+            raise web.HTTPNotFound()
+
+        def run():
+            loop = asyncio.new_event_loop()
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", handler)
+            runner = web.AppRunner(app)
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, host, 0)
+            loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+            loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait()
+        self.host = host
+
+    def url(self, name):
+        return f"http://{self.host}:{self.port}/{name}"
+
+
+buf = io.BytesIO()
+writer = WARCWriter(buf, gzip=True)
+page = b'<html><body><img src="http://img.example.org/x.jpg" alt="a red square on a wooden table"></body></html>'
+headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+writer.write_record(writer.create_warc_record("http://page.example.org/", "response", payload=io.BytesIO(page),
+                                              http_headers=headers))
+files = {"list.txt": b"http://img.example.org/a.jpg\n", "a.warc.gz": buf.getvalue()}
+meta = Files("169.254.169.254", files)
+private = Files("10.0.0.1", files)
+public = Files("198.51.100.7", files, {"to-meta-list.txt": meta.url("list.txt"),
+                                       "to-meta.warc.gz": meta.url("a.warc.gz"),
+                                       "to-private-list.txt": private.url("list.txt"),
+                                       "to-localhost-list.txt": "http://localhost:1/list.txt"})
+
+# Control: the internal servers answer from here, so a read that reached them would show in their logs.
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+control = [opener.open(srv.url("list.txt"), timeout=5).status for srv in (meta, private)]
+meta.log.clear()
+private.log.clear()
+
+
+def read(kind, url, allow_private=False):
+    try:
+        if kind == "list":
+            return [r.url for r in iter_url_list(url, drops=Counter(), allow_private=allow_private)]
+        return [r.url for r in iter_warc(url, Counter(), allow_private=allow_private)]
+    except ValueError as exc:
+        return "error: " + str(exc)
+
+
+out = {
+    "public_list": read("list", public.url("list.txt")),
+    "public_warc": read("warc", public.url("a.warc.gz")),
+    "redirect_list_to_metadata": read("list", public.url("to-meta-list.txt")),
+    "redirect_warc_to_metadata": read("warc", public.url("to-meta.warc.gz")),
+    "redirect_list_to_private": read("list", public.url("to-private-list.txt")),
+    "redirect_list_to_localhost": read("list", public.url("to-localhost-list.txt")),
+    "direct_metadata": read("warc", meta.url("a.warc.gz")),
+    "direct_private": read("list", private.url("list.txt")),
+    "metadata_hits_refused": len(meta.log),
+    "private_hits_refused": len(private.log),
+    "allowed_redirect_to_private": read("list", public.url("to-private-list.txt"), allow_private=True),
+    "allowed_redirect_to_metadata": read("list", public.url("to-meta-list.txt"), allow_private=True),
+    "control": control,
+    "metadata_hits": len(meta.log),
+    "private_hits": len(private.log),
+}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.netns
+def test_remote_input_files_are_read_under_the_guard(tmp_path):
+    """URL lists and WARCs given as http(s) URLs: a redirect into link-local or private space is refused, in one
+    line, before any request reaches it (the metadata server is refused even with allow_private)."""
+    why = _netns_available()
+    if why:
+        pytest.skip(why)
+    script = tmp_path / "netns_inputs.py"
+    script.write_text(INPUT_SCRIPT)
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, str(script), str(REPO)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert out["control"] == [200, 200]
+    assert out["public_list"] == ["http://img.example.org/a.jpg"]
+    assert out["public_warc"] == ["http://img.example.org/x.jpg"]
+    for name in ("redirect_list_to_metadata", "redirect_warc_to_metadata", "redirect_list_to_private"):
+        assert (
+            out[name].startswith("error: input http://198.51.100.7:")
+            and "redirect refused (refused_address)" in (out[name])
+        ), out[name]
+    assert "redirect refused (refused_address): host 'localhost' is local" in out["redirect_list_to_localhost"]
+    assert "refused (refused_address): address 169.254.169.254 is not public" in out["direct_metadata"]
+    assert "refused (refused_address): address 10.0.0.1 is not public" in out["direct_private"]
+    assert out["metadata_hits_refused"] == 0 and out["private_hits_refused"] == 0
+
+    assert out["allowed_redirect_to_private"] == ["http://img.example.org/a.jpg"]
+    assert "redirect refused (refused_address): address 169.254.169.254" in out["allowed_redirect_to_metadata"]
+    assert out["private_hits"] > 0 and out["metadata_hits"] == 0
