@@ -317,7 +317,7 @@ def run_logged(
     env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONUNBUFFERED"}
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    cause = None  # the last exception line a worker printed
+    cause = refusal = None  # the last exception line a worker printed; the first refusal (``error: ...``) line
     in_root, root_code = False, None  # torchrun's report: the exit status of the first worker that failed
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"{LOG_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')} start: {shlex.join(argv)}\n")
@@ -331,7 +331,9 @@ def run_logged(
                 log.flush()
                 line = line.rstrip("\n")
                 tail.append(line)
-                found = _ERROR_LINE.match(line) or _REFUSAL_LINE.match(line)
+                if refusal is None and (found := _REFUSAL_LINE.match(line)):
+                    refusal = (f"rank {found[1]}: " if found[1] else "") + found[2]
+                found = _ERROR_LINE.match(line)
                 if found and "ChildFailedError" not in line:  # torchrun's own report names no cause
                     cause = (f"rank {found[1]}: " if found[1] else "") + found[2]
                 if _ROOT_CAUSE.match(line):
@@ -354,6 +356,7 @@ def run_logged(
     if code != 0:
         name = os.path.basename(argv[0]) if argv[1:3] != ["-m", "torch.distributed.run"] else "torchrun"
         body = "\n".join(tail)
+        cause = refusal or cause  # after a refusal, the other ranks' errors are its consequences
         why = f" ({cause})" if cause else ""
         message = f"{name} {_exit_reason(code)}{why}; last {len(tail)} lines of {log_path}:\n{body}"
         raise LaunchError(message, code, refused=code == 2 or root_code == 2)

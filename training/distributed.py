@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +114,20 @@ def main_says(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.broadcast(t, 0)
     return bool(t.item())
+
+
+@contextmanager
+def main_checks(device: torch.device) -> Iterator[None]:
+    """Set-up only rank 0 runs (its logs, held-out data, the VAE for grids): every rank waits for its outcome, so a
+    refusal there is rank 0's one ``error:`` line, and the other ranks leave quietly (exit status 2) instead of
+    dying in the next collective with a traceback."""
+    try:
+        yield
+    except Exception:
+        main_says(True, device)
+        raise
+    if main_says(False, device):
+        raise SystemExit(2)
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:

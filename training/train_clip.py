@@ -183,15 +183,16 @@ def train(cfg: ClipTrainConfig) -> dict:
     # ---- logging and evaluation (rank 0)
     writer = None
     eval_set = None
-    if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+    with distributed.main_checks(dist.device):
+        if dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
-        (out / "train_config.json").write_text(cfg.to_json(), encoding="utf-8")
-        if cfg.eval_data:
-            eval_set = load_eval_set(cfg.eval_data, make_eval_image(cfg.model), cfg.eval_limit, storage_options)
-            if eval_set.errors:
-                print(f"held-out samples skipped: {dict(eval_set.errors)}")
+            writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
+            (out / "train_config.json").write_text(cfg.to_json(), encoding="utf-8")
+            if cfg.eval_data:
+                eval_set = load_eval_set(cfg.eval_data, make_eval_image(cfg.model), cfg.eval_limit, storage_options)
+                if eval_set.errors:
+                    print(f"held-out samples skipped: {dict(eval_set.errors)}")
 
     def run_eval() -> None:
         done = history["eval"] and history["eval"][-1]["step"] == step  # a finished run relaunched: evaluated

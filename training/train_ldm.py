@@ -270,23 +270,25 @@ def train(cfg: LdmTrainConfig) -> dict:
 
     # ---- logging (rank 0)
     writer = None
-    if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
-        (out / "train_config.json").write_text(cfg.to_json(), encoding="utf-8")
-        print(f"U-Net {cfg.config}: {count_parameters(unet) / 1e6:.2f}M parameters, latents {latents.latent_shape}")
     vae_ref = cfg.vae or (latents.info.get("vae") or {}).get("ref")
     vae = pipe = None
-    if dist.is_main and vae_ref and te_model:  # the grids and the pipeline folder need both: loaded (so checked)
-        vae = load_vae(vae_ref)  # now, not after the last step
-        if encoder is None:
-            check_text_encoder(te_model, te_pretrained)
-    if dist.is_main and cfg.sample_every > 0:
-        if vae is not None and encoder is not None:
-            pipe = sampling_pipeline(ema, vae, tuned or encoder, empty, cfg.prediction)
-        else:
-            print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): no image grids")
+    with distributed.main_checks(dist.device):
+        if dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
+            (out / "train_config.json").write_text(cfg.to_json(), encoding="utf-8")
+            shape = latents.latent_shape
+            print(f"U-Net {cfg.config}: {count_parameters(unet) / 1e6:.2f}M parameters, latents {shape}")
+        if dist.is_main and vae_ref and te_model:  # the grids and the pipeline folder need both: loaded (checked)
+            vae = load_vae(vae_ref)  # now, not after the last step
+            if encoder is None:
+                check_text_encoder(te_model, te_pretrained)
+        if dist.is_main and cfg.sample_every > 0:
+            if vae is not None and encoder is not None:
+                pipe = sampling_pipeline(ema, vae, tuned or encoder, empty, cfg.prediction)
+            else:
+                print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): no image grids")
 
     def grid() -> None:
         if pipe is not None:

@@ -275,18 +275,19 @@ def train(cfg: VaeTrainConfig) -> dict:
     grid_images = None
     read_errors: Counter = Counter()  # bad samples met while reading the grid and scaling images
     eval_errors: Counter = Counter()  # ... and the held-out images, as the last evaluation met them (each re-reads)
-    if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+    with distributed.main_checks(dist.device):
+        if dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
-        (out / "train_config.json").write_text(cfg.to_json(), encoding="utf-8")
-        grid_source = cfg.eval_data or cfg.data
-        first = image_batches(
-            grid_source, cfg.resolution, cfg.sample_images, cfg.sample_images, read_errors, cfg.storage_options
-        )
-        grid_images = next(first, None)
-        if grid_images is None:
-            raise ValueError(f"no readable images in {grid_source}")
+            writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if step else None)
+            (out / "train_config.json").write_text(cfg.to_json(), encoding="utf-8")
+            grid_source = cfg.eval_data or cfg.data
+            first = image_batches(
+                grid_source, cfg.resolution, cfg.sample_images, cfg.sample_images, read_errors, cfg.storage_options
+            )
+            grid_images = next(first, None)
+            if grid_images is None:
+                raise ValueError(f"no readable images in {grid_source}")
 
     def run_eval() -> float | None:
         """Log a reconstruction grid and the held-out PSNR; returns the PSNR (None without eval_data)."""

@@ -429,6 +429,21 @@ def test_a_refused_launch_names_the_refusal_and_is_not_retried(tmp_path, shards,
     assert len(attempts((run_dir / "launch.log").read_text())) == 1  # the same settings would be refused again
 
 
+def test_a_refusal_on_rank_0_only_is_the_cause_and_the_other_rank_leaves_quietly(tmp_path, shards, launch_env):
+    # the held-out set is rank 0's alone: before, rank 1 died in the next collective and its gloo traceback was
+    # named as the cause, with the refusal itself out of the quoted tail
+    run = TrainRun(kind="clip", config="micro", steps=4, batch_size=8, nproc_per_node=2,
+                   options={"eval_data": str(tmp_path / "nope")})  # fmt: skip
+    with pytest.raises(LaunchError) as e:
+        launch_training.fn(run, shards, str(tmp_path / "run"))
+    first_line = str(e.value).splitlines()[0]
+    assert first_line.startswith(f"torchrun exited with code 1 (error: no evaluation samples in {tmp_path / 'nope'}")
+    assert e.value.refused
+    log = (tmp_path / "run" / "launch.log").read_text()
+    assert log.count("Traceback") == 1  # torchrun's own report; no rank's
+    assert "Connection closed by peer" not in log
+
+
 def test_option_values_the_trainer_refuses_fail_at_the_check():
     base = {**MULTI_NODE, "train": [{"kind": "clip", "config": "micro", "steps": 5}]}
     for options, named in (
