@@ -15,7 +15,7 @@ from flows import (
     env,  # noqa: F401  (telemetry off before anything imports prefect)
     tempserver,
 )
-from flows.cli_common import STORAGE_OPTIONS_HELP, fail, parse_storage_options, run_flow
+from flows.cli_common import STORAGE_OPTIONS_HELP, check_out, fail, parse_storage_options, run_flow
 
 app = typer.Typer(
     name="altforge",
@@ -201,6 +201,7 @@ def scrape(
     if incremental and retry_failed:
         fail("--retry-failed does not combine with --incremental: an incremental run attempts the earlier "
              "versions' transient failures again by itself")  # fmt: skip
+    check_out(out, so)
     if not incremental:  # a rerun must continue what the output holds: checked before Prefect starts
         from pipeline.plan import load_plan
         from pipeline.scrape import check_resume
@@ -251,6 +252,7 @@ def curate(
         fail(f"--min-score must be a finite cosine similarity, not {min_score}")
     if "://" not in in_dir and not os.path.isdir(in_dir):
         fail(f"dataset not found: {in_dir}")
+    check_out(out, so)
     if previous:  # the diff lives in the report: check the old version now, not after the scoring
         from flows.runners import check_manifest
 

@@ -84,6 +84,17 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def check_out(out: str, storage_options: dict | None) -> None:
+    """One-line refusal of an ``--out`` the stage could not write: blank or padded, or an object-store bucket that
+    is missing (it is never created) or that the endpoint and credentials cannot reach."""
+    from flows.runners import check_output
+
+    try:
+        check_output(out, storage_options)
+    except RuntimeError as e:
+        fail(str(e))
+
+
 def run_flow(title: str, fn, *args, progress: bool = True, **kwargs):
     """Run a flow (with a live display fed by the stage workers when ``progress``); one-line error on failure."""
     import contextlib

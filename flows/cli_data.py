@@ -72,6 +72,7 @@ def versions(
     storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
 ) -> None:
     """List the versions of a dataset with their counts, or diff two of them."""
+    from pipeline import storage
     from pipeline import versions as v
 
     so = parse_storage_options(storage_options)
@@ -84,6 +85,10 @@ def versions(
         fail(str(e).splitlines()[0])
     except KeyError as e:  # a manifest without a field every manifest has
         fail(f"{dataset}: a version's manifest lacks {e}; it was not written by altforge or is damaged")
+    except Exception as e:  # an endpoint that is down, wrong credentials (botocore's errors are not OSError)
+        if not storage.is_access_error(e):
+            raise
+        fail(f"{dataset}: {storage.access_error_line(e)}")
     typer.echo(f"v{diff[0]} -> v{diff[1]}: {d['n_added']} added, {d['n_removed']} removed, {d['n_common']} kept")
     if keys:
         for k in d["added"]:

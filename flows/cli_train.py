@@ -38,6 +38,12 @@ def run_trainer(module: str, argv: list[str], nproc_per_node: int, nnodes: int, 
         return e.code if isinstance(e.code, int) else 2
     except (FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except Exception as e:  # storage that is down or refuses the credentials: one line, not botocore's traceback
+        from pipeline.storage import access_error_line, is_access_error
+
+        if not is_access_error(e):
+            raise
+        fail(access_error_line(e))
 
 
 # torchrun's own log lines ("W1128 01:00:12.940000 18030 [site-packages path/]torch/distributed/elastic/...")

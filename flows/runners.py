@@ -73,6 +73,11 @@ def dask_worker_count(address: str, timeout_s: float = 10.0) -> int:
         raise RuntimeError(f"Dask scheduler {address} is unreachable: {why}") from None
 
 
+# s3fs options for the bucket check: an endpoint that accepts connections and never answers fails in seconds,
+# not after botocore's and s3fs's retries (14 minutes measured); the user's own config_kwargs win.
+CHECK_TIMEOUTS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 20, "retries": {"total_max_attempts": 1}}}
+
+
 def check_output(url: str, storage_options: dict | None = None) -> None:
     """Raise ``RuntimeError`` (one line) when the output is blank or padded with whitespace, or an object-store
     output's bucket is missing or not accessible."""
@@ -86,9 +91,17 @@ def check_output(url: str, storage_options: dict | None = None) -> None:
         raise RuntimeError(str(e)) from None
     bucket = url.split("://", 1)[1].split("/", 1)[0]
     try:
+        if hasattr(fs, "call_s3"):  # s3fs's exists() answers False for any error, after minutes on a hung endpoint
+            fs = type(fs)(**{**CHECK_TIMEOUTS, **(storage_options or {})}, skip_instance_cache=True)
+            fs.retries = 1  # s3fs's own retries, on top of botocore's
+            fs.call_s3("head_bucket", Bucket=bucket)
+            return
         ok = fs.exists(bucket)
+    except FileNotFoundError:
+        ok = False
     except Exception as e:  # botocore/aiohttp errors vary by cause; the first line says which
-        raise RuntimeError(f"{url}: cannot reach the bucket {bucket!r}: {str(e).splitlines()[0]}") from None
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise RuntimeError(f"{url}: cannot reach the bucket {bucket!r}: {why}") from None
     if not ok:
         raise RuntimeError(f"{url}: bucket {bucket!r} does not exist or is not accessible with these credentials")
 

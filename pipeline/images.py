@@ -336,15 +336,20 @@ def hamming(a: str, b: str) -> int:
     return (int(a, 16) ^ int(b, 16)).bit_count()
 
 
+def open_rgb(img_bytes: bytes) -> Image.Image:
+    """Decode to RGB as the scraper prepares images: upright (EXIF orientation), alpha on white, 16-bit grey
+    scaled. Raises whatever PIL raises for bytes that do not decode."""
+    with Image.open(io.BytesIO(img_bytes)) as im:
+        return to_rgb(ImageOps.exif_transpose(im), (255, 255, 255)).copy()
+
+
 def prepare_image(img_bytes: bytes, resolution: int) -> tuple[np.ndarray, dict]:
     """Decode, resize the shorter side to ``resolution`` (bicubic) and center crop: uint8 (r, r, 3) and the crop.
 
     The info dict holds ``crop`` ``[left, top, right, bottom]`` in the resized image's pixels, ``source_size``
     ``[w, h]`` of the decoded image and ``resolution``. Raises whatever PIL raises for bytes that do not decode.
     """
-    with Image.open(io.BytesIO(img_bytes)) as im:
-        im = ImageOps.exif_transpose(im)
-        img = to_rgb(im, (255, 255, 255))  # as the scrape converts: 16-bit grey scaled, alpha on white
+    img = open_rgb(img_bytes)
     w, h = img.size
     if w < 1 or h < 1:
         raise ValueError(f"empty image {w}x{h}")

@@ -55,8 +55,8 @@ def build_manifest(
         "manifest_version": MANIFEST_VERSION,
         "stage": stage,
         "dataset": dataset_url,
-        "recipe": recipe,
-        "config": config,
+        "recipe": storage.redact_secrets(recipe),  # the dataset is shared: its credentials are not
+        "config": storage.redact_secrets(config),
         "parent": parent,
         "shards": [
             {

@@ -101,7 +101,7 @@ def write_partitions(
         columns = [arrow_array([row[f.name] for row in batch], f.type) for f in PARTITION_SCHEMA]
         table = pa.Table.from_arrays(columns, schema=PARTITION_SCHEMA)
         fs, path = storage.get_fs(url, storage_options)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        storage.make_parent(fs, path)
         with fs.open(path, "wb") as f:
             pq.write_table(table, f, compression="zstd")
         out.append({"index": index, "url": url, "records": len(batch), "kind": kind})

@@ -30,6 +30,34 @@ def options_from_json(text: str | None) -> dict | None:
     return value
 
 
+# Credential entries of fsspec options (s3fs key/secret/token and client_kwargs' aws_*_key*, gcsfs token, adlfs
+# account_key/sas_token/connection_string/client_secret, passwords): never written into a manifest.
+_SECRET_NAME = re.compile(r"secret|token|passw|credential|connection_string|(^|_)key($|_)", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact_secrets(value):
+    """A copy of ``value`` (JSON-like) with the credential entries of every ``storage_options`` in it redacted."""
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {k: _redact_options(v) if k == "storage_options" else redact_secrets(v) for k, v in value.items()}
+
+
+def _redact_options(value):
+    if isinstance(value, str) and value.lstrip().startswith("{"):  # a trainer's --storage-options JSON text
+        try:
+            return json.dumps(_redact_options(json.loads(value)))
+        except json.JSONDecodeError:
+            return REDACTED
+    if isinstance(value, list):
+        return [_redact_options(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {k: REDACTED if _SECRET_NAME.search(str(k)) else _redact_options(v) for k, v in value.items()}
+
+
 def get_fs(url: str, storage_options: dict | None = None):
     """Return ``(filesystem, path)`` for a local path or fsspec URL; one-line ``ValueError`` for a scheme fsspec
     does not know or whose package is not installed (``gs://`` without gcsfs)."""
@@ -99,11 +127,31 @@ def read_json_object(url: str, storage_options: dict | None = None) -> dict:
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
     """Write a whole (small) file (not atomic; use :func:`publish` for that)."""
     fs, path = get_fs(url, storage_options)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    make_parent(fs, path)
     with fs.open(path, "wb") as f:
         f.write(data)
+
+
+def is_access_error(e: BaseException) -> bool:
+    """Whether ``e`` says that storage could not be reached or refused access (an endpoint down, wrong
+    credentials, a timeout): botocore's and aiohttp's own errors are not ``OSError``."""
+    if isinstance(e, PermissionError | ConnectionError | TimeoutError):
+        return True
+    return type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")
+
+
+def access_error_line(e: BaseException) -> str:
+    """``e`` (see :func:`is_access_error`) as one line."""
+    first = (str(e) or "").strip().splitlines()
+    return f"storage not accessible: {type(e).__name__}" + (f": {first[0]}" if first else "")
+
+
+def make_parent(fs, path: str) -> None:
+    """Create the folder of ``path`` on a filesystem that has folders; object stores need none, and s3fs would
+    create a missing bucket (a typo in ``--out`` would make a new bucket rather than fail)."""
+    parent = posixpath.dirname(path)
+    if parent and getattr(fs, "root_marker", None) == "/":  # local and other hierarchical filesystems
+        fs.makedirs(parent, exist_ok=True)
 
 
 def publish(tmp_url: str, final_url: str, storage_options: dict | None = None) -> None:

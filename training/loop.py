@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.storage import access_error_line, is_access_error
 from training.data import SPLITS, error_line
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -42,6 +43,11 @@ def trainer_main(train_fn, parse_fn, argv: list[str] | None) -> int:
         if not _raised_by_project(e):  # torch, numpy or PIL: a bug to see whole, not a refusal
             raise
         sys.stderr.write(f"error: {error_line(e)}\n")  # one write: the ranks of a torchrun share the pipe
+        return 2
+    except Exception as e:  # storage that is down or refuses the credentials (botocore's errors are not OSError)
+        if not is_access_error(e):
+            raise
+        sys.stderr.write(f"error: {access_error_line(e)}\n")
         return 2
     return 0 if result["step"] > 0 else 1
 

@@ -22,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from pipeline.storage import redact_secrets
 from training import distributed, loop
 from training.checkpoint import latest_checkpoint, read_state, resume_loop, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
@@ -98,8 +99,8 @@ class ClipTrainConfig:
             raise ValueError("storage_options must be a JSON object")
 
     def to_json(self) -> str:
-        """The config as JSON."""
-        return json.dumps(asdict(self), indent=2)
+        """The config as JSON, without the credentials of its storage options."""
+        return json.dumps(redact_secrets(asdict(self)), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ClipTrainConfig:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from pipeline.images import prepare_image
 from pipeline.shards import first_image, iter_samples, shard_urls
+from pipeline.storage import redact_secrets
 from training import distributed, loop
 from training.checkpoint import latest_checkpoint, read_state, resume_loop, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
@@ -113,8 +114,8 @@ class VaeTrainConfig:
             raise ValueError(f"settings out of range: {', '.join(bad)}")
 
     def to_json(self) -> str:
-        """The config as JSON."""
-        return json.dumps(asdict(self), indent=2)
+        """The config as JSON, without the credentials of its storage options."""
+        return json.dumps(redact_secrets(asdict(self)), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> VaeTrainConfig:

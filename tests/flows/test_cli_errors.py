@@ -104,3 +104,40 @@ def test_trainer_flag_errors_are_one_line_and_the_ldm_trainer_takes_the_other_tr
         assert "\n" not in err and "usage:" not in err
     cfg = train_ldm.parse_args(["DATA", "--out", "OUT", "--warmup-steps", "7", "--grad-clip", "0.5"])
     assert (cfg.warmup, cfg.clip_grad) == (7, 0.5)
+
+
+def test_a_missing_bucket_is_refused_and_never_created(s3_server, tmp_path):
+    import boto3
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:9/a.jpg\n")
+    so = json.dumps(s3_server)
+    r = run("scrape", "--url-list", str(urls), "--out", "s3://typo-bucket/scraped", "--storage-options", so)
+    text = r.output.strip()
+    assert r.exit_code == 2 and "bucket 'typo-bucket' does not exist" in text and "\n" not in text, text
+    # writes never create a bucket either (s3fs's makedirs did: a typo made a new bucket and the data went there)
+    from pipeline import storage
+
+    with pytest.raises(Exception, match="bucket|Bucket"):
+        storage.write_bytes("s3://typo-bucket/x/plan.json", b"{}", s3_server)
+    client = boto3.client(
+        "s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    assert "typo-bucket" not in [b["Name"] for b in client.list_buckets()["Buckets"]]
+
+
+def test_storage_that_cannot_be_reached_is_one_line_in_versions_and_train(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    so = json.dumps({"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"})
+    for args in (
+        ["versions", "s3://some-bucket/root", "--storage-options", so],
+        ["train", "clip", "s3://some-bucket/data", "--out", str(tmp_path / "run"), "--storage-options", so],
+    ):
+        r = run(*args)
+        text = r.output.strip()
+        assert r.exit_code == 2 and "Traceback" not in text and "\n" not in text, (args[0], text)
+        assert "storage not accessible: EndpointConnectionError: Could not connect" in text, text

@@ -1,9 +1,11 @@
 """Preflight checks fail at the start with one clear line; placements map to the right task runners."""
 
 import socket
+import time
 
 import pytest
 
+from flows import runners
 from flows.runners import Placement, check_dask, check_manifest, check_output, placement_of
 from pipeline.recipe import Runtime
 
@@ -27,6 +29,26 @@ def test_missing_bucket_is_one_line(s3_server):
         check_output("s3://no-such-bucket-here/run", s3_server)
     msg = str(e.value)
     assert "\n" not in msg and "no-such-bucket-here" in msg
+
+
+def test_an_endpoint_that_is_down_or_never_answers_is_one_line_and_quick(s3_server, monkeypatch):
+    # s3fs's exists() answered False for any error (blaming the bucket), and only after minutes on a hung endpoint
+    down = {**s3_server, "endpoint_url": f"http://127.0.0.1:{_free_port()}"}
+    with pytest.raises(RuntimeError) as e:
+        check_output("s3://some-bucket/run", down)
+    assert "\n" not in str(e.value) and "cannot reach the bucket 'some-bucket': Could not connect" in str(e.value)
+
+    silent = socket.socket()  # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    monkeypatch.setitem(runners.CHECK_TIMEOUTS["config_kwargs"], "read_timeout", 1)
+    hung = {**s3_server, "endpoint_url": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as e:
+        check_output("s3://some-bucket/run", hung)
+    silent.close()
+    assert "Read timeout" in str(e.value) and "\n" not in str(e.value)
+    assert time.monotonic() - started < 10  # one attempt of 1 s: botocore's and s3fs's retries are off here
 
 
 def test_existing_bucket_and_local_paths_pass(s3_bucket, tmp_path):

@@ -242,3 +242,32 @@ def test_a_relaunch_past_stop_after_stops_at_once(data, tmp_path):
     assert len(again["train"]) == len(first["train"])  # no step was trained
     later = train(base_cfg(data, tmp_path / "run", steps=6, workers=0, stop_after=1))  # already past it
     assert later["step"] == 2
+
+
+def test_the_clip_trainer_sees_images_as_curation_scores_them():
+    """Upright, alpha on white, 16-bit grey scaled: the trainer decoded with a bare convert("RGB") before, so a
+    16-bit grey gradient trained as white, a transparent red PNG as red and an EXIF-rotated photo sideways."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from training.models.clip import image_of
+
+    def png(im: Image.Image, **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", **kw)
+        return buf.getvalue()
+
+    grey16 = Image.fromarray((np.linspace(0, 65535, 64 * 16).reshape(16, 64)).astype(np.uint16))
+    assert 100 < np.asarray(image_of({"png": png(grey16)})).mean() < 155  # scaled, not clipped to white
+
+    clear_red = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert np.asarray(image_of({"png": png(clear_red)})).min() == 255  # white, not the hidden red
+
+    wide = Image.new("RGB", (60, 20), (0, 128, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to view
+    buf = io.BytesIO()
+    wide.save(buf, format="JPEG", exif=exif.tobytes())
+    assert image_of({"jpg": buf.getvalue()}).size == (20, 60)

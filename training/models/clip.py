@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import random
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from pipeline.images import open_rgb
 from pipeline.shards import first_image
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -113,12 +113,12 @@ def export_open_clip(model: torch.nn.Module, cfg: dict, out_dir: str | Path) -> 
 
 
 def image_of(sample: dict) -> Image.Image:
-    """Decode the first image field of a raw sample to RGB (raises KeyError if there is none)."""
+    """Decode the first image field of a raw sample to RGB as curation scores it (upright, alpha on white, 16-bit
+    grey scaled; raises KeyError if there is none)."""
     data = first_image(sample)
     if data is None:
         raise KeyError("no image field")
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+    return open_rgb(data)
 
 
 def to_tensor(img: Image.Image, size: int, mean, std) -> torch.Tensor:
