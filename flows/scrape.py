@@ -15,11 +15,11 @@ from flows import workers  # importing the flows package turns telemetry off bef
 from flows.runners import Placement, dask_worker_count, wait_for_shards
 from flows.scrape_worker import scrape_partition
 from pipeline import plan as plans
-from pipeline import shards, versions
+from pipeline import shards, storage, versions
 from pipeline.fetch_thread import BackgroundFetcher
 from pipeline.manifest import build_manifest, write_manifest
 from pipeline.recipe import ScrapeConfig, parse_source
-from pipeline.scrape import check_resume, failed_records, plan_settings
+from pipeline.scrape import check_resume, check_version_settings, failed_records, plan_settings
 from pipeline.stats import StageStats
 
 
@@ -134,6 +134,8 @@ def scrape_flow(
         target = versions.next_version(dst, storage_options) if incremental else None
         if target is not None:
             dst, parent = target.url, target.parent
+            if parent is not None:  # the versions read as one dataset: one size, format and policy
+                check_version_settings(storage.read_json_object(parent, storage_options), scfg, target.root)
             log.info("incremental: version %d at %s, parent %s", target.number, dst, parent or "none")
         seen_from, start = (target.parent, target.start_index) if target is not None else (None, 0)
         plan = plan_inputs(dst, sources, cfg_json, storage_options, retry_failed, seen_from, start)

@@ -220,6 +220,22 @@ def plan_settings(cfg: ScrapeConfig) -> dict:
     return json.loads(json.dumps(d))
 
 
+def check_version_settings(parent_manifest: dict, cfg: ScrapeConfig, root: str) -> None:
+    """A one-line ``ValueError`` when the next version of the incremental root ``root`` would be scraped with other
+    sample settings than the version before it (``parent_manifest``): the root reads as one dataset, so its
+    versions must share image size, format and policy, as the shards of one version do."""
+    try:
+        saved = plan_settings(ScrapeConfig.model_validate(parent_manifest.get("config") or {}))
+    except ValueError:  # a manifest too old or foreign to say: nothing to compare
+        return
+    now = plan_settings(cfg)
+    if saved != now:
+        changed = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if saved.get(k) != now[k])
+        raise ValueError(
+            f"{root}: its versions were scraped with other settings ({changed}): use them again, or a new root"
+        )
+
+
 def check_resume(plan: dict | None, sources: list[dict], cfg: ScrapeConfig, dst: str, retry_failed: bool) -> None:
     """A one-line ``ValueError`` when a scrape into ``dst`` cannot go on from its ``plan`` (None: not planned yet):
     other inputs or sample settings than the finished shards had, or ``--retry-failed`` with nothing to retry."""

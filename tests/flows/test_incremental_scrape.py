@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from flows.scrape import run_scrape
-from pipeline import shards, versions
+from pipeline import shards, storage, versions
 from pipeline.demo_site import DemoSiteConfig, DemoSiteServer, build_site
 from pipeline.manifest import read_manifest
 from pipeline.recipe import ScrapeConfig
@@ -69,8 +69,8 @@ def attempts(version_url, so=None) -> int:
     return sum(int(r["attempts"]) for r in rows)
 
 
-def scrape(root, list_path, so=None):
-    cfg = ScrapeConfig(image_size=32, processes=1, shard_size=6, allow_private_network=True)
+def scrape(root, list_path, so=None, image_size=32):
+    cfg = ScrapeConfig(image_size=image_size, processes=1, shard_size=6, allow_private_network=True)
     src = [{"kind": "url_list", "path": str(list_path)}]
     return run_scrape(root, src, cfg, so, incremental=True)
 
@@ -127,6 +127,11 @@ def test_two_incremental_runs_fetch_only_what_is_new(server, tmp_path):
     m3 = scrape(root, tmp_path / "grown.csv")
     assert image_hits(counting, grown["url"]) == 0
     assert (m3["version"], m3["samples"], m3["total_samples"], m3["extraction"]) == (3, 0, 24, {"seen_url": 27})
+
+    # another image size would make the root read as a mix of 32 px and 64 px samples: refused, nothing written
+    with pytest.raises(Exception, match=r"versions were scraped with other settings \(image_size 32 -> 64\)"):
+        scrape(root, tmp_path / "grown.csv", image_size=64)
+    assert not storage.exists(versions.version_url(root, 4)) and len(versions.list_versions(root)) == 3
 
 
 def test_incremental_runs_on_s3(server, tmp_path, s3_bucket):
