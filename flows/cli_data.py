@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from typing import Annotated
 
 import typer
 
-from flows import env  # noqa: F401  (telemetry off before anything imports prefect)
+from flows import env  # telemetry off before anything imports prefect
 from flows.cli_common import STORAGE_OPTIONS_HELP, fail, parse_storage_options
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -30,13 +31,15 @@ def module_help(module: str) -> int:
 
 
 def torchrun_prefix(nproc_per_node: int, nnodes: int, rdzv_endpoint: str | None) -> list[str]:
-    """``python -m torch.distributed.run`` with the process and node flags (standalone on one node)."""
+    """``python -m torch.distributed.run`` with the process and node flags (on one node: a rendezvous on a free
+    loopback port, and gloo on the loopback interface)."""
     launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
     if nnodes > 1:
         if not rdzv_endpoint:
             fail("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
         return [*launch, f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
-    return [*launch, "--standalone"]
+    os.environ.update(env.loopback_gloo(dict(os.environ)))  # for the torchrun this command starts next
+    return [*launch, "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1"]
 
 
 def encode(

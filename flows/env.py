@@ -5,6 +5,7 @@ except the two telemetry switches, which are always off.
 """
 
 import os
+import socket
 
 
 def quiet_environment(prefect_home: str | None = None) -> None:
@@ -22,6 +23,16 @@ def quiet_environment(prefect_home: str | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # OpenMP threads that spin while waiting made CPU training steps 3-8x slower on a shared machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def loopback_gloo(env: dict) -> dict:
+    """``env`` with gloo held to the loopback interface (unless already set): on one node, gloo otherwise binds the
+    address the host's name resolves to, which may be a public interface."""
+    if "GLOO_SOCKET_IFNAME" not in env:
+        name = next((n for _, n in socket.if_nameindex() if n.startswith("lo")), None)
+        if name:
+            return {**env, "GLOO_SOCKET_IFNAME": name}
+    return env
 
 
 quiet_environment()

@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
+from flows import env as env_module
 from pipeline import storage
 from pipeline.recipe import Recipe, TrainRun
 
@@ -315,6 +316,8 @@ def run_logged(
     can split. Without it stderr is line-buffered, and the trainers make their stdout line-buffered too.
     """
     env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONUNBUFFERED"}
+    if "--local-addr=127.0.0.1" in argv:  # one node (rendezvous_flags): its ranks talk over loopback only
+        env = env_module.loopback_gloo(env)
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     cause = refusal = None  # the last exception line a worker printed; the first refusal (``error: ...``) line

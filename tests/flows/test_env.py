@@ -47,3 +47,17 @@ def test_a_users_own_no_proxy_keeps_loopback_out_of_the_proxy(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     upper, lower = out.stdout.split()
     assert upper == "intranet.example,127.0.0.1,localhost" and lower == "localhost,127.0.0.1"
+
+
+def test_one_node_launches_stay_on_loopback(monkeypatch):
+    """On one node the ranks meet on 127.0.0.1 and gloo binds the loopback interface, not the address the host's
+    name resolves to (which may be a public interface); a user's own GLOO_SOCKET_IFNAME wins."""
+    from flows.cli_data import torchrun_prefix
+    from flows.env import loopback_gloo
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    argv = torchrun_prefix(2, 1, None)
+    assert "--standalone" not in argv
+    assert {"--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1", "--nproc-per-node=2"} <= set(argv)
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"  # Linux's loopback interface
+    assert loopback_gloo({"GLOO_SOCKET_IFNAME": "eth1"}) == {"GLOO_SOCKET_IFNAME": "eth1"}
