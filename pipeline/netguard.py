@@ -14,7 +14,8 @@ a private IPv4 address.
 
 On top of the lists, anything ``ipaddress`` flags as loopback, link-local, multicast, unspecified or reserved is
 refused, and IPv6 forms that embed an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``,
-6to4 ``2002::/16``, Teredo ``2001::/32``) are judged by the IPv4 address they carry.
+6to4 ``2002::/16``, Teredo ``2001::/32``, and a /96 inside local-use NAT64 ``64:ff9b:1::/48``) are judged by
+the IPv4 address they carry.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ PRIVATE = tuple(
 )
 
 _NAT64 = ip_network("64:ff9b::/96")
+_LOCAL_NAT64 = ip_network("64:ff9b:1::/48")  # RFC 8215; a /96 inside it carries the IPv4 address in its low bits
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # after IDNA encoding; no empty labels
 MAX_LABEL = 63  # octets per DNS label (RFC 1035); getaddrinfo's IDNA step raises UnicodeError beyond it
 MAX_NAME = 253  # octets per host name, without the trailing dot
@@ -84,7 +86,7 @@ def _embedded_ipv4(addr: IPv6Address) -> list[IPv4Address]:
     """The IPv4 addresses an IPv6 address carries (mapped, NAT64, 6to4, Teredo); empty if none."""
     if addr.ipv4_mapped is not None:
         return [addr.ipv4_mapped]
-    if addr in _NAT64:
+    if addr in _NAT64 or addr in _LOCAL_NAT64:
         return [IPv4Address(int(addr) & 0xFFFFFFFF)]
     if addr.sixtofour is not None:
         return [addr.sixtofour]

@@ -87,6 +87,7 @@ NOT_PUBLIC = [
     ("::ffff:169.254.169.254", True),
     ("2002:a9fe:a9fe::1", True),  # 6to4 of 169.254.169.254
     ("::a00:1", True),  # deprecated IPv4-compatible
+    ("64:ff9b:1::a9fe:a9fe", True),  # local-use NAT64 of 169.254.169.254: refused even with allow_private
 ]
 
 
