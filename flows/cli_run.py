@@ -36,6 +36,9 @@ def run(
     dask_address: Annotated[
         str | None, typer.Option(help="run the per-shard tasks on this Dask scheduler (tcp://host:port)")
     ] = None,
+    incremental: Annotated[
+        bool, typer.Option(help="as a deployment's runs do: write the next version of OUT/scraped (new records only)")
+    ] = False,
 ) -> None:
     """Run a recipe end to end as one Prefect flow; a rerun skips the stages already complete."""
     from pipeline.recipe import RecipeError, load_recipe
@@ -51,9 +54,13 @@ def run(
 
     try:
         preflight(r, out or r.output, placement_of(r.runtime, dask_address))  # before any Prefect start-up
-    except (RecipeError, RuntimeError) as e:
+        if incremental:  # a plain scrape there, finished or not, cannot take versions
+            from pipeline import storage, versions
+
+            versions.next_version(storage.join(out or r.output, "scraped"), r.storage_options or None)
+    except (RecipeError, RuntimeError, ValueError) as e:
         fail(str(e).splitlines()[0])
-    result = run_flow("run", recipe_flow, os.path.abspath(recipe), out, dask_address)
+    result = run_flow("run", recipe_flow, os.path.abspath(recipe), out, dask_address, incremental)
     print_result(result, "run")
 
 

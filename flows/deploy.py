@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from prefect import serve
 from prefect.client.orchestration import get_client
@@ -31,14 +33,38 @@ def default_flow():
 
 
 def cron_schedule(cron: str, timezone: str = "UTC"):
-    """A Prefect Cron schedule; ValueError with one line for a bad expression or time zone."""
+    """A Prefect Cron schedule; ValueError with one line for a bad expression or time zone, or one that never fires."""
+    if not (timezone or "").strip():  # Prefect reads a blank time zone as UTC, which the user did not ask for
+        raise ValueError(
+            f"bad schedule {cron!r}: the time zone is blank; give an IANA name such as UTC or Europe/Berlin"
+        )
+    fields = cron.split()
+    if len(fields) != 5 and not (len(fields) == 1 and fields[0].startswith("@")):
+        # croniter reads a 6th field as seconds: "0 3 * * * *" would fire every second from 03:00:00 to 03:00:59
+        raise ValueError(
+            f"bad schedule {cron!r} ({timezone}): a cron expression has 5 fields (minute hour day month weekday) "
+            f"or is an alias such as @daily, got {len(fields)} fields"
+        )
     try:
         CronSchedule(cron=cron, timezone=timezone)  # validates both, unlike Cron() alone
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         errors = getattr(e, "errors", None)
         detail = errors()[0]["msg"].removeprefix("Value error, ") if errors else str(e)
         raise ValueError(f"bad schedule {cron!r} ({timezone}): {detail}") from None
+    _check_fires(cron, timezone)
     return Cron(cron, timezone=timezone)
+
+
+def _check_fires(cron: str, timezone: str) -> None:
+    """Refuse a valid cron that matches no date ("0 2 30 2 *", 30 February): the server's scheduler would log
+    CroniterBadDateError for it on every loop, forever."""
+    from prefect._vendor.croniter import croniter  # what Prefect's server schedules with
+
+    start = datetime.now(ZoneInfo(timezone)).replace(tzinfo=None)  # the server starts from wall time in the zone
+    try:
+        croniter(cron, start, day_or=True).get_next(datetime)  # day_or: Cron's default, as in CronSchedule
+    except ValueError:  # CroniterBadDateError: no matching date within croniter's search (50 years)
+        raise ValueError(f"bad schedule {cron!r} ({timezone}): it matches no date, so it would never run") from None
 
 
 def recipe_deployment(
@@ -51,18 +77,20 @@ def recipe_deployment(
 ):
     """A deployment (not yet registered) that runs ``recipe_path`` on the cron schedule."""
     recipe = load_recipe(recipe_path)  # a bad recipe fails here, with one line, not at 3 a.m.
+    if name is not None and (not name or name != name.strip()):  # "" would quietly mean the recipe's name
+        raise ValueError(f"deployment name {name!r}: blank or padded with whitespace; write the name without it")
+    base = recipe.output if out is None else out  # not `out or`: a blank --out is refused, not replaced
+    check_recipe(recipe, base)
     flow = flow or default_flow()
     if _incremental(flow):  # so does an output that already holds a plain (unversioned) scrape
         from pipeline.versions import next_version
 
-        base = out or recipe.output
-        storage.get_fs(base, recipe.storage_options or None)  # an unknown scheme or missing package: its own line
         try:
             next_version(storage.join(base, "scraped"), recipe.storage_options or None)
         except ValueError:
             raise ValueError(
-                f"{storage.join(base, 'scraped')} holds a plain scrape (from altforge run); scheduled runs write "
-                "dataset versions, so deploy with --out NEW_DIR"
+                f"{storage.join(base, 'scraped')} holds a plain scrape (from altforge run, finished or not); "
+                "scheduled runs write dataset versions, so deploy with --out NEW_DIR"
             ) from None
     return flow.to_deployment(
         name=name or recipe.name,
@@ -71,6 +99,18 @@ def recipe_deployment(
         description=f"altforge recipe {recipe.name} ({os.path.abspath(recipe_path)})",
         tags=["altforge", recipe.name],
     )
+
+
+def check_recipe(recipe, out: str) -> None:
+    """What ``altforge run`` checks before it starts Prefect (output, Dask, named inputs, trainer options), as
+    one-line ValueErrors; nothing runs."""
+    from flows.run import preflight
+    from flows.runners import placement_of
+
+    try:
+        preflight(recipe, storage.local_path(out), placement_of(recipe.runtime))
+    except RuntimeError as e:
+        raise ValueError(str(e).splitlines()[0]) from None
 
 
 def _incremental(flow) -> dict:

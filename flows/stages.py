@@ -138,8 +138,8 @@ def check_not_versioned(dst: str, so: dict | None) -> None:
 
     if versions.is_versioned(dst, so):
         raise ValueError(
-            f"{dst} holds versions of an incremental scrape (versions.json): run the recipe with --incremental (as"
-            " its deployment does), or use another --out"
+            f"{dst} holds versions of an incremental scrape (versions.json): run the recipe with `altforge run"
+            " --incremental` (as its deployment does), or use another --out"
         )
 
 

@@ -398,9 +398,26 @@ def parse_recipe(data: object, path: str = "<recipe>") -> Recipe:
         raise RecipeError(_error_line(path, e)) from None
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping that repeats a key; PyYAML keeps the last one (two ``train:`` lists would drop the first)."""
+
+
 class _RecipeLoader(yaml.SafeLoader):
     """YAML's safe loader with YAML 1.2's floats: ``1e-4`` and ``-1e-05`` are numbers, where PyYAML (YAML 1.1, which
-    wants a dot) reads them as strings, and a string in a run's ``options`` reaches the trainer as text."""
+    wants a dot) reads them as strings, and a string in a run's ``options`` reaches the trainer as text. A repeated
+    key in a mapping is an error (YAML 1.2 forbids it), not a silent overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        """Refuse a key written twice in one mapping; keys brought in by a ``<<:`` merge may be overridden."""
+        seen = set()
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _RecipeLoader.add_implicit_resolver(
@@ -425,5 +442,6 @@ def load_recipe(path: str) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{path}{where}: YAML syntax error: {problem}") from None
+        what = "" if isinstance(e, _DuplicateKey) else "YAML syntax error: "
+        raise RecipeError(f"{path}{where}: {what}{problem}") from None
     return parse_recipe(data, path)

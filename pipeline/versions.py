@@ -47,6 +47,7 @@ from pipeline import shards, storage
 
 INDEX_NAME = "versions.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+PLAIN_LEFTOVER_RE = re.compile(r"^(_inputs|\d{6}(\.tar|\.parquet|_stats\.json))$")  # a plain scrape's plan and shards
 SEEN_URL = "seen_url"  # extraction drop: the URL was attempted by an earlier version
 SEEN_CONTENT = "seen_content"  # download drop: the same bytes were stored by an earlier version
 
@@ -333,6 +334,12 @@ def next_version(root: str, storage_options: dict | None = None) -> NextVersion:
     root = _absolute(root.rstrip("/"))
     if storage.exists(manifest_url(root), storage_options):
         raise ValueError(f"{root} is a plain dataset (it has a manifest.json); give a new directory for versions")
+    leftover = next((n for n in storage.listdir(root, storage_options) if PLAIN_LEFTOVER_RE.match(n)), None)
+    if leftover:  # v0001 beside them would make the folder versioned, and the plain scrape could never resume
+        raise ValueError(
+            f"{root} holds an unfinished plain scrape ({leftover}, no manifest.json); finish it without "
+            "--incremental, or give a new directory for versions"
+        )
     found = scan_versions(root, storage_options)
     if not found:
         return NextVersion(root, 1, version_url(root, 1), None, 0)

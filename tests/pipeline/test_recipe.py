@@ -129,6 +129,22 @@ def test_floats_in_exponent_notation_are_numbers_not_strings(tmp_path):
     assert run.options["note"] == "1e-4" and run.options["tag"] == "1e5x"  # quoted or not a number: text
 
 
+def test_a_key_written_twice_is_refused_with_its_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``train:`` list silently dropped the first."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        MINIMAL + "train:\n  - {kind: clip, config: tiny, steps: 5}\ntrain:\n  - {kind: vae, config: tiny, steps: 5}\n"
+    )
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(path))
+    assert str(e.value) == f"{path}:8:1: duplicate key 'train'"
+    path.write_text(MINIMAL + "scrape: {image_size: 32, processes: 1, image_size: 64}\n")  # nested, flow style
+    with pytest.raises(RecipeError, match=r"dup\.yaml:6:40: duplicate key 'image_size'$"):
+        load_recipe(str(path))
+    path.write_text(MINIMAL + "train:\n  - &t {kind: clip, config: tiny, steps: 5}\n  - {<<: *t, steps: 7}\n")
+    assert [r.steps for r in load_recipe(str(path)).train] == [5, 7]  # a merge key's values may be overridden
+
+
 def test_cli_reports_bad_recipe_in_one_line_without_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(MINIMAL + "scrape:\n  processes: -3\n")
