@@ -15,7 +15,7 @@ import posixpath
 import re
 import tarfile
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -28,6 +28,9 @@ from pipeline.stats import StageStats
 SHARD_RE = re.compile(r"^(\d{6})\.tar$")
 TMP_PREFIX = ".tmp-"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image fields a sample may carry, in the order they are looked for
+# PAX, not USTAR: a member name past 100 bytes gets an extended header instead of failing the shard; shorter ASCII
+# names write the same bytes as USTAR did, so earlier shards stay byte-identical
+TAR_FORMAT = tarfile.PAX_FORMAT
 
 # One parquet row per attempted input record; stages add their own columns (clip_score, ...).
 BASE_COLUMNS = pa.schema(
@@ -132,7 +135,7 @@ class ShardWriter:
             self._tmp_dir, self._spool_lock = storage.open_spool()
         tag = f"{TMP_PREFIX}{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tmp = {k: os.path.join(self._tmp_dir, f"{tag}.{k}") for k in ("tar", "parquet", "stats")}
-        self._tar = tarfile.open(self._tmp["tar"], "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self._tmp["tar"], "w", format=TAR_FORMAT)
         self._rows: list[dict] = []
         self._keys: set[str] = set()
         self._last_key = ""
@@ -232,7 +235,7 @@ class ShardWriter:
 def _sort_tar(path: str) -> None:
     """Rewrite a tar with its samples in key order (members of one sample stay together, extension order kept)."""
     sorted_path = path + ".sorted"
-    with tarfile.open(path, "r") as src, tarfile.open(sorted_path, "w", format=tarfile.USTAR_FORMAT) as dst:
+    with tarfile.open(path, "r") as src, tarfile.open(sorted_path, "w", format=TAR_FORMAT) as dst:
         members = src.getmembers()  # headers only; bodies are streamed below
         order = sorted(range(len(members)), key=lambda i: (members[i].name.split(".", 1)[0], i))
         for i in order:
@@ -446,32 +449,37 @@ def iter_samples(
     """Yield the samples of one tar shard as ``{"__key__", "__url__", ext: value}`` dicts, streamed.
 
     A corrupt or truncated shard stops with the samples read so far (the last one, which may have lost members,
-    is dropped); the problem is counted in ``errors`` (``corrupt_shard``) when given, otherwise raised. A shard cut
-    exactly at a member boundary counts too: it lacks the end-of-archive block every published tar ends with.
+    is dropped); the problem is counted in ``errors`` (``corrupt_shard``) when given, otherwise raised. tarfile
+    ends quietly at a bad header or a cut one, so the archive must end with its end-of-archive block to count as
+    whole. Members of one sample are consecutive, with one key, one directory and no extension twice.
     """
     import fsspec
 
     current: dict | None = None
+    group = None  # (directory, key) of the current sample
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                key, ext = base.split(".", 1)
-                data = tar.extractfile(member).read()
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext] = decode_field(ext, data) if decode else data
-            # tarfile stops quietly when the data ends right at a member boundary; reading the zero header moves
-            # the stream past the last member's offset, so equal positions mean the data simply ran out
-            if getattr(tar.fileobj, "pos", None) == tar.offset:
-                raise tarfile.ReadError(f"{url}: the shard ends without its end-of-archive block (truncated)")
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            tail = _TailReader(f)
+            with tarfile.open(fileobj=tail, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    if "." not in base:
+                        continue
+                    key, ext = base.split(".", 1)
+                    data = tar.extractfile(member).read()
+                    # another directory is another sample (webdataset keeps it in the key); an extension seen
+                    # twice is a repeated key, yielded twice so that the consumers count or refuse it
+                    if current is not None and ((folder, key) != group or ext in current):
+                        yield current
+                        current = None
+                    if current is None:
+                        current, group = {"__key__": key, "__url__": url}, (folder, key)
+                    current[ext] = decode_field(ext, data) if decode else data
+                end = tail.bytes_at(tar.offset, 2 * tarfile.BLOCKSIZE)  # where the member headers stopped
+            if len(end) < tarfile.BLOCKSIZE or end.strip(b"\0"):  # one zero block then EOF is an end, as for GNU tar
+                raise tarfile.ReadError("no end-of-archive block after the last member (truncated or corrupt)")
     except (tarfile.TarError, EOFError, OSError):
         if errors is None:
             raise
@@ -479,6 +487,33 @@ def iter_samples(
         current = None  # the last sample may be incomplete: drop it, counted above
     if current is not None:
         yield current
+
+
+class _TailReader:
+    """A read-only file wrapper that keeps the last bytes read, so a streamed tar's end can be checked (s3 too)."""
+
+    KEEP = 1 << 16  # more than tarfile reads ahead of its position (one 10 KiB record) plus the two end blocks
+
+    def __init__(self, f):
+        self.f, self.pos, self.held, self.chunks = f, 0, 0, deque()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.pos += len(data)
+        self.held += len(data)
+        self.chunks.append(data)
+        while self.held - len(self.chunks[0]) >= self.KEEP:
+            self.held -= len(self.chunks.popleft())
+        return data
+
+    def bytes_at(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of the file from ``offset`` (fewer at its end), reading on as needed."""
+        while self.pos < offset + size and self.read(offset + size - self.pos):
+            pass
+        start = self.pos - self.held
+        if offset < start:
+            raise tarfile.ReadError(f"tar position {offset} is behind the bytes kept (from {start})")
+        return b"".join(self.chunks)[offset - start : offset - start + size]
 
 
 def read_parquet(dataset_url: str, storage_options: dict | None = None):

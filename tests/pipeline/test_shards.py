@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -248,19 +249,52 @@ def test_kill_mid_shard_leaves_no_visible_shard_and_rerun_redoes_it(tmp_path):
     assert out.stdout.strip() == "skip"  # a rerun skips the finished shard
 
 
-def test_kill_at_random_moments_never_shows_a_partial_shard(tmp_path):
+# The writer of KILL_SCRIPT, killed by SIGKILL at its kill_at-th step: a write, then each step of publish().
+KILL_AT_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from pipeline import shards
+    from pipeline.stats import StageStats
+    from tests.pipeline.test_shards import make_sample
+    root, index, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    steps = 0
+
+    def step(fn):
+        def run(*args, **kwargs):
+            global steps
+            steps += 1
+            if steps == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+        return run
+
+    shards.ShardWriter.write = step(shards.ShardWriter.write)  # steps 1-40
+    shards.write_parquet = step(shards.write_parquet)  # 41: publish, the tar closed
+    shards.sha256_file = step(shards.sha256_file)  # 42: the parquet written
+    os.replace = step(os.replace)  # 43-45: moving the tar, the parquet, the stats
+    with shards.ShardWriter(root, index) as w:
+        for i in range(40):
+            w.write(make_sample(index * 1000 + i)); w.add_row({{"key": f"k{{i}}", "status": "success"}})
+        w.publish(StageStats(seen=40, kept=40))
+    step(print)("done", flush=True)  # 46: after publish() returned
+    """
+)
+
+
+def test_kill_at_every_step_of_a_write_never_shows_a_partial_shard(tmp_path):
     script = tmp_path / "writer.py"
-    script.write_text(KILL_SCRIPT.format(root=ROOT))
+    script.write_text(KILL_AT_SCRIPT.format(root=ROOT))
     data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for trial in range(6):
-        proc = subprocess.Popen([sys.executable, str(script), str(data), str(trial), "0.002"], stdout=subprocess.PIPE)
-        proc.stdout.readline()
-        time.sleep(float(rng.uniform(0, 0.12)))
-        proc.kill()
-        proc.wait()
+    for index, kill_at in enumerate([20, 41, 43, 44, 45, 46]):
+        proc = subprocess.run([sys.executable, str(script), str(data), str(index), str(kill_at)], capture_output=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+        assert shards.is_done(str(data), index) == (kill_at > 45), kill_at  # done only once the stats file moved
         for name in shards.done_shards(str(data)):  # whatever is visible as done is complete
-            assert len(list(shards.iter_samples(str(data / f"{name}.tar")))) == 40
+            errors = Counter()
+            assert len(list(shards.iter_samples(str(data / f"{name}.tar"), errors=errors))) == 40 and not errors
+            assert pq.read_metadata(str(data / f"{name}.parquet")).num_rows == 40
+    assert shards.done_shards(str(data)) == ["000005"]
 
 
 def test_webdataset_loads_shards_unchanged(tmp_path):
