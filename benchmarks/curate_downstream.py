@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    # the children run in the repository root: relative paths must mean what they meant in the user's directory
+    for name in ("unfiltered", "curated", "heldout", "work"):
+        setattr(args, name, os.path.abspath(getattr(args, name)))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {name: {"data": path, "pairs": samples(path), "runs": []} for name, path in

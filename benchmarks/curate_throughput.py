@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.curate.scorer import load_scorer  # noqa: E402
 from pipeline.curate.stage import curate_dataset  # noqa: E402
 from pipeline.recipe import CurateSection  # noqa: E402
-from pipeline.shards import ShardWriter, iter_samples, shard_urls  # noqa: E402
+from pipeline.shards import ShardWriter, first_image, iter_samples, shard_urls  # noqa: E402
 from pipeline.stats import StageStats  # noqa: E402
 
 
@@ -69,7 +70,7 @@ def plain_open_clip(urls: list[str], scorer, batch_size: int, keep_fraction: flo
 
     for url in urls:
         for s in iter_samples(url, decode=False):
-            images.append(preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")))
+            images.append(preprocess(Image.open(io.BytesIO(first_image(s))).convert("RGB")))
             texts.append(s["txt"].decode())
             if len(images) == batch_size:
                 flush()
@@ -96,6 +97,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = tempfile.mkdtemp(prefix="curate-bench-")
+    try:
+        result = compare(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the synthetic data and the curated copy
+    print(
+        f"altforge curate: {result['altforge_pairs_per_s']} pairs/s; plain open_clip loop: "
+        f"{result['plain_open_clip_pairs_per_s']} pairs/s; ratio {result['ratio']}x"
+    )
+    print(json.dumps(result))
+
+
+def compare(args: argparse.Namespace, tmp: str) -> dict:
+    """Both arms over ``--data`` (or synthetic pairs written under ``tmp``); the result row."""
     data = args.data or synthetic_dataset(os.path.join(tmp, "src"), args.n, args.image_size)
     scorer = load_scorer(args.model, args.pretrained, args.device)
     urls = shard_urls(data)
@@ -127,11 +141,7 @@ def main() -> None:
         "score_seconds": round(m.get("score_timings", {}).get("score", 0.0), 2),
         "total_seconds": round(t_ours, 2),
     }
-    print(
-        f"altforge curate: {result['altforge_pairs_per_s']} pairs/s; plain open_clip loop: "
-        f"{result['plain_open_clip_pairs_per_s']} pairs/s; ratio {result['ratio']}x"
-    )
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ resize is paid as it is on scraped images) and measures, separately:
 - end_to_end: ``encode_latents_shard`` over every shard (decode, VAE, float16 latents, tar + parquet writes).
 
 ``bound_by`` is the slowest of decode / transfer / compute. Random weights cost the same FLOPs as trained ones.
+
+Then, in the same run and over the same shards, the stage with per-sample text embeddings (a random open_clip text
+tower, ``--text-config``) against the loop a user would otherwise write with diffusers and PIL
+(``plain_diffusers``): webdataset + PIL decode in a torch DataLoader with ``--workers`` processes, torchvision's
+resize (bicubic), center crop, to-tensor and normalise (as diffusers' training examples), ``AutoencoderKL.encode``
+(posterior mean x scaling factor) and the same text tower's per-token states, both in the same dtype and batch, the
+results kept as one float16 .npz per shard. ``vs_plain_diffusers`` is the stage's images/s over the plain loop's.
 A script, not a test: it prints one JSON line per resolution.
 """
 
@@ -22,13 +29,16 @@ import functools
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import shards  # noqa: E402
@@ -41,6 +51,8 @@ from pipeline.latents import (  # noqa: E402
     to_model_input,
 )
 from pipeline.stats import StageStats  # noqa: E402
+from training.models import create_clip, get_tokenizer  # noqa: E402
+from training.models.text import TextEncoder, token_states  # noqa: E402
 from training.synthetic import write_demo_shards  # noqa: E402
 
 
@@ -121,7 +133,75 @@ def measure_end_to_end(paths: list[str], dst: str, cfg: EncodeConfig, encoders: 
     return total.kept / seconds, {k: round(v, 2) for k, v in total.timings.items()}
 
 
-def run_resolution(args, vae, resolution: int, work: str, device: torch.device, dtype: torch.dtype) -> dict:
+def text_tower(name: str, device: torch.device) -> TextEncoder:
+    """A random, frozen open_clip text tower of ``name`` (its image tower dropped) on ``device``."""
+    model = create_clip(name, device).eval().requires_grad_(False)
+    model.visual = None
+    return TextEncoder(model=model, tokenizer=get_tokenizer(name), device=device, provenance={"model": name})
+
+
+def _image_caption(sample: tuple, transform) -> tuple[torch.Tensor, str]:
+    """(PIL image, caption) -> (normalised tensor, caption); module level so DataLoader workers can pickle it."""
+    image, caption = sample
+    return transform(image.convert("RGB")), caption
+
+
+def plain_batches(path: str, resolution: int, batch_size: int, workers: int, pin: bool):
+    """What a diffusers user writes: webdataset + PIL decode, torchvision resize/crop/normalise, DataLoader."""
+    import webdataset as wds
+    from torchvision import transforms
+
+    transform = transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+    ds = wds.WebDataset(path, shardshuffle=False).decode("pil").to_tuple("jpg;png;webp", "txt")
+    ds = ds.map(functools.partial(_image_caption, transform=transform))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=pin)
+
+
+@torch.inference_mode()
+def measure_plain(paths: list[str], dst: str, cfg: EncodeConfig, vae, text: TextEncoder, workers: int) -> float:
+    """Images/s of the plain diffusers + PIL loop over every shard, writing one .npz of float16 arrays per shard."""
+    os.makedirs(dst, exist_ok=True)
+    n, t0 = 0, time.perf_counter()
+    for i, path in enumerate(paths):
+        latents, embs = [], []
+        for images, captions in plain_batches(
+            path, cfg.resolution, cfg.batch_size, workers, vae.device.type == "cuda"
+        ):
+            x = images.to(vae.device, vae.dtype, non_blocking=True)
+            latents.append((vae.encode(x).latent_dist.mean * vae.config.scaling_factor).half().cpu())
+            tokens = text.tokenizer(list(captions)).to(text.device)
+            embs.append(token_states(text.model, tokens).half().cpu())
+            n += len(captions)
+        np.savez(os.path.join(dst, f"{i:06d}.npz"), latents=torch.cat(latents).numpy(), text=torch.cat(embs).numpy())
+    return n / (time.perf_counter() - t0)
+
+
+def stage_vs_plain(args, paths: list[str], work: str, cfg: EncodeConfig, vae, text, device, dtype) -> dict:
+    """The stage with text embeddings and the plain loop over the same shards: images/s of each and the ratio."""
+    from training.models.vae import encode_posterior
+
+    text.encode(["warm-up"])  # kernels and allocator, for both arms
+    with_text = replace(cfg, store_text_embeddings=True)
+    enc = Encoders(functools.partial(encode_posterior, vae), text.encode, float(vae.config.scaling_factor),
+                   str(device), str(dtype).removeprefix("torch."))  # fmt: skip
+    ours, _ = measure_end_to_end(paths, os.path.join(work, "stage_text"), with_text, enc)
+    plain = measure_plain(paths, os.path.join(work, "plain"), cfg, vae, text, decode_workers(cfg, device))
+    return {
+        "text_config": args.text_config,
+        "stage_with_text_images_per_s": round(ours, 1),
+        "plain_diffusers_images_per_s": round(plain, 1),
+        "vs_plain_diffusers": round(ours / plain, 2),
+    }
+
+
+def run_resolution(args, vae, text, resolution: int, work: str, device: torch.device, dtype: torch.dtype) -> dict:
     """Every measurement at one resolution; returns the result row."""
     from training.models.vae import downsample_factor, encode_posterior
 
@@ -140,6 +220,7 @@ def run_resolution(args, vae, resolution: int, work: str, device: torch.device, 
     rates["compute"] = measure_compute(encode, images, device, dtype, args.reps)
     enc = Encoders(encode, None, float(vae.config.scaling_factor), str(device), str(dtype).removeprefix("torch."))
     e2e, timings = measure_end_to_end(paths, os.path.join(work, f"lat{resolution}"), cfg, enc)
+    versus = stage_vs_plain(args, paths, os.path.join(work, f"vs{resolution}"), cfg, vae, text, device, dtype)
     return {
         "resolution": resolution,
         "source_px": source,
@@ -150,6 +231,7 @@ def run_resolution(args, vae, resolution: int, work: str, device: torch.device, 
         "end_to_end_images_per_s": round(e2e, 1),
         "bound_by": min(rates, key=rates.get),
         "end_to_end_timings_s": timings,
+        **versus,
     }
 
 
@@ -171,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render-processes", type=int, default=os.cpu_count() or 1)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--device", default=None, help="override (e.g. cpu to smoke-test --gpu's path)")
+    p.add_argument("--text-config", default=None, help="open_clip text tower (default: micro CPU, ViT-L-14 GPU)")
+    p.add_argument("--work", default=None, help="scratch directory, kept (default: a temporary one, removed)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args.images = args.images or (4096 if on_gpu else 2048)
     args.batch_size = args.batch_size or (128 if on_gpu else 64)
     args.reps = args.reps or (20 if on_gpu else 10)
+    args.text_config = args.text_config or ("ViT-L-14" if on_gpu else "micro")
     dtype = getattr(torch, args.dtype) if on_gpu else torch.float32
     if on_gpu:
         torch.backends.cudnn.benchmark = True
@@ -193,12 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     vae = build_vae(args.config).to(device=device, dtype=dtype, memory_format=torch.channels_last)
     vae = vae.eval().requires_grad_(False)
     name = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine())
-    work = tempfile.mkdtemp(prefix="altforge-encode-bench-")
-    for r in args.resolutions:
-        row = run_resolution(args, vae, r, work, device, dtype)
-        row = {"vae": args.config, "device": name, "dtype": str(dtype).removeprefix("torch."),
-               "threads": torch.get_num_threads(), "batch_size": args.batch_size, **row}  # fmt: skip
-        print(json.dumps(row), flush=True)
+    text = text_tower(args.text_config, device)
+    work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix="altforge-encode-bench-")
+    try:
+        for r in args.resolutions:
+            row = run_resolution(args, vae, text, r, work, device, dtype)
+            row = {"vae": args.config, "device": name, "dtype": str(dtype).removeprefix("torch."),
+                   "threads": torch.get_num_threads(), "batch_size": args.batch_size, **row}  # fmt: skip
+            print(json.dumps(row), flush=True)
+    finally:
+        if not args.work:  # the rendered shards and every arm's output
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -100,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.work or tempfile.mkdtemp(prefix="altforge-lvj-")
+    try:
+        print(json.dumps(compare(args, work), indent=1))
+    finally:
+        if not args.work:  # a --work directory is the user's to keep (and reuse: its images are not rewritten)
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def compare(args: argparse.Namespace, work: str) -> dict:
+    """Build the data under ``work``, run both arms; the result row with the ratio."""
     images, latents, clip_dir = (os.path.join(work, d) for d in ("images", "latents", "clip"))
     if not os.path.exists(os.path.join(images, "sizes.json")):
         write_demo_shards(images, n=args.images, seed=3, size=args.resolution * 2, per_shard=1024)
@@ -142,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "arms": [a, b],
         "speedup_latents_over_jpeg": round(a["steps_per_s"] / b["steps_per_s"], 2),
     }
-    print(json.dumps(out, indent=1))
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -178,7 +178,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per trainer")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the stages run in the repository root: relative paths must mean what they meant in the user's directory
+    for name in ("data", "heldout", "work", "skip_vae", "judge"):
+        if getattr(args, name) is not None:
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if os.path.exists(args.clip):  # a directory; anything else (an open_clip name) passes through as given
+        args.clip = os.path.abspath(args.clip)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Sampling throughput of ``training.sample.generate``: images/s with guidance, per precision, CPU or GPU.
+"""Sampling throughput of ``training.sample.generate`` against a plain diffusers denoising loop: images/s, CPU or GPU.
 
     python benchmarks/sample_throughput.py                  # tiny U-Net + tiny VAE, 32 px, CPU fp32
     python benchmarks/sample_throughput.py --gpu            # SD-1.x U-Net + SD VAE at 256 px: fp32, bf16, fp16
@@ -8,13 +8,20 @@ The models have random weights (the time of a step does not depend on them): a U
 training/models/configs (``--unet``), a VAE (``--vae``), random (L, D) prompt embeddings and a random empty-prompt
 embedding, assembled into an in-memory pipeline, so no text encoder or pipeline folder is needed. Each variant
 generates ``--images`` images at ``--steps`` DPM-Solver++ steps and guidance 7.5 (two U-Net passes per step), in
-batches of ``--batch-size``, and includes the VAE decode and the copy to uint8 on the CPU. The baseline is the
-same sampler in fp32 (TF32 off): the ratio is what half precision buys. A script, not a test.
+batches of ``--batch-size``, and includes the VAE decode and the copy to uint8 on the CPU.
+
+Two comparisons, in the same run. Per variant, the same model parts (same weights, dtype and autocast) also run
+through the loop a user of diffusers would write by hand (``plain_diffusers``: ``DPMSolverMultistepScheduler``,
+``set_timesteps``, the U-Net on the doubled batch with CFG, ``scheduler.step``, ``vae.decode``), timed the same way;
+``vs_plain_diffusers`` is altforge's images/s over it. Across variants, ``speedup_vs_fp32`` is what half precision
+buys against the fp32 variant, which runs in true fp32: TF32 is switched off for both matmuls and cuDNN convolutions
+(PyTorch's default lets cuDNN convolutions use TF32) and restored afterwards. A script, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,11 +31,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from diffusers import DPMSolverMultistepScheduler  # noqa: E402
 
 from training.models.pipeline import LdmPipeline, default_scheduler_config  # noqa: E402
 from training.models.unet import build_unet, count_parameters  # noqa: E402
 from training.models.vae import build_vae  # noqa: E402
-from training.sample import generate  # noqa: E402
+from training.sample import autocast, generate, to_uint8  # noqa: E402
 
 # (name, weight dtype, autocast precision)
 VARIANTS = {
@@ -57,14 +65,55 @@ def build_pipe(unet_cfg: str, vae_cfg: str, resolution: int, text: tuple[int, in
     )
 
 
-def time_variant(pipe, emb, steps: int, batch: int, precision: str) -> float:
-    """Seconds to generate ``len(emb)`` images (after a one-batch warm-up)."""
+@contextlib.contextmanager
+def true_fp32(on: bool):
+    """TF32 off for CUDA matmuls and cuDNN convolutions while ``on`` (cuDNN's is on by default); restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if on:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def altforge_images(pipe, emb, steps: int, batch: int, precision: str) -> torch.Tensor:
+    """``len(emb)`` images through ``training.sample.generate``."""
     kw = {"steps": steps, "guidance": 7.5, "batch_size": batch, "precision": precision}
-    generate(pipe, [""] * min(batch, len(emb)), text_emb=emb[:batch], **kw)  # warm-up: kernels, allocator
+    return generate(pipe, [""] * len(emb), text_emb=emb, **kw)
+
+
+@torch.inference_mode()
+def plain_diffusers_images(pipe, emb, steps: int, batch: int, precision: str) -> torch.Tensor:
+    """``len(emb)`` images through the denoising loop a diffusers user writes by hand, on the same model parts."""
+    unet, vae, device = pipe.unet, pipe.vae, pipe.device
+    sched = DPMSolverMultistepScheduler.from_config(pipe.train_scheduler_config)  # DPM-Solver++ 2M by default
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for b in range(0, len(emb), batch):
+        cond = emb[b : b + batch].to(device)
+        uncond = pipe.empty_emb.expand_as(cond)
+        text = torch.cat([uncond, cond]).to(unet.dtype)
+        sched.set_timesteps(steps, device=device)
+        latents = torch.randn((len(cond), *pipe.latent_shape), generator=gen).to(device) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x = sched.scale_model_input(torch.cat([latents] * 2), t).to(unet.dtype)
+            with autocast(device, precision):
+                noise_u, noise_c = unet(x, t, encoder_hidden_states=text).sample.float().chunk(2)
+            latents = sched.step(noise_u + 7.5 * (noise_c - noise_u), t, latents).prev_sample
+        with autocast(device, precision):
+            images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        out.append(to_uint8(images))
+    return torch.cat(out)
+
+
+def time_variant(make_images, pipe, emb, steps: int, batch: int, precision: str) -> float:
+    """Seconds ``make_images`` takes for ``len(emb)`` images (after a one-batch warm-up)."""
+    make_images(pipe, emb[:batch], steps, batch, precision)  # warm-up: kernels, allocator
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = generate(pipe, [""] * len(emb), text_emb=emb, **kw)
+    out = make_images(pipe, emb, steps, batch, precision)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     assert out.shape[0] == len(emb)
@@ -72,7 +121,7 @@ def time_variant(pipe, emb, steps: int, batch: int, precision: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every variant and print one JSON line each, then a summary line with the ratios to fp32."""
+    """Run every variant (altforge and plain diffusers) and print one JSON line each, then the ratios to fp32."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="SD-1.x U-Net + SD VAE at 256 px on CUDA")
     p.add_argument("--device", default=None, help="default: cuda with --gpu, else cpu")
@@ -99,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         dtype, precision = VARIANTS[v]
         pipe = build_pipe(unet_cfg, vae_cfg, res, text, device, dtype)
-        seconds = time_variant(pipe, emb, args.steps, batch, precision)
+        with true_fp32(precision == "fp32"):
+            seconds = time_variant(altforge_images, pipe, emb, args.steps, batch, precision)
+            plain_seconds = time_variant(plain_diffusers_images, pipe, emb, args.steps, batch, precision)
         rates[v] = n / seconds
         row = {
             "variant": v,
@@ -115,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(seconds, 2),
             "images_per_s": round(rates[v], 2),
             "unet_evals_per_s": round(rates[v] * 2 * args.steps, 1),
+            "plain_diffusers_seconds": round(plain_seconds, 2),
+            "plain_diffusers_images_per_s": round(n / plain_seconds, 2),
+            "vs_plain_diffusers": round(plain_seconds / seconds, 2),
         }
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

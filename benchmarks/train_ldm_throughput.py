@@ -9,6 +9,12 @@
 CPU mode writes synthetic latent shards (random latents and text embeddings in the shard format of
 pipeline/latents.py), runs ``training.train_ldm.train`` for ``--steps`` steps through the streaming loader, and
 reports the mean of the logged windows after the first (warm-up): samples/s, steps/s and the data-wait fraction.
+In the same run, on the same shards, it runs the loop a user would otherwise write, after diffusers'
+``train_text_to_image`` example (``plain_diffusers``): a torch DataLoader over the shards with webdataset
+(``--workers`` processes, same batch), ``UNet2DConditionModel.from_config`` with the same config,
+``DDPMScheduler.add_noise``, the U-Net forward under the same precision, MSE to the noise, AdamW, gradient clipping
+at 1.0 and diffusers' ``EMAModel`` (the example's ``--use_ema``; altforge keeps an EMA too), timed after its first
+``--log-every`` steps; ``vs_plain_diffusers`` is altforge's samples/s over the plain loop's.
 On the CPU it also times the bare U-Net step (no loader) with and without channels_last. ``--device cuda`` runs the
 same loop on a GPU (bf16 autocast, pinned host memory), with ``--latent-side``/``--text-shape`` for SD-sized
 samples, so the data wait at GPU speed is measured rather than assumed.
@@ -37,13 +43,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from pipeline.latents import write_empty_embedding  # noqa: E402
 from pipeline.manifest import build_manifest, write_manifest  # noqa: E402
-from pipeline.shards import ShardWriter  # noqa: E402
+from pipeline.shards import ShardWriter, shard_urls  # noqa: E402
 from pipeline.stats import StageStats  # noqa: E402
 from training.distributed import fast_cuda_settings  # noqa: E402
-from training.models.unet import build_unet, count_parameters  # noqa: E402
+from training.loop import resolve_precision  # noqa: E402
+from training.models.pipeline import default_scheduler_config  # noqa: E402
+from training.models.unet import build_unet, count_parameters, unet_config  # noqa: E402
 from training.objectives import add_noise, alphas_cumprod, diffusion_loss, scaled_linear_betas  # noqa: E402
 from training.train_ldm import LdmTrainConfig, ema_update, param_groups, train  # noqa: E402
 
@@ -68,6 +77,67 @@ def write_synthetic_latents(dst: str, n: int, shape=(4, 8, 8), text=(16, 32), pe
             w.publish(stats)
     write_manifest(dst, build_manifest(dst, "encode", {"scaling_factor": 1.0, "latent_shape": list(shape)}))
     write_empty_embedding(dst, np.zeros(text, np.float32))
+
+
+def plain_loader(data: str, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """What a user writes with webdataset and torch: shards -> shuffle -> .npy decode -> DataLoader batches."""
+    import webdataset as wds
+
+    ds = (
+        wds.WebDataset(sorted(shard_urls(data)), resampled=True, shardshuffle=False)  # endless: steps decide
+        .shuffle(1000)
+        .decode()
+        .to_tuple("latent.npy", "text_emb.npy")
+    )
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
+
+
+def plain_diffusers_rate(data: str, config: str, shape, text, args, device: torch.device, precision: str) -> dict:
+    """Samples/s and data wait of the diffusers-example training loop over ``data``, after ``--log-every`` steps."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(unet_config(config, text[1], shape[-1])).to(device).train()
+    ema = EMAModel(unet.parameters(), decay=0.999)
+    noise_scheduler = DDPMScheduler.from_config(default_scheduler_config("epsilon"))
+    defaults = LdmTrainConfig(data=data, out="")
+    opt = torch.optim.AdamW(
+        unet.parameters(), lr=defaults.lr, betas=defaults.betas, weight_decay=defaults.weight_decay
+    )
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    batches = iter(plain_loader(data, args.batch_size, args.workers))
+    t0, waited = None, 0.0
+    for step in range(args.steps):
+        if step == args.log_every:  # the first window is warm-up, as for the trainer
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, waited = time.perf_counter(), 0.0
+        t_data = time.perf_counter()
+        latents, emb = next(batches)
+        waited += time.perf_counter() - t_data
+        latents = latents.to(device, non_blocking=True).float()
+        emb = emb.to(device, non_blocking=True).float()
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            pred = unet(noisy, t, encoder_hidden_states=emb).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        ema.step(unet.parameters())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"samples_per_s": (args.steps - args.log_every) * args.batch_size / seconds, "data_wait": waited / seconds}
 
 
 def bare_step_rate(
@@ -191,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     config, batch, steps = args.config or "tiny", args.batch_size or 64, args.steps or 60
+    args.batch_size, args.steps = batch, steps
+    if not 0 < args.log_every < steps:
+        p.error("--log-every must be at least 1 and below --steps (its first window is the warm-up)")
     shape, text = (4, args.latent_side, args.latent_side), tuple(args.text_shape)
     device = args.device or "cpu"
     work = tempfile.mkdtemp(prefix="altforge-ldm-bench-")
@@ -213,13 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         progress=False,
     )
+    gpu = device.startswith("cuda")
+    precision = resolve_precision(cfg.precision, torch.device(device))
     try:
         logged = train(cfg)["train"]
+        plain = plain_diffusers_rate(data, config, shape, text, args, torch.device(device), precision)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = logged[1:] or logged  # the first window holds the warm-up
     sps = statistics.mean(r["samples_per_s"] for r in rows)
-    gpu = device.startswith("cuda")
     result = {
         "mode": "gpu_loop" if gpu else "cpu_loop",
         "config": config,
@@ -233,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_s": round(sps / batch, 2),
         "data_wait": round(statistics.mean(r["data_wait"] for r in rows), 4),
         "windows": len(rows),
+        "precision": precision,
+        "plain_diffusers_samples_per_s": round(plain["samples_per_s"], 1),
+        "plain_diffusers_data_wait": round(plain["data_wait"], 4),
+        "vs_plain_diffusers": round(sps / plain["samples_per_s"], 2),
         "load_avg": os.getloadavg()[0],
     }
     if not gpu:
