@@ -357,7 +357,8 @@ def run_logged(
             proc.stdout.close()
         log.write(f"{LOG_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')} end: {_exit_reason(code)}\n")
     if code != 0:
-        name = os.path.basename(argv[0]) if argv[1:3] != ["-m", "torch.distributed.run"] else "torchrun"
+        torchrun = any(a == "-m" and b == "torch.distributed.run" for a, b in zip(argv, argv[1:], strict=False))
+        name = "torchrun" if torchrun else os.path.basename(argv[0])
         body = "\n".join(tail)
         cause = refusal or cause  # after a refusal, the other ranks' errors are its consequences
         why = f" ({cause})" if cause else ""

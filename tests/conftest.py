@@ -1,8 +1,11 @@
 """Test-wide setup: no telemetry, no hub, a private Prefect home, loopback-only servers."""
 
 import atexit
+import functools
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 
 # Before anything imports prefect or huggingface_hub.
@@ -25,6 +28,42 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 import pytest  # noqa: E402
 
 from tests.training import ldm_quick_run  # noqa: E402
+
+
+@functools.cache
+def netns_unavailable() -> str | None:
+    """Why ``unshare -n`` cannot give a command its own network namespace here; None when it can."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs the unshare and ip commands"
+    try:
+        done = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare -n failed: {exc}"
+    if done.returncode != 0:
+        return f"unshare -n not permitted here (needs root or CAP_SYS_ADMIN): {done.stderr.decode().strip()}"
+    return None
+
+
+def in_netns(cmd: list[str]) -> list[str]:
+    """``cmd`` run in a fresh network namespace with only loopback up where one is permitted, else ``cmd`` as is.
+
+    For torchrun launches: c10d looks up the name of each peer (a PTR query for 127.0.0.1 to the resolver in
+    /etc/resolv.conf, off loopback) even with GLOO_SOCKET_IFNAME=lo. In the namespace that lookup fails at once
+    and c10d warns on stderr instead (see ``without_torch_warnings``).
+    """
+    if netns_unavailable():
+        return cmd
+    return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "in_netns", *cmd]
+
+
+# torch's C++ warnings ("[W1128 16:40:13.379091919 socket.cpp:207] [c10d] The hostname of the client socket cannot
+# be retrieved. err=-3"): torch's, not the product's output
+TORCH_WARNING = re.compile(r"^\[W\d{4} |\[c10d\]")
+
+
+def without_torch_warnings(stderr: str) -> list[str]:
+    """The non-blank lines of ``stderr`` less torch's own warnings, for tests that count the product's lines."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not TORCH_WARNING.search(ln)]
 
 
 def pytest_collection_finish(session):

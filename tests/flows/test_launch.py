@@ -11,6 +11,7 @@ import textwrap
 import pytest
 from prefect import flow
 
+from flows import launch
 from flows.launch import (
     LOG_MARK,
     LaunchError,
@@ -22,6 +23,7 @@ from flows.launch import (
     trainer_args,
 )
 from pipeline.recipe import TrainRun, parse_recipe
+from tests.conftest import in_netns
 from tests.flows.test_scrape_flow import ROOT
 from training.synthetic import write_demo_shards
 
@@ -197,6 +199,8 @@ def launch_env(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), ROOT]))
     monkeypatch.chdir(ROOT)
+    # torchrun's c10d looks up its peers' names (a DNS query off loopback): launch it in its own network namespace
+    monkeypatch.setattr(launch, "TORCHRUN", tuple(in_netns(list(launch.TORCHRUN))))
 
 
 @pytest.fixture

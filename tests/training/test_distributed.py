@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import in_netns
 from training.distributed import init_distributed
 from training.synthetic import write_demo_shards
 
@@ -23,8 +24,9 @@ def free_port() -> int:
 
 
 def run(args: list[str], cwd: str) -> None:
+    """``args`` in a fresh process, on loopback only (see ``in_netns``); fails the test on a non-zero exit."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": cwd}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(in_netns(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -19,6 +19,7 @@ from pipeline.latents import write_empty_embedding
 from pipeline.manifest import build_manifest, write_manifest
 from pipeline.shards import ShardWriter
 from pipeline.stats import StageStats
+from tests.conftest import in_netns
 from training.latent_data import inspect_latents, latent_map
 from training.models import create_clip, export_open_clip, model_config
 from training.models.pipeline import load_pipeline
@@ -234,8 +235,9 @@ def free_port() -> int:
 
 
 def run(args: list[str], cwd: str) -> None:
+    """``args`` in a fresh process, on loopback only (see ``in_netns``); fails the test on a non-zero exit."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": cwd}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(in_netns(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

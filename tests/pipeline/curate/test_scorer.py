@@ -4,6 +4,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import open_clip
@@ -15,8 +17,10 @@ from pipeline.curate.scorer import load_scorer
 from pipeline.curate.scores import is_scored, read_scores, score_files, score_shard
 from pipeline.recipe import CurateSection
 from pipeline.shards import iter_samples
+from tests.conftest import in_netns
 from tests.pipeline.curate.helpers import TINY_CFG, jpeg, make_tiny_clip, write_dataset
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CAPTIONS = ["a red square", "a green square", "a blue square", "something else entirely"]
 
 
@@ -93,8 +97,30 @@ def test_every_way_of_naming_a_model(model_dir, tmp_path):
     assert d.provenance()["clip_preprocess"].startswith("resize shortest")
 
 
-def test_pretrained_tag_path_fails_in_one_line_without_the_hub():
-    # ViT-B-32 + laion2b_s34b_b79k is a real tag: the loader takes open_clip's download path, which is offline here
+# A real tag takes open_clip's download path; the hub is offline there (open_clip raises RuntimeError).
+HUB_TAG = """\
+import json
+from pipeline.curate.scorer import load_scorer
+try:
+    load_scorer("ViT-B-32", pretrained="laion2b_s34b_b79k", device="cpu")
+    print(json.dumps({"raised": None}))
+except Exception as e:
+    print(json.dumps({"raised": type(e).__name__, "message": str(e)}))
+"""
+
+
+def test_pretrained_tag_path_fails_in_one_line_without_the_hub(tmp_path):
+    # in a fresh process, offline, with an empty hub cache, in its own network namespace: no packet can leave
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ROOT}
+    cmd = in_netns([sys.executable, "-c", HUB_TAG])
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["raised"] == "ValueError", got
+    assert got["message"].startswith("cannot load CLIP model 'ViT-B-32' (pretrained='laion2b_s34b_b79k'): ")
+    assert "\n" not in got["message"]
+    assert not [f for _, _, files in os.walk(tmp_path / "hf") for f in files if f.endswith((".bin", ".safetensors"))]
+    # an unknown tag is refused before any download
     with pytest.raises(ValueError) as e:
         load_scorer("RN50", pretrained="no-such-tag", device="cpu")
     assert "neither a pretrained tag" in str(e.value) and "\n" not in str(e.value)
