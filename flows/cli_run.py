@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Annotated
 
@@ -103,8 +104,9 @@ def deploy(
             apply_recipe_deployment(path, cron, name=name, timezone=timezone, out=out)
             typer.echo(f"registered {full} on '{cron}' ({timezone})")
             return
-        typer.echo(f"serving {full} on '{cron}' ({timezone}); SIGTERM or Ctrl-C to stop", err=True)
-        serve_recipe(path, cron, name=name, timezone=timezone, out=out)
+        serving = f"serving {full} on '{cron}' ({timezone}); SIGTERM or Ctrl-C to stop"
+        announce = functools.partial(typer.echo, serving, err=True)  # after the checks: a refusal is one line
+        serve_recipe(path, cron, name=name, timezone=timezone, out=out, announce=announce)
     except (RecipeError, ValueError) as e:
         fail(str(e).splitlines()[0])
     except (OSError, httpx.HTTPError) as e:  # the Prefect API is down or refuses the connection

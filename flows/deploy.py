@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -125,12 +126,21 @@ def apply_recipe_deployment(recipe_path: str, cron: str, **kwargs) -> UUID:
     return recipe_deployment(recipe_path, cron, **kwargs).apply()
 
 
-def serve_recipe(recipe_path: str, cron: str, poll_seconds: float | None = None, **kwargs) -> None:
+def serve_recipe(
+    recipe_path: str,
+    cron: str,
+    poll_seconds: float | None = None,
+    announce: Callable[[], None] | None = None,
+    **kwargs,
+) -> None:
     """Register the deployment and run its scheduled and triggered runs here until SIGTERM or Ctrl-C.
 
     ``poll_seconds``: how often to ask the API for due runs (default: Prefect's runner setting, 10 s).
+    ``announce`` is called once the recipe and schedule passed their checks, before serving starts.
     """
     deployment = recipe_deployment(recipe_path, cron, **kwargs)
+    if announce is not None:
+        announce()
     runner_options = {"query_seconds": poll_seconds} if poll_seconds else {}
     serve(deployment, limit=1, **runner_options)  # one recipe run at a time: they share output folders
 

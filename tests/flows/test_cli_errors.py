@@ -141,3 +141,12 @@ def test_storage_that_cannot_be_reached_is_one_line_in_versions_and_train(tmp_pa
         text = r.output.strip()
         assert r.exit_code == 2 and "Traceback" not in text and "\n" not in text, (args[0], text)
         assert "storage not accessible: EndpointConnectionError: Could not connect" in text, text
+
+
+def test_deploy_refuses_before_it_says_it_is_serving(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached: the schedule is refused first
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\noutput: {tmp_path / 'out'}\nsources:\n  - kind: demo_site\n")
+    r = run("deploy", str(recipe), "--cron", "0 3 * * * *")
+    text = r.output.strip()
+    assert r.exit_code == 2 and text.startswith("error: bad schedule") and "\n" not in text, text
