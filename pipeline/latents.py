@@ -21,7 +21,9 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -38,6 +40,7 @@ from pipeline.stats import StageStats, error_line
 
 EMPTY_EMBEDDING = "empty_text_emb.npy"
 ENCODE_CONFIG = "encode_config.json"
+REPEATED_KEYS = "repeated_keys.json"  # {shard name: keys an earlier source shard holds}: dropped as duplicate_key
 LATENT_MODES = ("mean", "mean_logvar")
 DTYPES = ("float32", "bfloat16", "float16")
 RUN_ONLY_FIELDS = ("batch_size", "workers")  # settings that do not change what is written
@@ -238,15 +241,26 @@ def _row(item: dict, status: str, error: str | None) -> dict:
     }
 
 
-def _check_key(item: dict, keys: set[str]) -> None:
-    """Mark an item whose key cannot be written (empty, with '.' or '/') or came earlier in the shard."""
+def _check_key(item: dict, keys: set[str], earlier: frozenset[str] = frozenset()) -> None:
+    """Mark an item whose key cannot be written (empty, with '.' or '/') or came earlier in the shard or in an
+    earlier source shard (``earlier``)."""
     key = item["key"]
     if not key or "." in key or "/" in key:
         item["status"], item["error"] = "bad_key", f"invalid sample key {key!r}"
         item["key"] = f"bad-key-{len(keys)}"  # its parquet row still needs a key; the sample is not written
     elif key in keys:
         item["status"], item["error"] = "duplicate_key", "the key occurs earlier in the source shard"
+    elif key in earlier:
+        item["status"], item["error"] = "duplicate_key", "the key occurs in an earlier source shard"
     keys.add(item["key"])
+
+
+def _earlier_keys(dataset_url: str, name: str, storage_options: dict | None = None) -> frozenset[str]:
+    """The keys of source shard ``name`` that an earlier source shard holds (see :func:`repeated_keys`)."""
+    url = storage.join(dataset_url, REPEATED_KEYS)
+    if not storage.exists(url, storage_options):
+        return frozenset()
+    return frozenset(storage.read_json_object(url, storage_options).get(name, ()))
 
 
 def encode_latents_shard(
@@ -269,6 +283,7 @@ def encode_latents_shard(
     device = torch.device(encoders.device)
     stats = StageStats()
     keys: set[str] = set()
+    earlier = _earlier_keys(dataset_url, shards.shard_name(index), storage_options)
     with local_copy(src_url, storage_options) as path, shards.ShardWriter(dataset_url, index, storage_options) as w:
         batches = image_batches(path, cfg, device)
         while True:
@@ -284,7 +299,7 @@ def encode_latents_shard(
             items = batch["items"]
             decoded = [it for it in items if it["status"] == "success"]  # the rows of batch["images"]
             for it in items:  # a source tar this project did not write may break or repeat keys
-                _check_key(it, keys)
+                _check_key(it, keys, earlier)
             keep = [j for j, it in enumerate(decoded) if it["status"] == "success"]
             ok = [decoded[j] for j in keep]
             images = batch["images"] if len(keep) == len(decoded) else batch["images"][keep]
@@ -370,8 +385,22 @@ def write_empty_embedding(dataset: str, emb, storage_options: dict | None = None
     if arr.ndim != 2:
         raise ValueError(f"the empty-prompt embedding must be (L, D), not {arr.shape}")
     url = storage.join(dataset, EMPTY_EMBEDDING)
-    storage.write_bytes(url, _npy(arr.astype(np.float16)), storage_options)
+    _write_whole(url, _npy(arr.astype(np.float16)), storage_options)
     return url
+
+
+def _write_whole(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write a small file unless it holds ``data`` already; readers (and a rerun after a kill) see the old content
+    or the new, never a part: locally a temporary name renamed into place, on object stores one atomic PUT."""
+    if storage.exists(url, storage_options) and storage.read_bytes(url, storage_options) == data:
+        return
+    if not storage.is_local(url):
+        storage.write_bytes(url, data, storage_options)
+        return
+    head, name = url.rsplit("/", 1) if "/" in url else (".", url)
+    tmp = storage.join(head, f"{shards.TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}")  # clean_temporaries removes it
+    storage.write_bytes(tmp, data, storage_options)
+    storage.publish(tmp, url, storage_options)
 
 
 def _dataset_dir(dataset: str) -> str:
@@ -383,7 +412,13 @@ def read_empty_embedding(dataset: str, storage_options: dict | None = None) -> n
     url = storage.join(_dataset_dir(dataset), EMPTY_EMBEDDING)
     if not storage.exists(url, storage_options):
         raise FileNotFoundError(f"{dataset}: no {EMPTY_EMBEDDING}: not a latent dataset")
-    return np.load(io.BytesIO(storage.read_bytes(url, storage_options)), allow_pickle=False)
+    try:
+        emb = np.load(io.BytesIO(storage.read_bytes(url, storage_options)), allow_pickle=False)
+    except (EOFError, ValueError) as e:  # cut short or not an .npy: rerun encode into this --out to rewrite it
+        raise ValueError(f"{url}: not a readable .npy array ({error_line(e)}); rerun encode to rewrite it") from None
+    if emb.ndim != 2:
+        raise ValueError(f"{url}: expected an (L, D) array, not {emb.shape}; rerun encode to rewrite it")
+    return emb
 
 
 def latent_info(dataset: str, storage_options: dict | None = None) -> dict:
@@ -414,9 +449,54 @@ def _identity(config: dict) -> dict:
 
 
 def source_record(plan: dict[str, str], storage_options: dict | None = None) -> dict:
-    """The source shards as they are now (names, sizes, modification stamps or ETags), as a short digest."""
+    """The source shards as they are now (names, sizes, modification stamps or ETags), as a short digest, and
+    the keys repeated across them (``repeated_keys``, when there are any: see :func:`repeated_keys`)."""
     parts = [[name, url, *storage.stamp(url, storage_options)] for name, url in plan.items()]
-    return {"shards": len(parts), "digest": hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}
+    record = {"shards": len(parts), "digest": hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}
+    repeats = repeated_keys(plan, storage_options)
+    return {**record, "repeated_keys": repeats} if repeats else record
+
+
+def repeated_keys(plan: dict[str, str], storage_options: dict | None = None) -> dict[str, list[str]]:
+    """Shard name -> the keys of that source shard that a source shard earlier by name holds.
+
+    Shards are encoded independently (in several processes, or ranks), so this is found once before any of them:
+    every shard but the first with a key drops its copy as ``duplicate_key``, whatever the parallelism. Keys come
+    from a shard's parquet where this project wrote it (a done shard), else from the tar's member headers (which
+    reads the whole object on object stores).
+    """
+    seen: set[str] = set()
+    out = {}
+    for name in sorted(plan):
+        keys = source_keys(plan[name], storage_options)
+        if again := sorted(keys & seen):
+            out[name] = again
+        seen |= keys
+    return out
+
+
+def source_keys(url: str, storage_options: dict | None = None) -> set[str]:
+    """The sample keys of one source tar (as :func:`pipeline.shards.iter_samples` names them)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    stem = url.removesuffix(".tar")
+    if storage.exists(stem + "_stats.json", storage_options) and storage.exists(stem + ".parquet", storage_options):
+        with fsspec.open(stem + ".parquet", "rb", **(storage_options or {})) as f:
+            rows = pq.read_table(f, use_threads=False).to_pydict()
+        if "key" in rows and "status" in rows:  # one row per attempted sample: those in the tar are "success"
+            return {k for k, s in zip(rows["key"], rows["status"], strict=True) if s == "success"}
+    keys = set()
+    with (  # a broken tar fails later, in its own shard, naming itself
+        contextlib.suppress(tarfile.TarError, EOFError, OSError),
+        fsspec.open(url, "rb", **(storage_options or {})) as f,
+        tarfile.open(fileobj=f, mode="r:") as tar,
+    ):
+        for member in tar:  # headers only: mode r: seeks past each body
+            base = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and "." in base:
+                keys.add(base.split(".", 1)[0])
+    return keys
 
 
 def prepare_latents(
@@ -429,6 +509,10 @@ def prepare_latents(
     kinds of latents. Batch size and workers may change between runs, and models with a checksum may be named by
     another path.
     """
+    source = dict(source or {})
+    repeats = source.pop("repeated_keys", None)  # the keys themselves go to their own file, their count here
+    if repeats:
+        source["repeated_keys"] = sum(len(v) for v in repeats.values())
     config = json.loads(json.dumps({**config, "source": source} if source else config))
     url = storage.join(dst, ENCODE_CONFIG)
     if storage.exists(url, storage_options):
@@ -440,8 +524,9 @@ def prepare_latents(
         names = storage.listdir(dst, storage_options)  # as done and its manifest be replaced
         if "manifest.json" in names or any(shards.SHARD_RE.match(n) for n in names):
             raise ValueError(f"{dst} holds a dataset this stage did not write (no {ENCODE_CONFIG}); use a new --out")
-    storage.write_bytes(url + ".tmp", json.dumps(config, indent=2).encode(), storage_options)
-    storage.publish(url + ".tmp", url, storage_options)  # a kill mid-write must not leave a truncated config
+    _write_whole(url, json.dumps(config, indent=2).encode(), storage_options)  # a kill never leaves a part
+    if repeats:  # before any shard: the workers that encode them read it
+        _write_whole(storage.join(dst, REPEATED_KEYS), json.dumps(repeats, sort_keys=True).encode(), storage_options)
     write_empty_embedding(dst, empty_emb, storage_options)
 
 

@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import posixpath
+import re
 
 import numpy as np
 
@@ -111,9 +112,8 @@ def check_unique_keys(table) -> None:
     if twice.any():
         key = table.loc[twice, "key"].iloc[0]
         a, b = table.loc[table["key"] == key, "shard"].iloc[:2]
-        raise ValueError(
-            f"sample key {key!r} is in source shards {a}.tar and {b}.tar: keys must be unique, rename or drop one"
-        )
+        where = f"twice in source shard {a}.tar" if a == b else f"in source shards {a}.tar and {b}.tar"
+        raise ValueError(f"sample key {key!r} is {where}: keys must be unique, rename or drop one")
 
 
 def _drop_stale_output(dst_url: str, table, provenance: bytes, storage_options: dict | None = None) -> bool:
@@ -130,11 +130,21 @@ def _drop_stale_output(dst_url: str, table, provenance: bytes, storage_options: 
     if old == digest:
         return False
     unpublish(dst_url, storage_options)
-    for name in shards.done_shards(dst_url, storage_options):
+    for name in output_shard_names(dst_url, storage_options):
         for f in shards.shard_files(dst_url, int(name)).values():
             storage.remove(f, storage_options)
     storage.write_bytes(url, digest.encode(), storage_options)
     return True
+
+
+OUTPUT_FILE = re.compile(r"^(\d{6})(\.tar|\.parquet|_stats\.json)$")
+
+
+def output_shard_names(dst_url: str, storage_options: dict | None = None) -> list[str]:
+    """Names of every output shard with any of its files: done ones, and those a kill left half published (a tar
+    and parquet renamed into place, its stats not yet), which globs and dataset loaders would still read."""
+    found = (OUTPUT_FILE.match(n) for n in storage.listdir(dst_url, storage_options))
+    return sorted({m.group(1) for m in found if m})
 
 
 def selection_record(sel: Selection) -> dict:

@@ -469,3 +469,62 @@ def test_keys_that_cannot_be_written_are_counted_not_fatal(models, tmp_path):
     st = encode_latents_shard(str(src / "000000.tar"), out, cfg, encoders(models, False))
     assert (st.seen, st.kept, dict(st.dropped)) == (3, 2, {"duplicate_key": 1})
     assert [s["__key__"] for s in shards.iter_samples(out)] == ["a", "b"]
+
+
+def test_the_empty_embedding_is_written_whole_and_only_when_it_changes(tmp_path, monkeypatch):
+    from pipeline import storage
+    from pipeline.latents import EMPTY_EMBEDDING, prepare_latents
+
+    vae = {"ref": "/a/vae", "sha256": "1" * 64, "scaling_factor": 0.2, "latent_channels": 4, "downsample": 8}
+    config = latent_config(EncodeConfig(resolution=64), vae, {"model": "m", "sha256": "2" * 64, "width": 8}, "float32")
+    dst, empty = str(tmp_path / "lat"), np.full((4, 8), 0.5, np.float32)
+    path = os.path.join(dst, EMPTY_EMBEDDING)
+    prepare_latents(dst, config, empty)
+    before = os.stat(path)
+    prepare_latents(dst, config, empty)  # a rerun: nothing to rewrite, so a kill now cannot cut it
+    assert (os.stat(path).st_ino, os.stat(path).st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    write = storage.write_bytes
+
+    def killed(url, data, storage_options=None):  # truncates the file it writes, then dies
+        if EMPTY_EMBEDDING in url:
+            open(url, "wb").close()
+            raise KeyboardInterrupt("killed")
+        write(url, data, storage_options)
+
+    with monkeypatch.context() as m:
+        m.setattr(storage, "write_bytes", killed)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_latents(dst, config, empty * 2)
+    assert np.array_equal(read_empty_embedding(dst), empty.astype(np.float16))  # the old one, whole
+    open(path, "wb").close()  # what an older version killed mid-write left
+    with pytest.raises(ValueError) as err:
+        read_empty_embedding(dst)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value) and "rerun encode" in str(err.value)
+    prepare_latents(dst, config, empty)
+    assert np.array_equal(read_empty_embedding(dst), empty.astype(np.float16))
+
+
+def test_a_key_in_two_source_shards_is_written_once_whatever_the_shard_order(models, tmp_path):
+    from pipeline.latents import prepare_latents, source_record
+
+    cfg, enc = EncodeConfig(resolution=32, store_text_embeddings=False), encoders(models, texts=False)
+    first, second = [sample("a0000"), sample("k0001", seed=1)], [sample("k0001", seed=2), sample("z0000", seed=3)]
+    src, dst = write_dataset(str(tmp_path / "src"), [first, second]), str(tmp_path / "lat")
+    m = encode_dataset(src, dst, cfg, enc, _config(models, cfg), np.zeros((4, 8), np.float32))
+    assert m["samples"] == 3 and m["stats"]["dropped"] == {"duplicate_key": 1}
+    assert [s["__key__"] for u in shards.shard_urls(dst) for s in shards.iter_samples(u, decode=False)] == [
+        "a0000", "k0001", "z0000"
+    ]  # fmt: skip
+    rows = shards.read_parquet(f"{dst}/000001.tar").set_index("key")
+    assert rows.loc["k0001", "status"] == "duplicate_key" and "earlier source shard" in rows.loc["k0001", "error"]
+
+    raw = tmp_path / "raw"  # tars alone (keys from their headers), encoded last shard first as a worker might
+    raw.mkdir()
+    for n in ("000000", "000001"):
+        shutil.copy(f"{src}/{n}.tar", raw / f"{n}.tar")
+    plan = latent_shards(f"{raw}/{{000000..000001}}.tar")
+    out = tmp_path / "lat2"
+    prepare_latents(str(out), _config(models, cfg), np.zeros((4, 8), np.float32), source=source_record(plan))
+    late = encode_latents_shard(plan["000001"], str(out / "000001.tar"), cfg, enc)
+    early = encode_latents_shard(plan["000000"], str(out / "000000.tar"), cfg, enc)
+    assert (late.kept, dict(late.dropped), early.kept, dict(early.dropped)) == (1, {"duplicate_key": 1}, 2, {})
