@@ -9,6 +9,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from pipeline.recipe import CurateSection
 from pipeline.shards import ShardWriter
 from pipeline.stats import StageStats
 
@@ -84,3 +85,12 @@ def write_dataset(root: str, shards: list[list[dict]]) -> str:
                 w.add_row({"key": s["key"], "status": "success", "caption": s["caption"]})
             w.publish(StageStats(seen=len(samples), kept=len(samples)))
     return root
+
+
+COLS = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (200, 200, 30)]
+
+
+def cfg(model: str, **kw) -> CurateSection:
+    base = {"clip": {"model": model}, "keep_fraction": 1.0, "workers": 0, "batch_size": 8, "report": False,
+            "dedup": {"exact": True, "phash_distance": None, "embedding_threshold": None}}  # fmt: skip
+    return CurateSection.model_validate({**base, **kw})

@@ -8,29 +8,9 @@ import tarfile
 import pytest
 
 from pipeline import storage
-from pipeline.curate.scorer import load_scorer
 from pipeline.curate.stage import curate_dataset
-from pipeline.recipe import CurateSection
 from pipeline.shards import done_shards, read_parquet
-from tests.pipeline.curate.helpers import jpeg, make_tiny_clip, write_dataset
-
-COLS = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (200, 200, 30)]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_clip(str(tmp_path_factory.mktemp("model") / "m"))
-
-
-@pytest.fixture(scope="module")
-def scorer(model):
-    return load_scorer(model, device="cpu")
-
-
-def cfg(model: str, **kw) -> CurateSection:
-    base = {"clip": {"model": model}, "keep_fraction": 1.0, "workers": 0, "batch_size": 8, "report": False,
-            "dedup": {"exact": True, "phash_distance": None, "embedding_threshold": None}}  # fmt: skip
-    return CurateSection.model_validate({**base, **kw})
+from tests.pipeline.curate.helpers import COLS, cfg, jpeg, write_dataset
 
 
 def samples(n: int, seed0: int = 0) -> list[dict]:
