@@ -42,14 +42,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import shards  # noqa: E402
-from pipeline.latents import (  # noqa: E402
-    EncodeConfig,
-    Encoders,
-    decode_workers,
-    encode_latents_shard,
-    image_batches,
-    to_model_input,
-)
+from pipeline.latent_images import decode_workers, image_batches, to_model_input  # noqa: E402
+from pipeline.latents import EncodeConfig, Encoders, encode_latents_shard  # noqa: E402
 from pipeline.stats import StageStats  # noqa: E402
 from training.models import create_clip, get_tokenizer  # noqa: E402
 from training.models.text import TextEncoder, token_states  # noqa: E402

@@ -11,7 +11,8 @@ import torch
 
 from pipeline import shards
 from pipeline.images import prepare_image
-from pipeline.latents import EncodeConfig, latent_info, read_empty_embedding, to_model_input
+from pipeline.latent_images import to_model_input
+from pipeline.latents import EncodeConfig, latent_info, read_empty_embedding
 from tests.conftest import in_netns, without_torch_warnings
 from tests.pipeline.test_latents import SCALE, tiny_vae
 from training.synthetic import write_demo_shards

@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipeline import shards
 from pipeline.images import prepare_image
+from pipeline.latent_images import to_model_input
 from pipeline.latents import (
     ENCODE_CONFIG,
     EncodeConfig,
@@ -28,7 +29,6 @@ from pipeline.latents import (
     latent_info,
     latent_shards,
     read_empty_embedding,
-    to_model_input,
 )
 from pipeline.manifest import build_manifest, write_manifest
 from pipeline.stats import StageStats
