@@ -391,14 +391,18 @@ def write_sizes(dataset_url: str, storage_options: dict | None = None, sizes: di
 # ---------------------------------------------------------------------------------------------------- reading
 
 
+_LIST_SEPARATOR = re.compile(r"::(?![^\[]*\])")  # not inside [...]
+
+
 def expand_urls(spec: str | Iterable[str]) -> list[str]:
-    """Expand brace notation (``data/{000000..000009}.tar``) and ``::``-separated lists into shard URLs."""
+    """Expand brace notation (``data/{000000..000009}.tar``) and ``::``-separated lists into shard URLs (a ``::``
+    inside an IPv6 host's brackets, ``http://[::1]/a.tar``, separates nothing)."""
     import braceexpand
 
     specs = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for s in specs:
-        for part in s.split("::"):
+        for part in _LIST_SEPARATOR.split(s):
             out.extend(braceexpand.braceexpand(part))
     return out
 

@@ -371,3 +371,15 @@ def test_every_parquet_read_runs_on_the_calling_thread():
         calls += [(path.name, m) for m in re.findall(r"pq\.read_table\([^\n]*", path.read_text())]
     assert len(calls) >= 6
     assert [c for c in calls if "use_threads=False" not in c[1]] == []
+
+
+def test_list_separators_inside_an_ipv6_host_separate_nothing():
+    from pipeline.shards import expand_urls
+
+    assert expand_urls("http://[::1]:8080/l.csv") == ["http://[::1]:8080/l.csv"]  # was ["http://[", "1]:8080/l.csv"]
+    assert expand_urls("http://[::1]/{0..1}.tar::s3://b/x.tar::http://[fe80::2]/y.tar") == [
+        "http://[::1]/0.tar",
+        "http://[::1]/1.tar",
+        "s3://b/x.tar",
+        "http://[fe80::2]/y.tar",
+    ]
