@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import tarfile
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -281,22 +280,8 @@ def write_empty_embedding(dataset: str, emb, storage_options: dict | None = None
     if arr.ndim != 2:
         raise ValueError(f"the empty-prompt embedding must be (L, D), not {arr.shape}")
     url = storage.join(dataset, EMPTY_EMBEDDING)
-    _write_whole(url, _npy(arr.astype(np.float16)), storage_options)
+    storage.write_whole(url, _npy(arr.astype(np.float16)), storage_options, if_changed=True)
     return url
-
-
-def _write_whole(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write a small file unless it holds ``data`` already; readers (and a rerun after a kill) see the old content
-    or the new, never a part: locally a temporary name renamed into place, on object stores one atomic PUT."""
-    if storage.exists(url, storage_options) and storage.read_bytes(url, storage_options) == data:
-        return
-    if not storage.is_local(url):
-        storage.write_bytes(url, data, storage_options)
-        return
-    head, name = url.rsplit("/", 1) if "/" in url else (".", url)
-    tmp = storage.join(head, f"{shards.TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}")  # clean_temporaries removes it
-    storage.write_bytes(tmp, data, storage_options)
-    storage.publish(tmp, url, storage_options)
 
 
 def _dataset_dir(dataset: str) -> str:
@@ -420,9 +405,16 @@ def prepare_latents(
         names = storage.listdir(dst, storage_options)  # as done and its manifest be replaced
         if "manifest.json" in names or any(shards.SHARD_RE.match(n) for n in names):
             raise ValueError(f"{dst} holds a dataset this stage did not write (no {ENCODE_CONFIG}); use a new --out")
-    _write_whole(url, json.dumps(config, indent=2).encode(), storage_options)  # a kill never leaves a part
+    storage.write_whole(
+        url, json.dumps(config, indent=2).encode(), storage_options, if_changed=True
+    )  # a kill never leaves a part
     if repeats:  # before any shard: the workers that encode them read it
-        _write_whole(storage.join(dst, REPEATED_KEYS), json.dumps(repeats, sort_keys=True).encode(), storage_options)
+        storage.write_whole(
+            storage.join(dst, REPEATED_KEYS),
+            json.dumps(repeats, sort_keys=True).encode(),
+            storage_options,
+            if_changed=True,
+        )
     write_empty_embedding(dst, empty_emb, storage_options)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import uuid
 from datetime import UTC, datetime
 from importlib import metadata
 
@@ -80,13 +79,7 @@ def write_manifest(dataset_url: str, manifest: dict, storage_options: dict | Non
     """Write ``sizes.json`` and ``manifest.json`` beside the shards (the manifest atomically); returns its URL."""
     shards.write_sizes(dataset_url, storage_options, {s["name"]: s["samples"] for s in manifest["shards"]})
     final = storage.join(dataset_url, "manifest.json")
-    data = json.dumps(manifest, indent=2, default=str).encode()
-    if storage.is_local(dataset_url):
-        tmp = storage.join(dataset_url, f"{shards.TMP_PREFIX}manifest-{uuid.uuid4().hex[:8]}.json")
-        storage.write_bytes(tmp, data, storage_options)
-        storage.publish(tmp, final, storage_options)
-    else:  # a single PUT is atomic on object stores
-        storage.write_bytes(final, data, storage_options)
+    storage.write_whole(final, json.dumps(manifest, indent=2, default=str).encode(), storage_options)
     return final
 
 

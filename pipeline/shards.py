@@ -26,7 +26,7 @@ from pipeline import storage
 from pipeline.stats import StageStats
 
 SHARD_RE = re.compile(r"^(\d{6})\.tar$")
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = storage.TMP_PREFIX
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image fields a sample may carry, in the order they are looked for
 # PAX, not USTAR: a member name past 100 bytes gets an extended header instead of failing the shard; shorter ASCII
 # names write the same bytes as USTAR did, so earlier shards stay byte-identical

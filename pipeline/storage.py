@@ -9,10 +9,12 @@ import posixpath
 import re
 import shutil
 import tempfile
+import uuid
 
 import fsspec
 from fsspec.core import url_to_fs
 
+TMP_PREFIX = ".tmp-"  # temporary files beside the final ones; a killed writer's are removed by the next
 SPOOL_PREFIX = "altforge-shard-"  # local spool directories of object-store writers: altforge-shard-PID-XXXX
 SPOOL_LOCK = ".lock"  # inside a spool, flock'ed by its writer while it lives
 
@@ -152,6 +154,21 @@ def make_parent(fs, path: str) -> None:
     parent = posixpath.dirname(path)
     if parent and getattr(fs, "root_marker", None) == "/":  # local and other hierarchical filesystems
         fs.makedirs(parent, exist_ok=True)
+
+
+def write_whole(url: str, data: bytes, storage_options: dict | None = None, if_changed: bool = False) -> None:
+    """Write a small file so that readers (and a rerun after a kill) see the old content or the new, never a part:
+    locally through a temporary ``.tmp-`` name renamed into place; on object stores one PUT is atomic already.
+    ``if_changed``: leave a file that holds ``data`` already untouched."""
+    if if_changed and exists(url, storage_options) and read_bytes(url, storage_options) == data:
+        return
+    if not is_local(url):
+        write_bytes(url, data, storage_options)
+        return
+    head, name = url.rsplit("/", 1) if "/" in url else (".", url)
+    tmp = join(head, f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
+    write_bytes(tmp, data, storage_options)
+    publish(tmp, url, storage_options)
 
 
 def publish(tmp_url: str, final_url: str, storage_options: dict | None = None) -> None:

@@ -270,9 +270,8 @@ def train(cfg: LdmTrainConfig) -> dict:
     batches = iter(make_loader(plan, loader_cfg, dist.rank, map_fn, position))
 
     # ---- logging (rank 0)
-    writer = None
     vae_ref = cfg.vae or (latents.info.get("vae") or {}).get("ref")
-    vae = pipe = None
+    writer = vae = pipe = None
     with distributed.main_checks(dist.device):
         if dist.is_main:
             from torch.utils.tensorboard import SummaryWriter

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +25,7 @@ from pipeline import storage
 from pipeline.curate.pairs import INT_META
 from pipeline.curate.scorer import ClipScorer, score_pairs
 from pipeline.curate.tags import top_tags
-from pipeline.shards import TMP_PREFIX, arrow_array
+from pipeline.shards import arrow_array, clean_temporaries
 from pipeline.stats import StageStats
 
 META_FIELDS = ("url", "page_url", "sha256", "phash", "width", "height", "original_width", "original_height")
@@ -74,26 +73,6 @@ def is_scored(emb_url: str, src_url: str, storage_options: dict | None = None) -
     return stored is not None and stored.decode() == source_identity(src_url, storage_options)
 
 
-def write_whole(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write a small file so that readers (and a rerun after a kill) see the old content or the new, never a part:
-    locally through a temporary name renamed into place; on object stores one PUT is atomic already."""
-    if not storage.is_local(url):
-        storage.write_bytes(url, data, storage_options)
-        return
-    head, name = url.rsplit("/", 1) if "/" in url else (".", url)
-    tmp = storage.join(head, f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
-    storage.write_bytes(tmp, data, storage_options)
-    storage.publish(tmp, url, storage_options)
-
-
-def _remove_temporaries(dir_url: str, storage_options: dict | None = None) -> None:
-    """Remove what :func:`write_whole` left when killed between writing and renaming (local folders only)."""
-    if storage.is_local(dir_url):
-        for name in storage.listdir(dir_url, storage_options):
-            if name.startswith(TMP_PREFIX):
-                storage.remove(storage.join(dir_url, name), storage_options)
-
-
 def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
@@ -138,7 +117,9 @@ def score_shard(
     storage.write_bytes(files["text"], _npy_bytes(txt.astype(np.float16)), storage_options)
     buf = io.BytesIO()
     pq.write_table(pa.table(table).replace_schema_metadata({SOURCE_KEY: identity.encode()}), buf, compression="zstd")
-    write_whole(files["meta"], buf.getvalue(), storage_options)  # last: the "scored" marker, never half written
+    storage.write_whole(
+        files["meta"], buf.getvalue(), storage_options
+    )  # last: the "scored" marker, never half written
     stats.seen = len(rows)
     stats.kept = int(np.sum(~np.isnan(scores)))
     stats.drop("decode_error", stats.seen - stats.kept)
@@ -156,15 +137,16 @@ def prepare_embeddings(emb_url: str, scorer: ClipScorer, cfg, storage_options: d
     record = json.loads(json.dumps(record))  # tuples as lists, as read back
     url = storage.join(emb_url, "model.json")
     meta_dir = storage.join(emb_url, "metadata")
-    for folder in (emb_url, meta_dir):
-        _remove_temporaries(folder, storage_options)
+    for folder in (emb_url, meta_dir):  # what a write_whole killed before its rename left
+        if storage.is_local(folder):
+            clean_temporaries(folder, storage_options)
     if storage.exists(url, storage_options):
         if _read_record(url, storage_options) == record:
             return record  # unchanged: not rewritten, so a kill now cannot harm it
         # another model, or a record that cannot be read (which model scored them is unknown)
         for name in storage.listdir(meta_dir, storage_options):
             storage.remove(storage.join(meta_dir, name), storage_options)
-    write_whole(url, json.dumps(record, indent=2).encode(), storage_options)
+    storage.write_whole(url, json.dumps(record, indent=2).encode(), storage_options)
     return record
 
 

@@ -7,12 +7,13 @@ server must see zero requests, which a control request made before proves it wou
 """
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import netns_unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,30 +119,23 @@ print(json.dumps(out))
 """
 
 
-def _netns_available() -> str | None:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "needs the unshare and ip commands"
-    try:
-        done = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unshare -n failed: {exc}"
-    if done.returncode != 0:
-        return f"unshare -n not permitted here (needs root or CAP_SYS_ADMIN): {done.stderr.decode().strip()}"
-    return None
+def run_isolated(script: str, tmp_path, timeout: int) -> dict:
+    """Run ``script`` in a fresh network namespace (``unshare -n``); its last stdout line, as JSON."""
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    path = tmp_path / "netns_script.py"
+    path.write_text(script)
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, str(path), str(REPO)], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.netns
 def test_guard_end_to_end_in_isolated_namespace(tmp_path):
-    why = _netns_available()
-    if why:
-        pytest.skip(why)
-    script = tmp_path / "netns_fetch.py"
-    script.write_text(SCRIPT)
-    done = subprocess.run(
-        ["unshare", "-n", sys.executable, str(script), str(REPO)], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_isolated(SCRIPT, tmp_path, timeout=60)
     results = out["results"]
 
     assert out["control"] == {"loopback": 200, "private": 200, "metadata": 200}
@@ -273,16 +267,7 @@ print(json.dumps(out))
 def test_remote_input_files_are_read_under_the_guard(tmp_path):
     """URL lists and WARCs given as http(s) URLs: a redirect into link-local or private space is refused, in one
     line, before any request reaches it (the metadata server is refused even with allow_private)."""
-    why = _netns_available()
-    if why:
-        pytest.skip(why)
-    script = tmp_path / "netns_inputs.py"
-    script.write_text(INPUT_SCRIPT)
-    done = subprocess.run(
-        ["unshare", "-n", sys.executable, str(script), str(REPO)], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_isolated(INPUT_SCRIPT, tmp_path, timeout=120)
 
     assert out["control"] == [200, 200]
     assert out["public_list"] == ["http://img.example.org/a.jpg"]
