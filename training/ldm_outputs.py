@@ -1,18 +1,23 @@
-"""What the diffusion trainer writes besides checkpoints: the grids at fixed prompts and the pipeline folder."""
+"""What the diffusion trainer writes besides checkpoints: log rows, the grids at fixed prompts, the pipeline folder."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from training import distributed
 from training.loop import write_json
 from training.models.pipeline import default_scheduler_config
+from training.objectives import NUM_TRAIN_TIMESTEPS
 
 if TYPE_CHECKING:
     from training.train_ldm import LdmTrainConfig
+
+N_BUCKETS = 4  # the loss is also logged per timestep quarter: t in [0, 250), [250, 500), ...
 
 
 def sampling_pipeline(ema, vae, encoder, empty: torch.Tensor, prediction: str):
@@ -80,3 +85,25 @@ def export_model(
     (out / "scheduler").mkdir(exist_ok=True)
     write_json(out / "scheduler" / "scheduler_config.json", default_scheduler_config(cfg.prediction))
     return "unet"
+
+
+def log_row(window: dict, step: int, lr: float, global_batch: int, train_seconds: float, dist) -> dict:
+    """One log row from a window of steps: loss (all ranks), loss per timestep bucket, samples/s, data-wait share."""
+    if dist.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - window["t"]
+    row = {
+        "step": step,
+        "loss": distributed.mean_over_ranks(float(window["loss"]) / window["steps"], dist.device),
+        "lr": lr,
+        "samples_per_s": global_batch * window["steps"] / elapsed,
+        "data_wait": window["data"] / elapsed,  # fraction of the time spent waiting for batches
+        "train_seconds": round(train_seconds, 2),
+    }
+    sums = distributed.all_gather_object((window["sum"].tolist(), window["n"].tolist()))
+    width = NUM_TRAIN_TIMESTEPS // N_BUCKETS
+    for b in range(N_BUCKETS):
+        n = sum(s[1][b] for s in sums)
+        if n > 0:
+            row[f"loss_t{b * width:03d}_{(b + 1) * width - 1:03d}"] = sum(s[0][b] for s in sums) / n
+    return row

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.storage import access_error_line, is_access_error
+from training import distributed
 from training.data import SPLITS, error_line
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -130,6 +131,36 @@ def stop_before_start(cfg, step: int, train_seconds: float, is_main: bool) -> bo
     if stop and step < cfg.steps and is_main:
         print(f"step {step}: --stop-after {cfg.stop_after} or --max-minutes {cfg.max_minutes} already reached")
     return stop
+
+
+class DivergenceWatch:
+    """Notices a NaN or infinite loss without a per-step device sync, and stops the run before anything is logged,
+    saved or sampled from diverged weights: the last checkpoint stays the last finite one.
+
+    ``see`` after every loss (a tensor OR, no sync); ``check`` where the loop would write (every rank at the same
+    steps: it is one collective). Off under fp16, whose GradScaler already skips the steps with inf/NaN gradients.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.device, self.enabled = device, enabled
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.checked_step = 0
+
+    def see(self, loss: torch.Tensor) -> None:
+        """Remember whether ``loss`` is NaN or infinite."""
+        if self.enabled:
+            self.bad |= ~torch.isfinite(loss.detach()).all()
+
+    def check(self, step: int, lr: float) -> None:
+        """One-line ``ValueError`` on every rank if any rank saw a non-finite loss since the run (re)started."""
+        if not self.enabled:
+            return
+        if distributed.mean_over_ranks(float(self.bad), self.device) > 0:
+            raise ValueError(
+                f"step {step}: the loss became NaN or infinite after step {self.checked_step}; nothing from the "
+                f"diverged weights was saved: lower --lr (now {lr:g}) and resume from the last checkpoint"
+            )
+        self.checked_step = step
 
 
 def warmup_cosine(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:

@@ -147,6 +147,7 @@ def train(cfg: ClipTrainConfig) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    watch = loop.DivergenceWatch(dist.device, enabled=not scaler.is_enabled())
 
     # ---- data
     loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
@@ -213,6 +214,7 @@ def train(cfg: ClipTrainConfig) -> dict:
         distributed.barrier()
 
     def save() -> None:
+        watch.check(step, cfg.lr)
         data = distributed.all_gather_object(position.to_dict())
         if dist.is_main:
             state = {
@@ -256,6 +258,7 @@ def train(cfg: ClipTrainConfig) -> dict:
                 loss = clip_loss(image_features.float(), text_features.float(), logit_scale.float())
                 scaler.scale(loss / cfg.accum_steps).backward()
             window["loss"] += loss.detach() / cfg.accum_steps
+            watch.see(loss)
         scaler.unscale_(optimizer)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -271,6 +274,7 @@ def train(cfg: ClipTrainConfig) -> dict:
             stop = distributed.main_says(stop, dist.device)
 
         if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or stop:
+            watch.check(step, cfg.lr)
             if dist.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - window["t"]

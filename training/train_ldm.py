@@ -33,7 +33,7 @@ from training import distributed, loop
 from training.checkpoint import latest_checkpoint, read_state, resume_loop, save_checkpoint
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.latent_data import inspect_latents, latent_map, text_conditioning
-from training.ldm_outputs import export_model, log_sample_grid, sampling_pipeline
+from training.ldm_outputs import N_BUCKETS, export_model, log_row, log_sample_grid, sampling_pipeline
 from training.models.text import TextTunedUNet, load_text_encoder, trainable_text_tower
 from training.models.unet import build_unet, count_parameters
 from training.models.vae import load_vae
@@ -47,7 +47,6 @@ from training.objectives import (
     swap_in_empty,
 )
 
-N_BUCKETS = 4  # the loss is also logged per timestep quarter: t in [0, 250), [250, 500), ...
 DEMO_PROMPTS = (
     "a red circle",
     "a blue square",
@@ -217,6 +216,7 @@ def train(cfg: LdmTrainConfig) -> dict:
     fused = dist.device.type == "cuda"  # one kernel for all parameters
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    watch = loop.DivergenceWatch(dist.device, enabled=not scaler.is_enabled())
     abar = alphas_cumprod(scaled_linear_betas()).float().to(dist.device)
 
     # ---- data
@@ -291,6 +291,7 @@ def train(cfg: LdmTrainConfig) -> dict:
                 print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): no image grids")
 
     def grid() -> None:
+        watch.check(step, cfg.lr)
         if pipe is not None:
             if ema_text is not None:  # the tuned tower's own empty prompt
                 pipe.empty_emb = pipe.text_encoder.empty().float()
@@ -298,6 +299,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         distributed.barrier()
 
     def save() -> None:
+        watch.check(step, cfg.lr)
         data = distributed.all_gather_object(position.to_dict())
         if dist.is_main:
             state = {
@@ -357,6 +359,7 @@ def train(cfg: LdmTrainConfig) -> dict:
                     pred = model(noisy, t, **cond).sample
                 loss, per_sample = diffusion_loss(pred, x0, noise, t, abar, cfg.prediction, cfg.min_snr_gamma)
                 scaler.scale(loss / cfg.grad_accum).backward()
+            watch.see(loss)
             window["loss"] += loss.detach() / cfg.grad_accum
             bucket = t * N_BUCKETS // NUM_TRAIN_TIMESTEPS
             window["sum"].index_add_(0, bucket, per_sample.double())
@@ -378,6 +381,7 @@ def train(cfg: LdmTrainConfig) -> dict:
             stop = distributed.main_says(stop, dist.device)
 
         if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or stop:
+            watch.check(step, cfg.lr)
             row = log_row(window, step, lr, global_batch, train_seconds, dist)
             history["train"].append(row)
             if dist.is_main:
@@ -437,28 +441,6 @@ def check_text_encoder(te_model: str, te_pretrained: str | None) -> None:
         load_text_encoder(te_model, te_pretrained, device="cpu")
     except (OSError, RuntimeError) as e:
         raise ValueError(f"cannot load the text encoder {te_model!r}: {str(e).strip().splitlines()[0]}") from None
-
-
-def log_row(window: dict, step: int, lr: float, global_batch: int, train_seconds: float, dist) -> dict:
-    """One log row from a window of steps: loss (all ranks), loss per timestep bucket, samples/s, data-wait share."""
-    if dist.device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - window["t"]
-    row = {
-        "step": step,
-        "loss": distributed.mean_over_ranks(float(window["loss"]) / window["steps"], dist.device),
-        "lr": lr,
-        "samples_per_s": global_batch * window["steps"] / elapsed,
-        "data_wait": window["data"] / elapsed,  # fraction of the time spent waiting for batches
-        "train_seconds": round(train_seconds, 2),
-    }
-    sums = distributed.all_gather_object((window["sum"].tolist(), window["n"].tolist()))
-    width = NUM_TRAIN_TIMESTEPS // N_BUCKETS
-    for b in range(N_BUCKETS):
-        n = sum(s[1][b] for s in sums)
-        if n > 0:
-            row[f"loss_t{b * width:03d}_{(b + 1) * width - 1:03d}"] = sum(s[0][b] for s in sums) / n
-    return row
 
 
 FLAG_ALIASES = {"warmup": "--warmup-steps", "clip_grad": "--grad-clip"}  # as train_clip and train_vae call them
