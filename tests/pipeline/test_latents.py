@@ -1,4 +1,7 @@
-"""The latent stage: shard contents against the models run directly, modes, drops, the empty prompt, resume, kills."""
+"""The latent stage: shard contents against the models run directly, modes, drops, the empty prompt, resume, kills.
+
+What an output folder accepts on a rerun (models, settings, source, the empty embedding) is in test_latents_folder.py.
+"""
 
 import functools
 import io
@@ -86,7 +89,11 @@ def sample(key: str, size=(40, 40), rgb=(200, 40, 40), seed=0, caption=None) -> 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
+    return write_source(tmp_path_factory.mktemp("src"))
+
+
+def write_source(root) -> str:
+    """A curated source of two shards (7 and 5 JPEGs of several sizes) with its manifest; returns its path."""
     sizes = [(40, 40), (48, 32), (30, 52), (64, 40), (32, 32)]
     s0 = [sample(f"a{i:04d}", sizes[i % 5], (40 * i % 255, 90, 200), seed=i) for i in range(7)]
     s1 = [sample(f"b{i:04d}", sizes[(i + 2) % 5], (90, 30 * i % 255, 60), seed=50 + i) for i in range(5)]
@@ -283,16 +290,6 @@ def test_dataset_manifest_empty_embedding_and_resume(models, source, tmp_path):
     encode_dataset(source, dst, faster, encoders(models, texts=False), _config(models, faster), text.empty())
 
 
-def test_config_round_trip_and_validation():
-    cfg = EncodeConfig(resolution=64, latent_mode="mean_logvar", flip=True, workers=2)
-    assert EncodeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    for bad in ({"latent_mode": "sample"}, {"dtype": "int8"}, {"resolution": 0}, {"batch_size": 0}):
-        with pytest.raises(ValueError):
-            EncodeConfig(**bad)
-    with pytest.raises(ValueError, match="unknown"):
-        EncodeConfig.from_dict({"resolutoin": 3})
-
-
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
@@ -355,47 +352,6 @@ def test_object_store_source_and_output(models, source, s3_bucket):
     assert len(got) == 5 and got[0]["latent.npy"].shape == (4, 8, 8) and got[0]["text_emb.npy"].shape == (16, 32)
 
 
-def test_models_are_matched_by_checksum_not_by_path(tmp_path):
-    from pipeline.latents import prepare_latents
-
-    vae = {"ref": "/a/vae", "sha256": "1" * 64, "scaling_factor": 0.2, "latent_channels": 4, "downsample": 8}
-    text = {"model": "local-dir:/a/clip", "pretrained": "/a/clip/w.safetensors", "sha256": "2" * 64, "width": 8}
-    cfg = EncodeConfig(resolution=64)
-    empty = np.zeros((4, 8), np.float32)
-    prepare_latents(str(tmp_path), latent_config(cfg, vae, text, "bfloat16"), empty)
-    moved = latent_config(cfg, {**vae, "ref": "/b/vae"}, {**text, "model": "local-dir:/b/clip"}, "bfloat16")
-    prepare_latents(str(tmp_path), moved, empty)  # the same weights under another path
-    assert latent_info(str(tmp_path))["vae"]["ref"] == "/b/vae"
-    for changed, what in [
-        (latent_config(cfg, {**vae, "sha256": "3" * 64}, text, "bfloat16"), "vae"),
-        (latent_config(cfg, vae, {**text, "sha256": "4" * 64}, "bfloat16"), "text_encoder"),
-        (latent_config(cfg, vae, text, "float32"), "compute_dtype"),
-        (latent_config(EncodeConfig(resolution=64, flip=True), vae, text, "bfloat16"), "flip"),
-    ]:
-        with pytest.raises(ValueError, match=what):
-            prepare_latents(str(tmp_path), changed, empty)
-
-
-def test_another_or_rewritten_source_is_refused(source, tmp_path):
-    from pipeline.latents import prepare_latents, source_record
-
-    vae = {"ref": "/a/vae", "sha256": "1" * 64, "scaling_factor": 0.2, "latent_channels": 4, "downsample": 8}
-    text = {"model": "m", "sha256": "2" * 64, "width": 8}
-    config, empty = latent_config(EncodeConfig(resolution=64), vae, text, "float32"), np.zeros((4, 8), np.float32)
-    src = str(tmp_path / "src")
-    shutil.copytree(source, src)  # a copy: the test rewrites a shard's stamp
-    plan = latent_shards(src)
-    dst = str(tmp_path / "lat")
-    prepare_latents(dst, config, empty, source=source_record(plan))
-    prepare_latents(dst, config, empty, source=source_record(plan))  # the same source resumes
-    first = next(iter(plan.values()))
-    os.utime(first, (1, 1))  # the shard rewritten since (a re-curation in place)
-    with pytest.raises(ValueError, match=r"other settings \(source\)"):
-        prepare_latents(dst, config, empty, source=source_record(plan))
-    with pytest.raises(ValueError, match="not a multiple of the VAE's 8x downsampling"):
-        latent_config(EncodeConfig(resolution=60), vae, text, "float32")
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_on_gpu_with_pinned_decode_workers_matches_fp32(models, source, tmp_path):
@@ -423,18 +379,6 @@ def test_an_elongated_image_is_resampled_only_where_it_is_cropped(monkeypatch):
     assert sizes == [(64, 64)] and out.shape == (64, 64, 3) and info["crop"] == [0, 63968, 64, 64032]
     want = np.asarray(Image.fromarray(arr).resize((64, 128000), Image.Resampling.BICUBIC).crop(tuple(info["crop"])))
     assert np.abs(out.astype(int) - want).max() <= 1  # the same pixels as resizing the whole and cropping
-
-
-def test_an_output_that_holds_another_dataset_is_refused(source, tmp_path):
-    from pipeline.latents import prepare_latents
-
-    vae = {"ref": "/a/vae", "sha256": "1" * 64, "scaling_factor": 0.2, "latent_channels": 4, "downsample": 8}
-    config = latent_config(EncodeConfig(resolution=64), vae, {"model": "m", "sha256": "2" * 64, "width": 8}, "float32")
-    before = open(os.path.join(source, "manifest.json")).read()
-    with pytest.raises(ValueError, match="holds a dataset this stage did not write"):  # --out = the source
-        prepare_latents(source, config, np.zeros((4, 8), np.float32))
-    assert open(os.path.join(source, "manifest.json")).read() == before
-    assert not os.path.exists(os.path.join(source, ENCODE_CONFIG))
 
 
 def test_a_corrupt_source_shard_is_one_line_naming_it(models, source, tmp_path):
@@ -469,39 +413,6 @@ def test_keys_that_cannot_be_written_are_counted_not_fatal(models, tmp_path):
     st = encode_latents_shard(str(src / "000000.tar"), out, cfg, encoders(models, False))
     assert (st.seen, st.kept, dict(st.dropped)) == (3, 2, {"duplicate_key": 1})
     assert [s["__key__"] for s in shards.iter_samples(out)] == ["a", "b"]
-
-
-def test_the_empty_embedding_is_written_whole_and_only_when_it_changes(tmp_path, monkeypatch):
-    from pipeline import storage
-    from pipeline.latents import EMPTY_EMBEDDING, prepare_latents
-
-    vae = {"ref": "/a/vae", "sha256": "1" * 64, "scaling_factor": 0.2, "latent_channels": 4, "downsample": 8}
-    config = latent_config(EncodeConfig(resolution=64), vae, {"model": "m", "sha256": "2" * 64, "width": 8}, "float32")
-    dst, empty = str(tmp_path / "lat"), np.full((4, 8), 0.5, np.float32)
-    path = os.path.join(dst, EMPTY_EMBEDDING)
-    prepare_latents(dst, config, empty)
-    before = os.stat(path)
-    prepare_latents(dst, config, empty)  # a rerun: nothing to rewrite, so a kill now cannot cut it
-    assert (os.stat(path).st_ino, os.stat(path).st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    write = storage.write_bytes
-
-    def killed(url, data, storage_options=None):  # truncates the file it writes, then dies
-        if EMPTY_EMBEDDING in url:
-            open(url, "wb").close()
-            raise KeyboardInterrupt("killed")
-        write(url, data, storage_options)
-
-    with monkeypatch.context() as m:
-        m.setattr(storage, "write_bytes", killed)
-        with pytest.raises(KeyboardInterrupt):
-            prepare_latents(dst, config, empty * 2)
-    assert np.array_equal(read_empty_embedding(dst), empty.astype(np.float16))  # the old one, whole
-    open(path, "wb").close()  # what an older version killed mid-write left
-    with pytest.raises(ValueError) as err:
-        read_empty_embedding(dst)
-    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value) and "rerun encode" in str(err.value)
-    prepare_latents(dst, config, empty)
-    assert np.array_equal(read_empty_embedding(dst), empty.astype(np.float16))
 
 
 def test_a_key_in_two_source_shards_is_written_once_whatever_the_shard_order(models, tmp_path):

@@ -254,7 +254,7 @@ KILL_AT_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from pipeline import shards
+    from pipeline import shard_writer, shards
     from pipeline.stats import StageStats
     from tests.pipeline.test_shards import make_sample
     root, index, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -270,8 +270,9 @@ KILL_AT_SCRIPT = textwrap.dedent(
         return run
 
     shards.ShardWriter.write = step(shards.ShardWriter.write)  # steps 1-40
-    shards.write_parquet = step(shards.write_parquet)  # 41: publish, the tar closed
-    shards.sha256_file = step(shards.sha256_file)  # 42: the parquet written
+    # publish() looks these up in pipeline.shard_writer, where ShardWriter lives
+    shard_writer.write_parquet = step(shard_writer.write_parquet)  # 41: publish, the tar closed
+    shard_writer.sha256_file = step(shard_writer.sha256_file)  # 42: the parquet written
     os.replace = step(os.replace)  # 43-45: moving the tar, the parquet, the stats
     with shards.ShardWriter(root, index) as w:
         for i in range(40):
