@@ -18,8 +18,9 @@ def evaluation_grid(model_dir: str, gen: dict, out_png: str, evaluate_with: dict
     ``gen`` is the recipe's generate section (prompts, negative, steps, guidance, seed, n, scheduler).
     """
     from training.models.pipeline import load_pipeline
-    from training.sample import generate, grid_meta, save_grid
+    from training.sample import check_seeds, generate, grid_meta, save_grid
 
+    check_seeds(gen["seed"], len(gen["prompts"]) * gen["n"])  # before the model loads
     pipe = load_pipeline(model_dir, device="auto")  # as `altforge generate`: the GPU when there is one
     images = generate(
         pipe,

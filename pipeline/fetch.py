@@ -3,13 +3,16 @@
 ``Fetcher.fetch`` never raises for network, HTTP or robots problems: it returns a :class:`FetchResult` whose
 ``status`` is ``"success"`` or one snake_case reason:
 
-``http_<code>`` (final non-2xx status), ``timeout`` (connect or total), ``stalled`` (no byte for
-``read_timeout``, waiting for headers or body), ``connection_error`` (refused, reset, incomplete body, bad HTTP),
+``http_<code>`` (a final status other than 200 or 203, so also ``http_204`` No Content and ``http_206`` Partial
+Content: altforge never asks for a range, and a part is not the image or page; robots.txt takes any 2xx),
+``timeout`` (connect or total), ``stalled`` (no byte for ``read_timeout``, waiting for headers or body),
+``connection_error`` (refused, reset, incomplete body, bad HTTP),
 ``tls_error`` (a certificate or TLS handshake the server will fail again: not retried), ``dns_error``,
 ``body_too_large``, ``refused_address``, ``refused_scheme``, ``invalid_url``,
 ``too_many_redirects`` (also loops), ``robots_disallowed`` (robots.txt disallows the path),
 ``robots_unavailable`` (robots.txt answered 5xx / 429 or failed on the network: the host is treated as disallowed
-for ``ROBOTS_RETRY_SECONDS``, and a later run may retry), ``opt_out`` (X-Robots-Tag noai / noimageai).
+for ``ROBOTS_RETRY_SECONDS``, and a later run may retry), ``opt_out`` (X-Robots-Tag noai / noimageai on the
+response or on a redirect hop to it: the hop's header speaks for the URL asked for).
 
 Safety: every URL, redirect hops included, passes :func:`pipeline.netguard.check_url`; host names resolve through
 :class:`pipeline.netguard.GuardedResolver`, so connections go only to checked addresses. Politeness: robots.txt
@@ -45,6 +48,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 KINDS = ("image", "page", "robots")
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+OK_CODES = frozenset({200, 203})  # a body that is the whole resource (203: a proxy's copy of a 200) for images, pages
 REDIRECT_REFUSALS = frozenset({"refused_address", "refused_scheme", "invalid_url"})  # a Location not followed
 TRANSIENT = frozenset({"timeout", "stalled", "connection_error", "http_429"})  # plus every http_5xx
 CHUNK_BYTES = 256 * 1024  # read size for response bodies
@@ -138,6 +142,7 @@ class _Hop:
     body: bytes | None = None
     error: str | None = None
     location: str | None = None
+    opted_out: bool = False  # X-Robots-Tag noai / noimageai (image and page requests, with respect_opt_out)
 
 
 def _headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
@@ -306,6 +311,7 @@ class Fetcher:
         """One attempt: the request and its redirect hops, each checked (URL, robots, resolved address)."""
         seen = {str(target)}
         current = target
+        hop_opt_out = None  # the X-Robots-Tag of a redirect hop that opted out: it speaks for ``url``
         for hops in range(self.cfg.max_redirects + 1):
             if kind != "robots" and self.cfg.respect_robots:
                 verdict = await self._robots_verdict(current)
@@ -314,9 +320,17 @@ class Fetcher:
             hop = await self._request(current, kind)
             if hop.location is None:
                 ctype = hop.headers.get("content-type", "").split(";", 1)[0].strip().lower() or None
-                return FetchResult(
-                    url, str(current), hop.status, hop.http_status, ctype, hop.headers, hop.body, hop.error
-                )
+                status, error = hop.status, hop.error
+                if hop_opt_out is not None and status == "success":  # a page: its body back, as a 200 opt-out's
+                    status, error = "opt_out", hop_opt_out
+                return FetchResult(url, str(current), status, hop.http_status, ctype, hop.headers, hop.body, error)
+            if hop.opted_out:
+                detail = f"redirect: X-Robots-Tag: {hop.headers.get('x-robots-tag')}"
+                if kind == "image":  # the image is not taken, wherever the hop points
+                    return FetchResult(
+                        url, str(current), "opt_out", hop.http_status, headers=hop.headers, error=detail
+                    )
+                hop_opt_out = hop_opt_out or detail
             if hops == self.cfg.max_redirects:
                 break
             try:
@@ -350,13 +364,13 @@ class Fetcher:
 
     async def _read(self, resp: aiohttp.ClientResponse, kind: str, limit: int) -> _Hop:
         code, headers = resp.status, _headers(resp)
+        opted_out = kind != "robots" and self.cfg.respect_opt_out and opt_out(resp.headers.getall("X-Robots-Tag", ()))
         if code in REDIRECT_CODES and "location" in headers:
             await self._drain(resp)
-            return _Hop(f"http_{code}", code, headers, location=resp.headers["Location"])
-        if not 200 <= code < 300:
+            return _Hop(f"http_{code}", code, headers, location=resp.headers["Location"], opted_out=opted_out)
+        if not (200 <= code < 300 if kind == "robots" else code in OK_CODES):  # RFC 9309: any 2xx robots.txt is read
             await self._drain(resp)
             return _Hop(f"http_{code}", code, headers, error=f"HTTP {code} {resp.reason or ''}".strip())
-        opted_out = kind != "robots" and self.cfg.respect_opt_out and opt_out(resp.headers.getall("X-Robots-Tag", ()))
         if opted_out and kind == "image":
             resp.close()
             return _Hop("opt_out", code, headers, error=f"X-Robots-Tag: {headers.get('x-robots-tag')}")

@@ -253,6 +253,9 @@ class TrainRun(_Strict):
 TRAIN_TIMESTEPS = 1000  # the diffusion trainer's noise schedule length (training.objectives.NUM_TRAIN_TIMESTEPS)
 
 
+SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
+
+
 class GenerateSection(_Strict):
     """The evaluation grid made at the end of a run."""
 
@@ -260,18 +263,23 @@ class GenerateSection(_Strict):
     negative: str | None = None
     steps: int = Field(20, gt=0, le=TRAIN_TIMESTEPS)
     guidance: float = Field(7.5, gt=0)  # 1 = unguided
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)  # image i of the grid uses seed + i
     n: int = Field(4, gt=0)
     scheduler: Literal["dpm", "ddim"] = "dpm"
     guidance_interval: tuple[int, int] | None = None  # [lo, hi]: guide only at timesteps lo..hi; null = every step
     evaluate: bool = True  # prompt accuracy, guidance sweep and the negative-prompt check (demo-site recipes)
 
     @model_validator(mode="after")
-    def _interval(self) -> GenerateSection:
+    def _interval_and_seeds(self) -> GenerateSection:
         iv = self.guidance_interval
         if iv is not None and not 0 <= iv[0] <= iv[1] < TRAIN_TIMESTEPS:
             raise ValueError(
                 f"guidance_interval must be [lo, hi] with 0 <= lo <= hi < {TRAIN_TIMESTEPS}, got {list(iv)}"
+            )
+        last = self.seed + len(self.prompts) * self.n - 1
+        if last > SEED_MAX:
+            raise ValueError(
+                f"seed {self.seed} with {len(self.prompts) * self.n} images needs seeds up to {last}, past 2**64-1"
             )
         return self
 

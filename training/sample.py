@@ -28,6 +28,11 @@ from pipeline.shards import without_lone_surrogates
 from training.loop import ArgumentParser
 
 SCHEDULERS = ("dpm", "ddim")
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1 (and wraps a negative seed onto that range)
+
+
+class NonFiniteOutputError(ValueError):
+    """The U-Net or the VAE produced NaN or inf: a diverged checkpoint or a reduced-precision overflow."""
 
 
 def make_scheduler(train_config: dict, name: str):
@@ -60,6 +65,20 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
+def check_seeds(seed: int, count: int) -> None:
+    """Refuse a seed outside 0..2**64-1, or one whose last image seed (``seed + count - 1``) is past 2**64-1."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be in 0..2**64-1 (0..{SEED_MAX}), got {seed}")
+    if seed + count - 1 > SEED_MAX:  # image i uses seed + i
+        raise ValueError(
+            f"seed {seed} with {count} images needs seeds up to {seed + count - 1}, past 2**64-1: "
+            f"use a seed of at most {SEED_MAX - count + 1}"
+        )
+
+
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """Standard Gaussian latents, one CPU generator per seed: the same seed gives the same noise on any device."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -85,13 +104,11 @@ def _guided_at(t, interval: tuple[int, int] | None) -> bool:
 
 
 def _denoise(pipe, cond, uncond, seeds, steps, guidance, scheduler, precision, interval=None) -> torch.Tensor:
-    """Latents for one batch: initial noise from ``seeds``, ``steps`` sampler steps with guidance, VAE decode.
+    """Clean latents for one batch: initial noise from ``seeds``, ``steps`` sampler steps with guidance.
 
     Outside the guidance ``interval`` (timesteps lo..hi of the training schedule) the step uses the conditional
     prediction alone, and the unconditional pass is skipped.
     """
-    from training.models.vae import decode_latents
-
     sched = make_scheduler(pipe.train_scheduler_config, scheduler)  # fresh: multistep solvers keep state
     sched.set_timesteps(steps, device=pipe.device)
     latents = initial_noise(seeds, pipe.latent_shape).to(pipe.device) * sched.init_noise_sigma
@@ -106,8 +123,39 @@ def _denoise(pipe, cond, uncond, seeds, steps, guidance, scheduler, precision, i
             out_u, out_c = out.chunk(2)
             out = out_u + guidance * (out_c - out_u)
         latents = sched.step(out, t, latents).prev_sample
+    return latents
+
+
+def _decode(pipe, latents: torch.Tensor, precision: str) -> torch.Tensor:
+    """VAE-decoded images in [-1, 1] (float, not yet clamped) for a batch of clean latents."""
+    from training.models.vae import decode_latents
+
     with autocast(pipe.device, precision):
-        return to_uint8(decode_latents(pipe.vae, latents))
+        return decode_latents(pipe.vae, latents).float()
+
+
+def _require_finite(x: torch.Tensor, what: str, first: int, prompts: list[str], n: int, hint: str) -> None:
+    """Raise NonFiniteOutputError naming ``what`` and the first bad image's prompt if ``x`` holds NaN or inf.
+
+    One isfinite pass over a batch's final tensor: a diverged model gives NaN there whatever step it began at.
+    """
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+    if not bool(bad.any()):
+        return
+    rows = (bad.nonzero().flatten() + first).tolist()
+    value = "NaN" if bool(torch.isnan(x).any()) else "inf"
+    more = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
+    raise NonFiniteOutputError(
+        f"the model produced non-finite values ({value}) in {what} for prompt {prompts[rows[0] // n]!r} "
+        f"(image {rows[0]}{more}): {hint}"
+    )
+
+
+def _hint(pipe, precision: str) -> str:
+    """What to try after a non-finite output: fp32 where reduced precision ran, a sound checkpoint in any case."""
+    if pipe.device.type == "cuda" and precision != "fp32":
+        return "the checkpoint may have diverged, or reduced precision overflowed; try --precision fp32"
+    return "the checkpoint may have diverged: check its weights, or use an earlier checkpoint"
 
 
 @torch.inference_mode()
@@ -143,6 +191,7 @@ def generate(
         raise ValueError(f"guidance must be a finite number, got {guidance}")
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}: use one of {SCHEDULERS}")
+    check_seeds(seed, len(prompts) * n)
     if guidance_interval is not None:
         lo, hi = (int(v) for v in guidance_interval)
         if not 0 <= lo <= hi < train_steps:
@@ -163,13 +212,15 @@ def generate(
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
         uncond = _embed(pipe, list(negative))
     cond, uncond = cond.repeat_interleave(n, dim=0), uncond.repeat_interleave(n, dim=0)
-    seeds = [seed + i for i in range(cond.shape[0])]
-    out = []
+    seeds = [int(seed) + i for i in range(cond.shape[0])]
+    hint, out = _hint(pipe, precision), []
     for b in range(0, len(seeds), batch_size):
         sl = slice(b, b + batch_size)
-        out.append(
-            _denoise(pipe, cond[sl], uncond[sl], seeds[sl], steps, guidance, scheduler, precision, guidance_interval)
-        )
+        z = _denoise(pipe, cond[sl], uncond[sl], seeds[sl], steps, guidance, scheduler, precision, guidance_interval)
+        _require_finite(z, f"the latents after {steps} sampling steps (U-Net)", b, prompts, n, hint)
+        images = _decode(pipe, z, precision)
+        _require_finite(images, "the decoded images (VAE decoder)", b, prompts, n, hint)
+        out.append(to_uint8(images))
     return torch.cat(out)
 
 
@@ -267,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cols is not None and args.cols < 1:
             raise ValueError(f"--cols must be >= 1, got {args.cols}")
+        check_seeds(args.seed, args.num_images)  # before the model loads
         out = Path(args.out)
         if out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
             raise ValueError(f"--out {args.out}: give a PNG file path whose parent folders can be created")

@@ -77,6 +77,18 @@ def test_defaults_and_round_trip():
         (MINIMAL + "generate: {prompts: [x], guidance_interval: [200, 1000]}\n", "0 <= lo <= hi < 1000"),
         (MINIMAL + "generate: {prompts: [x], steps: 2000}\n", "generate.steps: Input should be less than or equal"),
         (MINIMAL + "generate: {prompts: [x], guidance: 0}\n", "generate.guidance: Input should be greater than 0"),
+        (
+            MINIMAL + "generate: {prompts: [x], seed: -1}\n",
+            "generate.seed: Input should be greater than or equal to 0",
+        ),
+        (
+            MINIMAL + "generate: {prompts: [x], seed: 18446744073709551616}\n",
+            "generate.seed: Input should be less than",
+        ),
+        (  # the grid's last image (seed + 2 * 2 - 1) would need a seed past 2**64-1
+            MINIMAL + "generate: {prompts: [x, y], n: 2, seed: 18446744073709551613}\n",
+            "generate: seed 18446744073709551613 with 4 images needs seeds up to 18446744073709551616, past 2**64-1",
+        ),
         (MINIMAL + "scrape: {max_aspect_ratio: .inf}\n", "scrape.max_aspect_ratio: Input should be a finite number"),
         (MINIMAL.replace("output: out", "output: ''"), "output: String should have at least 1 character"),
         (MINIMAL.replace("output: out", "output: '   '"), "output: '   ': blank or padded"),
