@@ -26,6 +26,8 @@ def print_result(result: dict, title: str) -> None:
         typer.echo(f"  {what:<28} {path}")
     if result["skipped"]:
         typer.echo(f"  skipped (complete and current): {', '.join(result['skipped'])}")
+    for note in result.get("notes") or []:  # e.g. a version that adds no samples reuses the one before's outputs
+        typer.echo(f"  {note}")
     typer.echo("metrics:")
     for stage, m in result["metrics"].items():
         typer.echo(f"  {stage:<14} " + ", ".join(f"{k}={v}" for k, v in m.items()))

@@ -38,6 +38,8 @@ class RunResult:
     artifacts: dict[str, str] = field(default_factory=dict)  # what -> path (report, TensorBoard logs, grid, ...)
     metrics: dict[str, dict] = field(default_factory=dict)  # stage -> numbers worth printing
     skipped: list[str] = field(default_factory=list)  # stages found complete and current
+    reused: dict[str, str] = field(default_factory=dict)  # stage -> earlier version whose output it reuses
+    notes: list[str] = field(default_factory=list)  # lines worth printing (what an empty version reused)
     ground_truth: str | None = None
 
     def to_dict(self) -> dict:
@@ -74,13 +76,16 @@ class RunState:
         entry = self.stages.get(stage)
         if not entry or entry.get("fingerprint") != fp:
             return None
-        recorded = storage.join(self.out, entry["within"]) if "within" in entry else entry.get("output", "")
-        if not storage.same_place(recorded, output):
+        if not storage.same_place(self.output_of(entry), output):
             return None
         if "finished_at" not in entry:  # started, not finished
             return None
         exists = storage.exists if "://" in done_file else lambda p, _so: os.path.exists(p)
         return entry if exists(done_file, self.so) else None
+
+    def output_of(self, entry: dict) -> str:
+        """Where a recorded stage's output is: its place inside OUT (wherever OUT is now), else as recorded."""
+        return storage.join(self.out, entry["within"]) if "within" in entry else entry.get("output", "")
 
     def begin(self, stage: str, fp: str, output: str, legacy: tuple[str, ...] = ()) -> str | None:
         """Record that ``stage`` starts building ``output`` under ``fp``; returns where a stale output went.
@@ -109,12 +114,14 @@ class RunState:
         self._write()
         return moved
 
-    def record(self, stage: str, fp: str, output: str, metrics: dict) -> None:
-        """Mark ``stage`` finished (written atomically on local disk, one PUT on object stores)."""
+    def record(self, stage: str, fp: str, output: str, metrics: dict, **extra) -> None:
+        """Mark ``stage`` finished (written atomically on local disk, one PUT on object stores). ``extra``: more to
+        record, such as ``reused_from`` (the earlier version whose output this stage reuses)."""
         self.stages[stage] = {
             "fingerprint": fp,
             **self._where(output),
             "metrics": metrics,
+            **extra,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         self._write()
@@ -235,6 +242,28 @@ def preflight(recipe: Recipe, out: str, placement: Placement) -> None:
     check_options(recipe)
     if recipe.curate is not None and recipe.curate.previous:
         check_manifest(recipe.curate.previous, so, what="curate.previous", versioned=True)
+    check_scrape_inputs(recipe, out, so)
+
+
+FILE_KINDS = ("url_list", "warc", "hf_dataset")  # sources a recipe and its plan spell alike (not demo sites)
+
+
+def check_scrape_inputs(recipe: Recipe, out: str, so: dict | None) -> None:
+    """One-line ``ValueError`` when the plain scrape in ``OUT/scraped`` was planned from the recipe's input files
+    and one of them holds other contents now: the stage would otherwise be skipped (or resumed) as current, and
+    the new contents never scraped. (A versioned ``OUT/scraped`` has no plan of its own: each version plans anew.)
+    """
+    from pipeline import plan as plans
+    from pipeline.scrape import check_inputs
+
+    dst = storage.join(out, "scraped")
+    plan = plans.load_plan(dst, so)
+    if plan is None:
+        return
+    sources = [s.model_dump(mode="json") for s in recipe.sources if s.kind in FILE_KINDS]
+    planned = [s for s in plan.get("sources") or [] if s.get("kind") in FILE_KINDS]
+    if planned == json.loads(json.dumps(sources)):  # other sources: a new scrape, which the stage starts itself
+        check_inputs(plan, sources, dst, so, recipe.scrape.allow_private_network)
 
 
 # ----------------------------------------------------------------------------------------------- the flow
@@ -286,6 +315,7 @@ def run_recipe(
     stages.train_stage(ctx, "external", fps)
     if recipe.generate is not None and "ldm" in ctx.runs:
         stages.generate_stage(ctx, fps)
+    stages.note_reused(ctx)
     stages.write_run_report(ctx)
     return result
 

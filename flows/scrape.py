@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from flows import workers  # importing the flows package turns telemetry off before prefect loads (flows/env.py)
 from flows.runners import Placement, dask_worker_count, wait_for_shards
 from flows.scrape_worker import scrape_partition
+from pipeline import input_fingerprint, shards, storage, versions
 from pipeline import plan as plans
-from pipeline import shards, storage, versions
 from pipeline.fetch_thread import BackgroundFetcher
 from pipeline.manifest import build_manifest, write_manifest
 from pipeline.recipe import ScrapeConfig, parse_source
@@ -32,6 +32,7 @@ def plan_inputs(
     retry_failed: bool,
     seen_from: str | None = None,
     start_index: int = 0,
+    incremental: bool = False,
 ) -> dict:
     """Read the sources into fixed partitions once (a rerun reuses them); add retry partitions on request.
 
@@ -41,8 +42,13 @@ def plan_inputs(
     log = get_run_logger()
     cfg = ScrapeConfig.model_validate_json(cfg_json)
     plan = plans.load_plan(dst, storage_options)
-    check_resume(plan, sources, cfg, dst, retry_failed)
+    # an unfinished version of an incremental run is finished as planned (the next run plans the new contents)
+    check_resume(plan, sources, cfg, dst, retry_failed, storage_options, "none" if incremental else "all")
+    if incremental and plan is not None:
+        _note_changed_inputs(plan, sources, dst, storage_options, cfg, log)
     if plan is None:
+        # fingerprinted before reading: a list rewritten meanwhile reads as changed on the next run, never as current
+        inputs = input_fingerprint.fingerprint_inputs(sources, storage_options, cfg.allow_private_network)
         drops: Counter = Counter()
         seen = versions.seen_urls(seen_from, storage_options) if seen_from else None
         with BackgroundFetcher(cfg.fetch_config()) as fetcher:
@@ -54,7 +60,7 @@ def plan_inputs(
                 log.info("incremental: %d URLs already attempted by %s", len(seen), seen_from)
                 records = plans.skip_seen(records, seen, drops, versions.SEEN_URL)
             parts = plans.write_partitions(records, dst, cfg.shard_size, start_index, storage_options)
-        plan = plans.new_plan(parts, drops, sources)
+        plan = plans.new_plan(parts, drops, sources, inputs)
         plan["settings"] = plan_settings(cfg)  # a rerun with other image settings or policy is refused
         plans.save_plan(dst, plan, storage_options)
         log.info("planned %d records in %d partitions; extraction drops: %s", plan["records"], len(parts), dict(drops))
@@ -75,6 +81,22 @@ def plan_inputs(
         plans.save_plan(dst, plan, storage_options)
         log.info("retry %d: %d transient failures into %d new shards", n, len(retry), len(parts))
     return plan
+
+
+def _note_changed_inputs(plan: dict, sources: list[dict], dst: str, so: dict | None, cfg: ScrapeConfig, log) -> None:
+    """Log that an unfinished version's input changed since it was planned: it is finished with the records it
+    planned, and the next incremental run plans the new contents (their URLs not seen before)."""
+    if not sources or not plan.get("inputs"):
+        return
+    now = input_fingerprint.fingerprint_inputs(sources, so, cfg.allow_private_network)
+    changed = input_fingerprint.changed_input(plan["inputs"], now)
+    if changed is not None:
+        log.warning(
+            "%s was planned from other contents of %s: finished as planned; the next incremental run adds the new "
+            "records",
+            dst,
+            changed,
+        )
 
 
 @task(
@@ -138,7 +160,7 @@ def scrape_flow(
                 check_version_settings(storage.read_json_object(parent, storage_options), scfg, target.root)
             log.info("incremental: version %d at %s, parent %s", target.number, dst, parent or "none")
         seen_from, start = (target.parent, target.start_index) if target is not None else (None, 0)
-        plan = plan_inputs(dst, sources, cfg_json, storage_options, retry_failed, seen_from, start)
+        plan = plan_inputs(dst, sources, cfg_json, storage_options, retry_failed, seen_from, start, incremental)
         shards.clean_temporaries(dst, storage_options)
         nproc = processes or scfg.processes
         futures = [

@@ -39,6 +39,8 @@ class StageContext:
     runs: dict[str, str] = field(default_factory=dict)  # "clip" | "vae" | "ldm" -> model folder
     run_fps: dict[str, str] = field(default_factory=dict)  # same keys -> fingerprint
     heldout: str | None = None  # demo scenes with true labels (demo-site recipes on local disk)
+    previous: object = None  # RunState of the version this run's version adds no samples to (its outputs reused)
+    reused: dict[str, str] = field(default_factory=dict)  # stage -> the version whose output it reuses
 
     def log(self, msg: str, *args) -> None:
         """Log through Prefect's run logger."""
@@ -58,6 +60,25 @@ class StageContext:
                 return f
         return None
 
+    def reuse(self, stage: str, fp: str, output: str, done_file: str) -> str | None:
+        """Where the previous version finished ``stage`` under ``fp``, when this run's version adds no samples to it
+        (the same data): recorded in this version's state as reused, and read only, never written. None otherwise:
+        no such version, other settings there (another fingerprint), or that stage never finished there."""
+        if self.previous is None:
+            return None
+        entry = self.previous.stages.get(stage)
+        if not entry or entry.get("fingerprint") != fp:
+            return None
+        where = self.previous.output_of(entry)
+        done = where if done_file == output else storage.join(where, done_file[len(output.rstrip("/")) + 1 :])
+        if self.previous.current(stage, fp, where, done) is None:
+            return None
+        version = entry.get("reused_from") or os.path.basename(self.previous.out.rstrip("/"))
+        self.reused[stage] = version
+        self.result.metrics[stage] = entry.get("metrics", {})
+        self.state.record(stage, fp, where, entry.get("metrics", {}), reused_from=version)
+        return where
+
     def begin(self, stage: str, fp: str, output: str, legacy: tuple[str, ...] = ()) -> None:
         """Before running ``stage``: set aside what another recipe setting or input left in ``output``."""
         moved = self.state.begin(stage, fp, output, legacy)
@@ -76,14 +97,19 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
     """
     from flows.run import RunState, fingerprint, resolved_sources
     from flows.scrape import run_scrape
+    from pipeline.input_fingerprint import fingerprint_inputs
 
     r = ctx.recipe
     dst = storage.join(ctx.out, "scraped")
     ctx.datasets["scraped"] = dst
     ctx.result.datasets["scrape"] = dst
     sources = [s.model_dump(mode="json") for s in r.sources]
-    fp = fingerprint("scrape", sources, scrape_identity(r.scrape))
+    # what the input files hold now: a list rewritten at the same path rebuilds the scrape and what follows it
+    inputs = fingerprint_inputs(sources, ctx.so, r.scrape.allow_private_network)
+    fp = fingerprint("scrape", sources, scrape_identity(r.scrape), *([inputs] if inputs else []))
     legacy = (fingerprint("scrape", sources, r.scrape.model_dump(mode="json")),)
+    if inputs:  # recorded before input contents were fingerprinted: current (preflight compared the plan's record)
+        legacy += (fingerprint("scrape", sources, scrape_identity(r.scrape)),)
     if storage.is_local(ctx.out):
         gt = os.path.join(ctx.out, "demo-site-ground-truth.jsonl")
         ctx.result.ground_truth = gt if os.path.exists(gt) else None
@@ -107,18 +133,37 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
     st = manifest["stats"]
     metrics = {"records": st["seen"], "images": st["kept"], "shards": len(manifest["shards"])}
     metrics["dropped"] = st["dropped"]
+    data_fp = None
     if incremental:  # the rest of this run belongs to the new version
         version = f"v{int(manifest['version']):04d}"
         metrics.update(version=version, samples_in_version=manifest.get("total_samples"))
         fp = fingerprint(fp, manifest["dataset"])
         ctx.datasets["scraped"] = ctx.result.datasets["scrape"] = manifest["dataset"]
+        data_fp = _same_data_as_previous(ctx, manifest)
         ctx.out = storage.join(ctx.out, "versions", version)
         ctx.result.models = os.path.join(ctx.result.models, "versions", version)  # runs are per version too
         ctx.state = RunState(ctx.out, ctx.so)
     ctx.result.metrics["scrape"] = metrics
-    ctx.state.record("scrape", fp, ctx.datasets["scraped"], metrics)
+    same = {"data_fingerprint": data_fp, "same_data_as": os.path.basename(ctx.previous.out)} if data_fp else {}
+    ctx.state.record("scrape", fp, ctx.datasets["scraped"], metrics, **same)
     _held_out(ctx)
-    return fp
+    return data_fp or fp
+
+
+def _same_data_as_previous(ctx: StageContext, manifest: dict) -> str | None:
+    """When the new version adds no samples, its data as a whole is the previous version's: returns the scrape
+    fingerprint that version's later stages were built from (so equal settings give equal fingerprints, and
+    :meth:`StageContext.reuse` finds their outputs) and sets ``ctx.previous``; None otherwise."""
+    from flows.run import RunState
+
+    if manifest["samples"] or not manifest.get("parent"):
+        return None
+    previous = RunState(storage.join(ctx.out, "versions", f"v{int(manifest['version']) - 1:04d}"), ctx.so)
+    entry = previous.stages.get("scrape")
+    if not entry or "finished_at" not in entry:
+        return None
+    ctx.previous = previous
+    return entry.get("data_fingerprint") or entry["fingerprint"]
 
 
 SPEED_SETTINGS = ("processes", "concurrency", "per_host_concurrency", "per_host_rate", "connect_timeout",
@@ -186,6 +231,11 @@ def curate_stage(ctx: StageContext, fps: dict) -> str:
         ctx.result.artifacts["review report"] = report
     if (done := ctx.skip("curate", fp, dst, storage.join(dst, "manifest.json"), legacy)) is not None:
         return done
+    if (earlier := ctx.reuse("curate", fp, dst, storage.join(dst, "manifest.json"))) is not None:
+        ctx.datasets["curated"] = ctx.result.datasets["curate"] = earlier
+        if report:
+            ctx.result.artifacts["review report"] = storage.join(earlier, "review", "index.html")
+        return fp
     m = run_curate(
         ctx.datasets["scraped"],
         dst,
@@ -239,6 +289,9 @@ def encode_stage(ctx: StageContext, fps: dict) -> str:
     legacy = (fingerprint("encode", encode_identity(e), upstream, ctx.run_fps.get("vae"), ctx.run_fps.get("clip")),)
     if (done := ctx.skip("encode", fp, dst, storage.join(dst, "manifest.json"), legacy)) is not None:
         return done
+    if (earlier := ctx.reuse("encode", fp, dst, storage.join(dst, "manifest.json"))) is not None:
+        ctx.datasets["latents"] = ctx.result.datasets["encode"] = earlier
+        return fp
     ctx.begin("encode", fp, dst, legacy)
     m = run_encode(
         src,
@@ -325,9 +378,12 @@ def train_stage(ctx: StageContext, phase: str, fps: dict) -> None:
         fp = fingerprint(name, run.model_dump(mode="json"), fps.get(data_kind, data), deps)
         if data_kind not in DATA_KINDS:  # outside data: what it is now (a versioned root's latest version, say)
             fp = fingerprint(fp, external_data_identity(data, ctx.so))
+        finished = os.path.join(out_dir, FINISHED_FILE[run.kind])
+        done = ctx.skip(name, fp, out_dir, finished)
+        if done is None and (earlier := ctx.reuse(name, fp, out_dir, finished)) is not None:
+            out_dir, done = earlier, fp
         ctx.result.artifacts[f"{run.kind} model"] = out_dir
         ctx.result.artifacts[f"{run.kind} TensorBoard logs"] = os.path.join(out_dir, "tensorboard")
-        done = ctx.skip(name, fp, out_dir, os.path.join(out_dir, FINISHED_FILE[run.kind]))
         ctx.runs[run.kind], ctx.run_fps[run.kind] = out_dir, done or fp
         if done is not None:
             continue
@@ -374,6 +430,9 @@ def generate_stage(ctx: StageContext, fps: dict) -> None:
     fp = fingerprint("generate", g.model_dump(mode="json"), ctx.run_fps["ldm"])
     if ctx.skip("generate", fp, png, png):
         return
+    if (earlier := ctx.reuse("generate", fp, png, png)) is not None:
+        ctx.result.artifacts["sample grid"] = earlier
+        return
     evaluate_with = None
     if g.evaluate and has_demo_site(ctx.recipe) and ctx.heldout:
         evaluate_with = {"heldout": ctx.heldout, "clip": ctx.runs.get("clip")}
@@ -383,6 +442,23 @@ def generate_stage(ctx: StageContext, fps: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- report
+
+REUSED_WHAT = {"curate": "curated data", "encode": "latents", "generate": "sample grid"}  # else "models"
+
+
+def note_reused(ctx: StageContext) -> None:
+    """Say, in one line (logged, and in the result), which earlier version's outputs an empty version reuses."""
+    if not ctx.reused:
+        return
+    named = {REUSED_WHAT.get(stage, "models") for stage in ctx.reused}
+    what = [w for w in ("curated data", "latents", "models", "sample grid") if w in named]  # in the order built
+    listed = ", ".join(what[:-1]) + f" and {what[-1]}" if len(what) > 1 else what[0]
+    owners = " and ".join(f"{v}'s" for v in dict.fromkeys(ctx.reused.values()))
+    version = os.path.basename(ctx.out.rstrip("/"))
+    line = f"{version} adds no samples: {listed} {'are' if len(what) > 1 else 'is'} {owners}"
+    ctx.result.reused = dict(ctx.reused)
+    ctx.result.notes.append(line)
+    get_run_logger().warning(line)  # a warning so the console shows it (run logs print from WARNING up)
 
 
 def write_run_report(ctx: StageContext) -> None:
@@ -397,12 +473,14 @@ def write_run_report(ctx: StageContext) -> None:
             lineage[kind] = None
     doc = {**res.to_dict(), "lineage": lineage, "code_version": ctx.code}
     lines = [f"# Run report: {ctx.recipe.name}", "", f"Output: `{res.output}`; models: `{res.models}`", ""]
+    lines += [*res.notes, ""] if res.notes else []
     lines += ["| stage | output | metrics |", "|---|---|---|"]
     outputs = {**res.datasets, **{k: v for k, v in res.artifacts.items() if k.endswith(" model")}}
     for stage, m in res.metrics.items():
         key = stage.removeprefix("train ").split()[0]
         where = outputs.get(stage) or outputs.get(f"{key} model") or ""
         skipped = " (skipped: current)" if stage in res.skipped else ""
+        skipped = f" (reused: {res.reused[stage]}'s)" if stage in res.reused else skipped
         lines.append(f"| {stage}{skipped} | `{where}` | {json.dumps(m, default=str)} |")
     lines += ["", "## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in res.artifacts.items()]
     lines += ["", "## Lineage (each dataset's parent manifest)", ""]

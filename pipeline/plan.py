@@ -128,13 +128,15 @@ def read_partition(url: str, storage_options: dict | None = None) -> list[dict]:
     return rows
 
 
-def new_plan(partitions: list[dict], extraction: Counter, sources: list[dict]) -> dict:
-    """The plan.json document."""
+def new_plan(partitions: list[dict], extraction: Counter, sources: list[dict], inputs: dict | None = None) -> dict:
+    """The plan.json document; ``inputs``: the input files' fingerprints when planned (``pipeline.input_fingerprint``),
+    which a rerun compares so that a list rewritten at the same path is not resumed as the old one."""
     return {
         "partitions": partitions,
         "records": sum(p["records"] for p in partitions),
         "extraction": dict(sorted(extraction.items(), key=lambda kv: (-kv[1], kv[0]))),
         "sources": sources,
+        "inputs": inputs or {},
     }
 
 

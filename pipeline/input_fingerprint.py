@@ -1,0 +1,122 @@
+"""What a scrape's file-backed inputs hold now: one fingerprint per URL list, WARC/WAT path or local HF folder.
+
+A plan records them (``plan["inputs"]``) and the recipe runner folds them into the scrape's fingerprint, so a list
+rewritten at the same path is not taken for the one a dataset was planned from. Crawled sites, the demo site and
+hub datasets have no file to read here and are not fingerprinted (their plan compares as before).
+
+Small files (URL lists, most WAT files) are fingerprinted by the sha256 of their bytes, so touching one without
+changing it changes nothing. Files over ``HASH_LIMIT`` (Common Crawl WARCs are ~1 GB; big parquet lists) are
+fingerprinted by size plus the store's cheap identity (ETag on object stores and HTTP, mtime on disk): hashing
+them would read every byte on each rerun, and a rewrite changes size or stamp anyway (a mere touch of such a
+file reads as a change, which is the price). Reads go through the same guarded fsspec options as the sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+HASH_LIMIT = 64 << 20  # bytes: files up to this size are hashed, bigger ones identified by size and stamp
+READ_BYTES = 1 << 20
+STAMP_KEYS = ("ETag", "etag", "mtime", "LastModified", "Last-Modified")
+
+
+def input_paths(source: dict) -> list[str]:
+    """The file-backed inputs of one source mapping, as the source names them (patterns unexpanded)."""
+    kind = source.get("kind")
+    if kind == "url_list":
+        return [source["path"]]
+    if kind == "warc":
+        return list(source["paths"])
+    if kind == "hf_dataset" and os.path.isdir(str(source.get("name"))):  # a hub id is not a file here
+        return [source["name"]]
+    return []
+
+
+def fingerprint_inputs(
+    sources: list[dict], storage_options: dict | None = None, allow_private: bool = False, remote: bool = True
+) -> dict[str, str]:
+    """``{input path: fingerprint}`` of the sources' file-backed inputs as they are now.
+
+    An input that cannot be read now (gone, refused, no format) is left out, as unknown: the scrape itself says
+    what is wrong with it. ``remote=False`` leaves out inputs that are not on local disk (a caller without the
+    storage options to read them).
+    """
+    out: dict[str, str] = {}
+    for source in sources:
+        for path in input_paths(source):
+            if not remote and "://" in path and not path.startswith("file://"):
+                continue
+            try:
+                out[path] = _path_fingerprint(source, path, storage_options, allow_private)
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def changed_input(saved: dict | None, now: dict[str, str]) -> str | None:
+    """The first input whose recorded fingerprint differs from ``now``; None when none does or none is recorded."""
+    for path, fp in (saved or {}).items():
+        if path in now and now[path] != fp:
+            return path
+    return None
+
+
+def changed_message(dst: str, path: str) -> str:
+    """The one line refusing to resume ``dst`` after ``path`` was rewritten."""
+    return (
+        f"{dst} was planned from other contents of {path} (it changed since): use another --out to scrape its new "
+        "contents (an incremental run, --incremental into a versioned output, adds each change as a new version)"
+    )
+
+
+def _path_fingerprint(source: dict, path: str, storage_options: dict | None, allow_private: bool) -> str:
+    from pipeline.shards import expand_urls
+    from pipeline.sources.records import guarded_options, refusals_as_errors
+
+    parts = []
+    for pattern in expand_urls(path):
+        opts = guarded_options(pattern, storage_options, allow_private)
+        with refusals_as_errors(pattern):
+            parts += [(f, file_fingerprint(f, opts)) for f in _files(source, pattern, opts)]
+    if len(parts) == 1 and parts[0][0] == path:
+        return parts[0][1]
+    return "files:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _files(source: dict, path: str, opts: dict) -> list[str]:
+    """``path`` itself, or the files of a directory the source reads (a URL list's ``*.<format>``, a folder)."""
+    import fsspec
+
+    fs, fs_path = fsspec.core.url_to_fs(path, **opts)
+    if not fs.isdir(fs_path):
+        return [path]
+    if source.get("kind") == "url_list":
+        from pipeline.sources.url_list import infer_format
+
+        fmt = source.get("input_format") or infer_format(path)
+        found = fs.glob(fs_path.rstrip("/") + "/*." + fmt)
+    else:
+        found = fs.find(fs_path)
+    return [fs.unstrip_protocol(f) for f in sorted(found)]
+
+
+def file_fingerprint(url: str, opts: dict) -> str:
+    """``sha256:<hex>`` of a file's bytes, or ``size:<n>;stamp:<etag or mtime>`` for one over ``HASH_LIMIT``."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    try:
+        info = fs.info(path)
+    except (OSError, ValueError):  # an HTTP server that answers no HEAD: read it, as the source will
+        info = {}
+    size = info.get("size")
+    if size is not None and size > HASH_LIMIT:
+        stamp = next((str(info[k]) for k in STAMP_KEYS if info.get(k)), "")
+        return f"size:{size};stamp:{stamp}"
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(READ_BYTES):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
