@@ -54,6 +54,7 @@ TRANSIENT = frozenset({"timeout", "stalled", "connection_error", "http_429"})  #
 CHUNK_BYTES = 256 * 1024  # read size for response bodies
 ROBOTS_CACHE_SIZE = 100_000  # origins whose robots.txt is kept
 ROBOTS_RETRY_SECONDS = 60.0  # a robots.txt that could not be fetched (5xx, 429, network) is fetched again after this
+ROBOTS_MAX_AGE_SECONDS = 24 * 3600.0  # a fetched one is kept at most this long (RFC 9309 2.4: no more than 24 hours)
 _ACCEPT = {
     "image": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5",
     "page": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.5",
@@ -457,11 +458,12 @@ class Fetcher:
         return None if rules.allowed(url.raw_path_qs) else ("robots_disallowed", "robots.txt disallows this path")
 
     async def _load_robots(self, url: URL) -> tuple[RobotsRules, tuple[str, str] | None]:
-        """Fetch and parse robots.txt of ``url``'s origin; a failure is kept for ``ROBOTS_RETRY_SECONDS`` only."""
+        """Fetch and parse robots.txt of ``url``'s origin; a failure is kept for ``ROBOTS_RETRY_SECONDS`` only, the
+        rules for ``ROBOTS_MAX_AGE_SECONDS`` (a long crawl follows a site's changed robots.txt)."""
         result = await self._fetch(str(url.origin().with_path("/robots.txt")), "robots")
         rules, failure = _robots_outcome(result)
-        if failure is not None:
-            self._robots_expiry[_origin(url)] = asyncio.get_running_loop().time() + ROBOTS_RETRY_SECONDS
+        keep = ROBOTS_RETRY_SECONDS if failure is not None else ROBOTS_MAX_AGE_SECONDS
+        self._robots_expiry[_origin(url)] = asyncio.get_running_loop().time() + keep
         return rules, failure
 
 

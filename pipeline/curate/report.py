@@ -55,7 +55,8 @@ def thumbnail(data: bytes) -> str:
 
 
 def load_thumbnails(srcs: dict[str, str], table, keys: set[str], storage_options: dict | None = None) -> dict:
-    """key -> data URI for the wanted keys, reading only the source shards that hold them."""
+    """key -> data URI for the wanted keys, reading only the source shards that hold them, each only as far as its
+    last wanted sample (a report shows a few dozen cards; a web-scale shard holds thousands of images)."""
     out = {}
     want = table[table["key"].isin(keys)]
     for stem in dict.fromkeys(want["shard"]):
@@ -63,12 +64,15 @@ def load_thumbnails(srcs: dict[str, str], table, keys: set[str], storage_options
         for s in shards.iter_samples(srcs[stem], storage_options, decode=False):
             key = shards.without_lone_surrogates(s["__key__"])  # as the score table has it
             if key in wanted:
+                wanted.discard(key)
                 img = shards.first_image(s)
                 if img is not None:
                     try:
                         out[key] = thumbnail(img)
                     except Exception:  # an undecodable image shows as a caption-only card
                         pass
+                if not wanted:
+                    break
     return out
 
 

@@ -444,6 +444,24 @@ def test_a_failed_robots_fetch_expires_but_a_fetched_one_stays_cached(fresh, mon
     assert hits == [1, 2]
 
 
+def test_a_fetched_robots_txt_is_fetched_again_after_its_max_age(fresh, monkeypatch):
+    monkeypatch.setattr(fetch_module, "ROBOTS_MAX_AGE_SECONDS", 0.3)  # 24 hours in a crawl (RFC 9309 2.4)
+
+    async def go():
+        statuses = []
+        async with Fetcher(FAST) as f:
+            statuses.append((await f.fetch(fresh.url("/private/a.png"))).status)  # no robots.txt yet: allowed
+            fresh.set_robots(ROBOTS_DISALLOW_PRIVATE)
+            statuses.append((await f.fetch(fresh.url("/private/a.png?2"))).status)  # the cached one still rules
+            await asyncio.sleep(0.4)
+            statuses.append((await f.fetch(fresh.url("/private/a.png?3"))).status)  # aged out: the site's new one
+        return statuses, fresh.hits("/robots.txt")
+
+    statuses, hits = asyncio.run(go())
+    assert statuses[1:] == [statuses[0], "robots_disallowed"] and statuses[0] != "robots_disallowed"
+    assert hits == 2
+
+
 def test_robots_redirect_followed(fresh):
     fresh.route("/robots.txt", lambda ex: ex.redirect("/real-robots.txt", 301))
     fresh.add("/real-robots.txt", ROBOTS_DISALLOW_PRIVATE, content_type="text/plain")

@@ -10,7 +10,7 @@ import pytest
 from pipeline.curate.scorer import load_scorer
 from pipeline.curate.stage import curate_dataset
 from pipeline.recipe import CurateSection
-from tests.pipeline.curate.helpers import jpeg, make_tiny_clip, write_dataset
+from tests.pipeline.curate.helpers import COLS, jpeg, make_tiny_clip, write_dataset
 
 CHROMIUM = next(
     (
@@ -107,3 +107,26 @@ def test_screenshot_is_kept_as_an_artifact(report):
     assert run.returncode == 0, run.stderr[-2000:]
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_thumbnails_read_a_shard_only_as_far_as_its_last_wanted_sample(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from pipeline import shards
+    from pipeline.curate import report as report_module
+
+    samples = [{"key": f"k{i:03d}", "jpg": jpeg(COLS[i % 4], noise_seed=i), "caption": f"c{i}"} for i in range(40)]
+    root = write_dataset(str(tmp_path / "src"), [samples])
+    read = []
+
+    def counting(url, *args, **kwargs):
+        for s in original(url, *args, **kwargs):
+            read.append(s["__key__"])
+            yield s
+
+    original = shards.iter_samples
+    monkeypatch.setattr(shards, "iter_samples", counting)
+    table = pd.DataFrame({"key": [s["key"] for s in samples], "shard": ["000000"] * 40})
+    thumbs = report_module.load_thumbnails({"000000": f"{root}/000000.tar"}, table, {"k004", "k011"})
+    assert sorted(thumbs) == ["k004", "k011"] and all(v.startswith("data:image/jpeg;base64,") for v in thumbs.values())
+    assert read == [f"k{i:03d}" for i in range(12)]  # stopped after k011, not at the shard's 40th sample
