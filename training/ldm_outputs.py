@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 
 from training import distributed
-from training.loop import write_json
+from training.loop import window_row, write_json
 from training.models.pipeline import default_scheduler_config
 from training.objectives import NUM_TRAIN_TIMESTEPS
 
@@ -89,17 +88,7 @@ def export_model(
 
 def log_row(window: dict, step: int, lr: float, global_batch: int, train_seconds: float, dist) -> dict:
     """One log row from a window of steps: loss (all ranks), loss per timestep bucket, samples/s, data-wait share."""
-    if dist.device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - window["t"]
-    row = {
-        "step": step,
-        "loss": distributed.mean_over_ranks(float(window["loss"]) / window["steps"], dist.device),
-        "lr": lr,
-        "samples_per_s": global_batch * window["steps"] / elapsed,
-        "data_wait": window["data"] / elapsed,  # fraction of the time spent waiting for batches
-        "train_seconds": round(train_seconds, 2),
-    }
+    row = window_row(window, step, lr, global_batch, train_seconds, dist.device)
     sums = distributed.all_gather_object((window["sum"].tolist(), window["n"].tolist()))
     width = NUM_TRAIN_TIMESTEPS // N_BUCKETS
     for b in range(N_BUCKETS):

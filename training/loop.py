@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -161,6 +162,23 @@ class DivergenceWatch:
                 f"diverged weights was saved: lower --lr (now {lr:g}) and resume from the last checkpoint"
             )
         self.checked_step = step
+
+
+def window_row(window: dict, step: int, lr: float, global_batch: int, train_seconds: float, device, **extra) -> dict:
+    """The log row for a window of steps: the loss (mean over ranks), then ``extra`` (a trainer's own measures),
+    the learning rate, samples/s, the share of time spent waiting for batches, and the training time so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - window["t"]
+    return {
+        "step": step,
+        "loss": distributed.mean_over_ranks(float(window["loss"]) / window["steps"], device),
+        **extra,
+        "lr": lr,
+        "samples_per_s": global_batch * window["steps"] / elapsed,
+        "data_wait": window["data"] / elapsed,
+        "train_seconds": round(train_seconds, 2),
+    }
 
 
 def warmup_cosine(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:

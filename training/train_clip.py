@@ -275,18 +275,8 @@ def train(cfg: ClipTrainConfig) -> dict:
 
         if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or stop:
             watch.check(step, cfg.lr)
-            if dist.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - window["t"]
-            row = {
-                "step": step,
-                "loss": distributed.mean_over_ranks(float(window["loss"]) / window["steps"], dist.device),
-                "logit_scale": float(raw_model.logit_scale.detach().exp()),
-                "lr": lr,
-                "samples_per_s": global_batch * window["steps"] / elapsed,
-                "data_wait": window["data"] / elapsed,  # fraction of step time spent waiting for batches
-                "train_seconds": round(train_seconds, 2),
-            }
+            scale = float(raw_model.logit_scale.detach().exp())
+            row = loop.window_row(window, step, lr, global_batch, train_seconds, dist.device, logit_scale=scale)
             history["train"].append(row)
             if dist.is_main:
                 for k, v in row.items():

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+from tests.training.test_train_clip import base_cfg
 from training.loop import DivergenceWatch
 from training.synthetic import write_demo_shards
-from training.train_clip import ClipTrainConfig, train
+from training.train_clip import train
 
 torch.set_num_threads(1)
 
@@ -36,23 +37,8 @@ def test_the_watch_is_off_where_a_grad_scaler_skips_bad_steps():
 
 def test_a_diverging_clip_run_stops_before_saving_or_exporting_diverged_weights(tmp_path):
     write_demo_shards(str(tmp_path / "train"), 48, seed=0, size=32, per_shard=48)
-    out = tmp_path / "run"
-    cfg = ClipTrainConfig(
-        data=str(tmp_path / "train"),
-        out=str(out),
-        model="micro",
-        steps=6,
-        batch_size=8,
-        lr=1e30,  # one AdamW step makes every weight ~1e30: the next forward pass overflows
-        warmup_steps=1,
-        grad_clip=0,
-        workers=1,
-        shuffle_buffer=8,
-        log_every=1,
-        save_every=1,
-        threads=1,
-        progress=False,
-    )
+    out = tmp_path / "run"  # one AdamW step at lr 1e30 makes every weight ~1e30: the next forward pass overflows
+    cfg = base_cfg(tmp_path, out, lr=1e30, warmup_steps=1, grad_clip=0, workers=1, shuffle_buffer=8, save_every=1)
     with pytest.raises(ValueError, match=r"^step 2: the loss became NaN or infinite after step 1; nothing from"):
         train(cfg)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000001"]
