@@ -14,6 +14,7 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -136,32 +137,51 @@ def stop_before_start(cfg, step: int, train_seconds: float, is_main: bool) -> bo
 
 class DivergenceWatch:
     """Notices a NaN or infinite loss without a per-step device sync, and stops the run before anything is logged,
-    saved or sampled from diverged weights: the last checkpoint stays the last finite one.
+    evaluated, saved or sampled from diverged weights.
 
-    ``see`` after every loss (a tensor OR, no sync); ``check`` where the loop would write (every rank at the same
-    steps: it is one collective). Off under fp16, whose GradScaler already skips the steps with inf/NaN gradients.
+    ``see`` after every loss (a tensor OR, no sync). ``check`` where the loop would write, on every rank at the same
+    steps (it is one collective): given a ``probe`` (the loss of the current weights on the last batch, no grad),
+    it also catches the update that ruined the weights after the last finite training loss, so the checkpoint or
+    export about to be written is refused rather than named as the one to resume from. Off under fp16, whose
+    GradScaler already skips the steps with inf/NaN gradients.
     """
 
     def __init__(self, device: torch.device, enabled: bool = True):
         self.device, self.enabled = device, enabled
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.checked_step = 0
+        self.checked_step = 0  # the last step whose weights passed a probe (a resumed run: its checkpoint's)
 
     def see(self, loss: torch.Tensor) -> None:
         """Remember whether ``loss`` is NaN or infinite."""
         if self.enabled:
             self.bad |= ~torch.isfinite(loss.detach()).all()
 
-    def check(self, step: int, lr: float) -> None:
-        """One-line ``ValueError`` on every rank if any rank saw a non-finite loss since the run (re)started."""
+    def check(self, step: int, lr: float, probe: Callable[[], torch.Tensor | None] | None = None) -> None:
+        """One-line ``ValueError`` on every rank if any rank saw a non-finite loss since the last check."""
         if not self.enabled:
             return
+        probed = probe is not None and (loss := probe()) is not None
+        if probed:
+            self.see(loss)
         if distributed.mean_over_ranks(float(self.bad), self.device) > 0:
             raise ValueError(
                 f"step {step}: the loss became NaN or infinite after step {self.checked_step}; nothing from the "
                 f"diverged weights was saved: lower --lr (now {lr:g}) and resume from the last checkpoint"
             )
-        self.checked_step = step
+        if probed:  # the weights themselves passed, not only the losses of the updates that made them
+            self.checked_step = step
+
+
+def probe_loss(module: torch.nn.Module, device: torch.device, amp_dtype, loss_fn: Callable[[], torch.Tensor]):
+    """``loss_fn()`` with ``module`` in eval mode, without grad, under the run's autocast, and the RNG left as it was:
+    a divergence probe must not change what training draws next (exact resume)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        module.eval()
+        try:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                return loss_fn()
+        finally:
+            module.train()
 
 
 def window_row(window: dict, step: int, lr: float, global_batch: int, train_seconds: float, device, **extra) -> dict:

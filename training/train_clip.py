@@ -173,10 +173,18 @@ def train(cfg: ClipTrainConfig) -> dict:
             print(
                 f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (data from epoch {position.epoch})")
             )
+    watch.checked_step = step
     if dist.distributed:
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
     raw_model = getattr(model, "module", model)
+    last_batch: list = []  # the last micro-batch, for the divergence probe
+
+    def probe() -> torch.Tensor | None:  # the loss of the current weights on the last batch
+        if not last_batch:
+            return None
+        return loop.probe_loss(raw_model, dist.device, amp_dtype, lambda: clip_loss(*raw_model(*last_batch)))
+
     loader = make_loader(
         plan, loader_cfg, dist.rank, make_clip_map(cfg.model, cfg.min_crop_scale, cfg.grayscale_p), position
     )
@@ -197,6 +205,7 @@ def train(cfg: ClipTrainConfig) -> dict:
                     print(f"held-out samples skipped: {dict(eval_set.errors)}")
 
     def run_eval() -> None:
+        watch.check(step, cfg.lr, probe)
         done = history["eval"] and history["eval"][-1]["step"] == step  # a finished run relaunched: evaluated
         if eval_set is not None and not done:
             metrics = evaluate_clip(raw_model, tokenizer, eval_set, demo_tasks(), dist.device)
@@ -214,7 +223,7 @@ def train(cfg: ClipTrainConfig) -> dict:
         distributed.barrier()
 
     def save() -> None:
-        watch.check(step, cfg.lr)
+        watch.check(step, cfg.lr, probe)
         data = distributed.all_gather_object(position.to_dict())
         if dist.is_main:
             state = {
@@ -259,6 +268,7 @@ def train(cfg: ClipTrainConfig) -> dict:
                 scaler.scale(loss / cfg.accum_steps).backward()
             window["loss"] += loss.detach() / cfg.accum_steps
             watch.see(loss)
+            last_batch[:] = [images, texts]
         scaler.unscale_(optimizer)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -253,6 +253,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         position, same_layout = DataPosition.resumed(doc, dist.rank, dist.world_size, cfg.workers, data_plan)
         if dist.is_main:
             print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (epoch {position.epoch})"))
+    watch.checked_step = step
     ddp = None
     net = unet if text is None else TextTunedUNet(unet, text)  # one module: DDP averages both towers' gradients
     if dist.distributed:
@@ -290,8 +291,20 @@ def train(cfg: LdmTrainConfig) -> dict:
             else:
                 print("no VAE or text encoder known (--vae / --text-encoder, or the latent manifest): no image grids")
 
+    last_batch: list = []  # the last micro-batch, for the divergence probe
+
+    def probe() -> torch.Tensor | None:  # the loss of the current weights on the last batch
+        if not last_batch:
+            return None
+        noisy, t, cond, x0, noise = last_batch
+
+        def loss() -> torch.Tensor:
+            return diffusion_loss(net(noisy, t, **cond).sample, x0, noise, t, abar, cfg.prediction)[0]
+
+        return loop.probe_loss(net, dist.device, amp_dtype, loss)
+
     def grid() -> None:
-        watch.check(step, cfg.lr)
+        watch.check(step, cfg.lr, probe)
         if pipe is not None:
             if ema_text is not None:  # the tuned tower's own empty prompt
                 pipe.empty_emb = pipe.text_encoder.empty().float()
@@ -299,7 +312,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         distributed.barrier()
 
     def save() -> None:
-        watch.check(step, cfg.lr)
+        watch.check(step, cfg.lr, probe)
         data = distributed.all_gather_object(position.to_dict())
         if dist.is_main:
             state = {
@@ -360,6 +373,7 @@ def train(cfg: LdmTrainConfig) -> dict:
                 loss, per_sample = diffusion_loss(pred, x0, noise, t, abar, cfg.prediction, cfg.min_snr_gamma)
                 scaler.scale(loss / cfg.grad_accum).backward()
             watch.see(loss)
+            last_batch[:] = [noisy, t, cond, x0, noise]
             window["loss"] += loss.detach() / cfg.grad_accum
             bucket = t * N_BUCKETS // NUM_TRAIN_TIMESTEPS
             window["sum"].index_add_(0, bucket, per_sample.double())

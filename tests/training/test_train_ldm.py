@@ -147,9 +147,9 @@ def test_loss_decreases(env, tmp_path):
 
 def test_a_diverging_run_stops_before_saving_or_exporting_diverged_weights(env, tmp_path):
     out = tmp_path / "run"  # one AdamW step at lr 1e30 makes every weight ~1e30: the next forward pass overflows
-    with pytest.raises(ValueError, match=r"^step 2: the loss became NaN or infinite after step 1; nothing from"):
+    with pytest.raises(ValueError, match=r"^step 1: the loss became NaN or infinite after step 0; nothing from"):
         train(base_cfg(env["root"] / "lat", out, lr=1e30, warmup=1, clip_grad=0, save_every=1))
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())  # step 1's update diverged
     assert not (out / "unet").exists() and not (out / "model_index.json").exists()
 
 
