@@ -7,10 +7,10 @@ bytes, whatever the name.
 Old ARC files are not read (counted as ``warc_bad_record``).
 
 Counted in ``drops`` besides the per-image reasons of ``html.py`` (and ``duplicate`` across one file's pages):
-``not_html`` (a response that is not an HTML page), ``page_http_<code>`` (a non-2xx response), ``page_opt_out``
-(per image, meta robots or X-Robots-Tag noai / noimageai), ``warc_bad_record`` (a record that cannot be read:
-skipped; or a corrupt stream: reading stops), ``warc_truncated`` (the file ends early: the records read so far
-are kept, the cut record is dropped).
+``not_html`` (a response that is not an HTML page), ``page_http_<code>`` (a response other than 200 or 203, as a
+live fetch counts them), ``page_opt_out`` (per image, meta robots or X-Robots-Tag noai / noimageai),
+``warc_bad_record`` (a record that cannot be read: skipped; or a corrupt stream: reading stops), ``warc_truncated``
+(the file ends early: the records read so far are kept, the cut record is dropped).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import fsspec
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
+from pipeline.fetch import OK_CODES
 from pipeline.robots import opt_out
 from pipeline.sources.html import (
     ExtractConfig,
@@ -119,7 +120,7 @@ def wat_records(meta: dict, drops: Counter, cfg: ExtractConfig, seen: SeenPairs)
         drops["not_html"] += 1
         return []
     status = str(http.get("Response-Message", {}).get("Status", "200")).strip()
-    if not status.startswith("2"):
+    if not (status.isdigit() and int(status) in OK_CODES):
         drops[f"page_http_{status}"] += 1
         return []
     html_meta = http.get("HTML-Metadata")
@@ -158,7 +159,7 @@ def _records_of(record, drops: Counter, cfg: ExtractConfig, seen: SeenPairs) -> 
         return wat_records(json.loads(record.content_stream().read()), drops, cfg, seen)
     if rec_type == "response" and record.http_headers is not None:
         status = _http_status(record)
-        if status is not None and not 200 <= status < 300:
+        if status is not None and status not in OK_CODES:  # a 204 or 206 body is no whole page either
             drops[f"page_http_{status}"] += 1
             return []
         if _media_type(record.http_headers.get_header("Content-Type")) not in HTML_TYPES:

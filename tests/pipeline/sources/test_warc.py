@@ -319,3 +319,17 @@ def test_wat_attribute_values_decode_like_the_html_parser_decodes_a_warc_page():
         == [(r.url, r.caption) for r in page.records]
         == [("http://w.example/img/p.jpg?size=large&region=eu&current=1&q=2", "Logo &copy2023 of Tom&Jerry & été")]
     )
+
+
+def test_a_partial_or_empty_response_is_no_page(tmp_path):
+    path = tmp_path / "partial.warc.gz"
+    with open(path, "wb") as fh:
+        w = WARCWriter(fh, gzip=True)
+        page = _html('<img src="/p.jpg" alt="A pear in a bowl">')
+        _response(w, "https://site.example/part", page[: len(page) // 2], status="206 Partial Content")
+        _response(w, "https://site.example/none", b"", status="204 No Content")
+        _response(w, "https://site.example/proxy", page, status="203 Non-Authoritative Information")
+    drops = Counter()
+    recs = list(iter_warc(str(path), drops))
+    assert [(r.url, r.page_url) for r in recs] == [("https://site.example/p.jpg", "https://site.example/proxy")]
+    assert drops == Counter({"page_http_206": 1, "page_http_204": 1})
