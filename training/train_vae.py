@@ -264,7 +264,17 @@ def train(cfg: VaeTrainConfig) -> dict:
             print(
                 f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (data from epoch {position.epoch})")
             )
-    model = _Autoencode(vae, cfg.latent_noise)
+    model = autoencode = _Autoencode(vae, cfg.latent_noise)
+    watch, last_images = loop.DivergenceWatch(dist.device, enabled=not scaler.is_enabled()), []
+    watch.checked_step = step
+
+    def probe() -> torch.Tensor | None:  # the loss of the current weights on the last batch (a fixed noise draw)
+        def loss() -> torch.Tensor:
+            recon, mean, logvar = autoencode(last_images[0], torch.Generator(dist.device).manual_seed(0))
+            return vae_loss(recon, last_images[0], mean, logvar, cfg.loss)[0]
+
+        return loop.probe_loss(vae, dist.device, amp_dtype, loss) if last_images else None
+
     if dist.distributed:
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
@@ -292,6 +302,7 @@ def train(cfg: VaeTrainConfig) -> dict:
 
     def run_eval() -> float | None:
         """Log a reconstruction grid and the held-out PSNR; returns the PSNR (None without eval_data)."""
+        watch.check(step, cfg.lr, probe)  # no held-out PSNR or grid of diverged weights
         value = None
         on = {"eval_data": cfg.eval_data, "eval_limit": cfg.eval_limit, "resolution": cfg.resolution}
         done = history["eval"][-1] if history["eval"] else None
@@ -322,6 +333,7 @@ def train(cfg: VaeTrainConfig) -> dict:
         return loop.warmup_cosine(at, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
 
     def save() -> None:
+        watch.check(step, cfg.lr, probe)  # the update after the last finite loss may be the one that diverged
         data = distributed.all_gather_object(position.to_dict())
         if dist.is_main:
             state = {
@@ -359,6 +371,7 @@ def train(cfg: VaeTrainConfig) -> dict:
         batch = position.advance(next(batches))
         window["data"] += time.perf_counter() - t_data
         images = batch["image"].to(dist.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        last_images[:] = [images]
         generator.manual_seed(noise_seed(cfg.seed, step, dist.world_size, dist.rank))
         autocast = torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         with autocast:

@@ -204,6 +204,15 @@ def test_a_diverged_run_stops_with_one_line_before_saving_nan_weights(data, tmp_
     assert not list((tmp_path / "o").glob("checkpoints/step_*"))
 
 
+def test_the_update_that_diverges_is_caught_before_its_checkpoint(data, tmp_path):
+    # one AdamW step at lr 1e30 makes every weight ~1e30; that step's own loss was still finite
+    with pytest.raises(
+        ValueError, match=r"^step 1: the loss became NaN or infinite after step 0; .*--lr \(now 1e\+30\)"
+    ):
+        train(base_cfg(data, tmp_path / "o", lr=1e30, warmup_steps=1, grad_clip=0, save_every=1, sample_every=0))
+    assert not list((tmp_path / "o").glob("checkpoints/step_*"))
+
+
 def test_bad_held_out_images_are_counted_once_not_per_evaluation(data, tmp_path):
     import shutil
 
