@@ -39,10 +39,18 @@ def sampling_pipeline(ema, vae, encoder, empty: torch.Tensor, prediction: str):
 
 
 def log_sample_grid(writer, step: int, pipe, cfg: LdmTrainConfig, out: Path) -> dict:
-    """Generate the fixed prompts (prompt i with seed i) with the EMA U-Net; log the grid and save it as a PNG."""
-    from training.sample import generate, make_grid, save_grid
+    """Generate the fixed prompts (prompt i with seed i) with the EMA U-Net; log the grid and save it as a PNG.
 
-    images = generate(pipe, list(cfg.sample_prompts), steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0)
+    A grid that comes out NaN or infinite (a reduced-precision overflow while sampling) is skipped with one line:
+    a preview does not end a run whose own loss and weights are finite (the divergence probe looked at them).
+    """
+    from training.sample import NonFiniteOutputError, generate, make_grid, save_grid
+
+    try:
+        images = generate(pipe, list(cfg.sample_prompts), steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=0)
+    except NonFiniteOutputError as e:
+        print(f"step {step}: sample grid skipped: {e}", flush=True)
+        return {"step": step, "skipped": str(e)}
     meta = dict(
         prompts=list(cfg.sample_prompts),
         seed=0,

@@ -105,3 +105,16 @@ def test_a_recipe_grid_with_an_out_of_range_seed_is_refused_before_the_model_loa
     with pytest.raises(ValueError, match=r"needs seeds up to 18446744073709551616, past 2\*\*64-1"):
         evaluation_grid(folder, gen, str(tmp_path / "grid.png"))
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_a_non_finite_preview_grid_is_skipped_with_one_line_and_training_goes_on(pipe, tmp_path, capsys):
+    from training.ldm_outputs import log_sample_grid
+    from training.train_ldm import LdmTrainConfig
+
+    poison(pipe.vae, math.inf)  # a reduced-precision overflow while decoding, say: the run's weights are fine
+    cfg = LdmTrainConfig(data="d", out=str(tmp_path), sample_prompts=("a red circle",), sample_steps=2)
+    entry = log_sample_grid(None, 7, pipe, cfg, tmp_path)
+    assert entry["step"] == 7 and "non-finite" in entry["skipped"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("step 7: sample grid skipped: ")
+    assert not (tmp_path / "samples").exists()
