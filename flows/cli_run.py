@@ -17,7 +17,9 @@ from flows.cli_common import fail, run_flow
 
 def print_result(result: dict, title: str) -> None:
     """Where everything is, and each stage's metrics."""
-    typer.echo(f"\n{title} finished: datasets in {result['output']}, models in {os.path.abspath(result['models'])}")
+    from flows.run import models_where
+
+    typer.echo(f"\n{title} finished: datasets in {result['output']}, models in {models_where(result)}")
     if result.get("ground_truth"):
         typer.echo(f"  {'demo site ground truth':<28} {result['ground_truth']}")
     for stage, url in result["datasets"].items():

@@ -47,6 +47,26 @@ class RunResult:
         return asdict(self)
 
 
+def models_where(result: dict) -> str:
+    """Where a run's models are: its models folder, or, when an empty version reused earlier runs, the folders the
+    models actually lie in, each reused one marked (``.../versions/v0001 (v0001's, reused)``)."""
+    reused = set((result.get("reused") or {}).values())
+    folders: dict[str, list[str]] = {}
+    for what, path in result.get("artifacts", {}).items():
+        if what.endswith(" model"):
+            folders.setdefault(os.path.dirname(os.path.abspath(path)), []).append(what.removesuffix(" model"))
+    if not reused or not folders or set(folders) == {os.path.abspath(result["models"])}:
+        return os.path.abspath(result["models"])
+    parts = []
+    for folder, kinds in folders.items():
+        owner = os.path.basename(folder)
+        label = f"{owner}'s, reused" if owner in reused else ""
+        named = ", ".join(kinds) if len(folders) > 1 else ""
+        note = ": ".join(x for x in (named, label) if x)
+        parts.append(f"{folder} ({note})" if note else folder)
+    return " and ".join(parts)
+
+
 # ------------------------------------------------------------------------------------------------ run state
 
 
@@ -84,7 +104,11 @@ class RunState:
         return entry if exists(done_file, self.so) else None
 
     def output_of(self, entry: dict) -> str:
-        """Where a recorded stage's output is: its place inside OUT (wherever OUT is now), else as recorded."""
+        """Where a recorded stage's output is: its place inside OUT (wherever OUT is now), else as recorded. An
+        output reused from an earlier version (``OUT/versions/<reused_from>``) is found beside this one's folder."""
+        if entry.get("reused_from") and entry.get("reused_within"):
+            versions = storage.resolve_ref(self.out.rstrip("/"), "..")
+            return storage.join(versions, entry["reused_from"], entry["reused_within"])
         return storage.join(self.out, entry["within"]) if "within" in entry else entry.get("output", "")
 
     def begin(self, stage: str, fp: str, output: str, legacy: tuple[str, ...] = ()) -> str | None:

@@ -74,9 +74,12 @@ class StageContext:
         if self.previous.current(stage, fp, where, done) is None:
             return None
         version = entry.get("reused_from") or os.path.basename(self.previous.out.rstrip("/"))
+        # where inside that version, so the record still resolves once OUT (with its versions) is moved
+        inside = entry.get("reused_within") if entry.get("reused_from") else entry.get("within")
         self.reused[stage] = version
         self.result.metrics[stage] = entry.get("metrics", {})
-        self.state.record(stage, fp, where, entry.get("metrics", {}), reused_from=version)
+        extra = {"reused_from": version, **({"reused_within": inside} if inside else {})}
+        self.state.record(stage, fp, where, entry.get("metrics", {}), **extra)
         return where
 
     def begin(self, stage: str, fp: str, output: str, legacy: tuple[str, ...] = ()) -> None:
@@ -97,7 +100,8 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
     """
     from flows.run import RunState, fingerprint, resolved_sources
     from flows.scrape import run_scrape
-    from pipeline.input_fingerprint import fingerprint_inputs
+    from pipeline.input_fingerprint import fingerprint_inputs, with_recorded
+    from pipeline.plan import load_plan
 
     r = ctx.recipe
     dst = storage.join(ctx.out, "scraped")
@@ -106,6 +110,10 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
     sources = [s.model_dump(mode="json") for s in r.sources]
     # what the input files hold now: a list rewritten at the same path rebuilds the scrape and what follows it
     inputs = fingerprint_inputs(sources, ctx.so, r.scrape.allow_private_network)
+    # one unreadable now (moved, its server down) counts as recorded (run state, else plan): the scrape stays current
+    if not incremental:
+        saved = (ctx.state.stages.get("scrape") or {}).get("inputs") or (load_plan(dst, ctx.so) or {}).get("inputs")
+        inputs = with_recorded(inputs, sources, saved)
     fp = fingerprint("scrape", sources, scrape_identity(r.scrape), *([inputs] if inputs else []))
     legacy = (fingerprint("scrape", sources, r.scrape.model_dump(mode="json")),)
     if inputs:  # recorded before input contents were fingerprinted: current (preflight compared the plan's record)
@@ -145,7 +153,7 @@ def scrape_stage(ctx: StageContext, incremental: bool = False) -> str:
         ctx.state = RunState(ctx.out, ctx.so)
     ctx.result.metrics["scrape"] = metrics
     same = {"data_fingerprint": data_fp, "same_data_as": os.path.basename(ctx.previous.out)} if data_fp else {}
-    ctx.state.record("scrape", fp, ctx.datasets["scraped"], metrics, **same)
+    ctx.state.record("scrape", fp, ctx.datasets["scraped"], metrics, inputs=inputs, **same)
     _held_out(ctx)
     return data_fp or fp
 
@@ -463,6 +471,8 @@ def note_reused(ctx: StageContext) -> None:
 
 def write_run_report(ctx: StageContext) -> None:
     """``OUT/run_report.json`` + ``.md`` (stages, outputs, metrics, lineage) and the same as Prefect artifacts."""
+    from flows.run import models_where
+
     res = ctx.result
     lineage = {}
     for kind, url in ctx.datasets.items():
@@ -472,7 +482,7 @@ def write_run_report(ctx: StageContext) -> None:
         except FileNotFoundError:
             lineage[kind] = None
     doc = {**res.to_dict(), "lineage": lineage, "code_version": ctx.code}
-    lines = [f"# Run report: {ctx.recipe.name}", "", f"Output: `{res.output}`; models: `{res.models}`", ""]
+    lines = [f"# Run report: {ctx.recipe.name}", "", f"Output: `{res.output}`; models: `{models_where(doc)}`", ""]
     lines += [*res.notes, ""] if res.notes else []
     lines += ["| stage | output | metrics |", "|---|---|---|"]
     outputs = {**res.datasets, **{k: v for k, v in res.artifacts.items() if k.endswith(" model")}}

@@ -8,7 +8,11 @@ Small files (URL lists, most WAT files) are fingerprinted by the sha256 of their
 changing it changes nothing. Files over ``HASH_LIMIT`` (Common Crawl WARCs are ~1 GB; big parquet lists) are
 fingerprinted by size plus the store's cheap identity (ETag on object stores and HTTP, mtime on disk): hashing
 them would read every byte on each rerun, and a rewrite changes size or stamp anyway (a mere touch of such a
-file reads as a change, which is the price). Reads go through the same guarded fsspec options as the sources.
+file reads as a change, which is the price). An HTTP file whose size the server does not say (no HEAD, a
+chunked answer) is read up to ``HASH_LIMIT`` bytes only: past that it is fingerprinted as
+``partial-sha256:<hex of the first HASH_LIMIT bytes>;stamp:<ETag or Last-Modified, if any>``, which misses a rewrite
+that keeps those first bytes and sends no stamp (or the same one). Reads go through the same guarded fsspec options
+as the sources.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ def fingerprint_inputs(
 ) -> dict[str, str]:
     """``{input path: fingerprint}`` of the sources' file-backed inputs as they are now.
 
-    An input that cannot be read now (gone, refused, no format) is left out, as unknown: the scrape itself says
-    what is wrong with it. ``remote=False`` leaves out inputs that are not on local disk (a caller without the
-    storage options to read them).
+    An input that cannot be read now (gone, refused, no format, a server answering 5xx, an endpoint down) is left
+    out, as unknown: the scrape itself says what is wrong with it. ``remote=False`` leaves out inputs that are not on
+    local disk (a caller without the storage options to read them).
     """
     out: dict[str, str] = {}
     for source in sources:
@@ -50,9 +54,25 @@ def fingerprint_inputs(
                 continue
             try:
                 out[path] = _path_fingerprint(source, path, storage_options, allow_private)
-            except (OSError, ValueError):
-                continue
+            except Exception as e:
+                if not _unreadable(e):
+                    raise
     return out
+
+
+def _unreadable(e: BaseException) -> bool:
+    """Whether ``e`` says an input cannot be read now (rather than a bug): gone, refused, or its storage unreachable
+    (aiohttp's and botocore's errors are not ``OSError``)."""
+    from pipeline import storage
+
+    return isinstance(e, OSError | ValueError) or storage.is_access_error(e)
+
+
+def with_recorded(now: dict[str, str], sources: list[dict], recorded: dict | None) -> dict[str, str]:
+    """``now`` plus, for each input of ``sources`` that could not be fingerprinted now, its ``recorded``
+    fingerprint: an input that is unreadable for a while (moved, its server down) leaves what was built current."""
+    missing = {p for s in sources for p in input_paths(s)} - set(now)
+    return {**{p: fp for p, fp in (recorded or {}).items() if p in missing}, **now}
 
 
 def changed_input(saved: dict | None, now: dict[str, str]) -> str | None:
@@ -89,6 +109,8 @@ def _files(source: dict, path: str, opts: dict) -> list[str]:
     """``path`` itself, or the files of a directory the source reads (a URL list's ``*.<format>``, a folder)."""
     import fsspec
 
+    if path.split("://", 1)[0] in ("http", "https"):  # HTTP's isdir GETs the whole body to look for links
+        return [path]
     fs, fs_path = fsspec.core.url_to_fs(path, **opts)
     if not fs.isdir(fs_path):
         return [path]
@@ -98,12 +120,14 @@ def _files(source: dict, path: str, opts: dict) -> list[str]:
         fmt = source.get("input_format") or infer_format(path)
         found = fs.glob(fs_path.rstrip("/") + "/*." + fmt)
     else:
-        found = fs.find(fs_path)
+        root = fs_path.rstrip("/") + "/"  # a local HF folder: its .git/ and other dot entries are no data
+        found = [f for f in fs.find(fs_path) if not any(p.startswith(".") for p in f[len(root) :].split("/"))]
     return [fs.unstrip_protocol(f) for f in sorted(found)]
 
 
 def file_fingerprint(url: str, opts: dict) -> str:
-    """``sha256:<hex>`` of a file's bytes, or ``size:<n>;stamp:<etag or mtime>`` for one over ``HASH_LIMIT``."""
+    """``sha256:<hex>`` of a file's bytes, or ``size:<n>;stamp:<etag or mtime>`` for one over ``HASH_LIMIT``
+    (``partial-sha256:<hex>;stamp:<...>`` when its size is unknown and it reads past ``HASH_LIMIT``)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **opts)
@@ -115,8 +139,13 @@ def file_fingerprint(url: str, opts: dict) -> str:
     if size is not None and size > HASH_LIMIT:
         stamp = next((str(info[k]) for k in STAMP_KEYS if info.get(k)), "")
         return f"size:{size};stamp:{stamp}"
-    digest = hashlib.sha256()
+    digest, read = hashlib.sha256(), 0
     with fs.open(path, "rb") as f:
-        while chunk := f.read(READ_BYTES):
+        while read < HASH_LIMIT and (chunk := f.read(min(READ_BYTES, HASH_LIMIT - read))):
             digest.update(chunk)
+            read += len(chunk)
+        more = read >= HASH_LIMIT and f.read(1)  # a size-less stream past the limit: read no further
+    if more:
+        stamp = next((str(info[k]) for k in STAMP_KEYS if info.get(k)), "")
+        return f"partial-sha256:{digest.hexdigest()};stamp:{stamp}"
     return "sha256:" + digest.hexdigest()

@@ -1,5 +1,7 @@
 """A scrape's input file rewritten at the same path: a rerun is refused in one line, not resumed as the old one."""
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -167,12 +169,125 @@ def test_the_scrape_fingerprint_follows_the_list_contents_and_old_records_stay_c
     assert len(scraped) == 1 and run() == fp_a and len(scraped) == 1  # current: skipped
     os.utime(listing, (1, 1))
     assert run() == fp_a and len(scraped) == 1  # touched only
-    listing.write_text("url,caption\nhttp://127.0.0.1:9/b.png,b\n")
+    b_list = b"url,caption\nhttp://127.0.0.1:9/b.png,b\n"
+    listing.write_bytes(b_list)
     fp_b = run()
     assert fp_b != fp_a and len(scraped) == 2  # rewritten: scraped again, under another fingerprint
+    aside = sorted(out.glob("scraped.replaced-*"))  # fp_a's scrape
+    listing.rename(tmp_path / "list.csv.bak")  # unreadable now: taken as recorded, the finished scrape stays
+    assert run() == fp_b and len(scraped) == 2 and sorted(out.glob("scraped.replaced-*")) == aside
+    entry = json.loads((out / "run.json").read_text())["stages"]["scrape"]
+    del entry["inputs"]  # a record without them: the plan's are taken
+    (out / "run.json").write_text(json.dumps({"stages": {"scrape": entry}}))
+    plans.save_plan(str(out / "scraped"), {"inputs": {str(listing): "sha256:" + hashlib.sha256(b_list).hexdigest()}})
+    assert run() == fp_b and len(scraped) == 2
+    (tmp_path / "list.csv.bak").rename(listing)
+    assert run() == fp_b and len(scraped) == 2
 
     sources = [s.model_dump(mode="json") for s in r.sources]
     old_fp = run_module.fingerprint("scrape", sources, stages.scrape_identity(r.scrape))
     state = run_module.RunState(str(out), None)
     state.record("scrape", old_fp, str(out / "scraped"), {"images": 1})  # by a run before contents were kept
     assert run() == old_fp and len(scraped) == 2  # still current (the plan's record is what preflight compares)
+
+
+def test_an_input_on_storage_that_is_down_is_unknown_not_a_crash(s3_bucket, monkeypatch):
+    """An S3 endpoint that is down (botocore's error) or an HTTP list answering 5xx (aiohttp's) leaves the input out,
+    as unknown, like a missing file; anything else is still raised."""
+    import socket
+
+    import aiohttp
+
+    prefix, so = s3_bucket
+    listing = f"{prefix}/list.csv"
+    fs_so = {**so, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    from pipeline import storage
+
+    storage.write_bytes(listing, b"url,caption\nhttp://127.0.0.1:9/a.png,a\n", so)
+    sources = [{"kind": "url_list", "path": listing}]
+    assert set(input_fingerprint.fingerprint_inputs(sources, fs_so, True)) == {listing}
+    with socket.socket() as s:  # a port nobody listens on: the endpoint is down
+        s.bind(("127.0.0.1", 0))
+        down = {**fs_so, "endpoint_url": f"http://127.0.0.1:{s.getsockname()[1]}"}
+    assert input_fingerprint.fingerprint_inputs(sources, down, True) == {}
+
+    def answer(error):
+        def fingerprint(*args):
+            raise error
+
+        monkeypatch.setattr(input_fingerprint, "_path_fingerprint", fingerprint)
+
+    answer(aiohttp.ClientResponseError(None, (), status=503, message="Service Unavailable"))
+    assert input_fingerprint.fingerprint_inputs([{"kind": "url_list", "path": "http://127.0.0.1:9/l.csv"}]) == {}
+    answer(RuntimeError("a bug"))
+    with pytest.raises(RuntimeError):
+        input_fingerprint.fingerprint_inputs([{"kind": "url_list", "path": "http://127.0.0.1:9/l.csv"}])
+
+
+@pytest.fixture
+def chunked_server():
+    """A loopback HTTP server that answers no HEAD and sends ``BLOCKS`` MiB chunked (its size unknown); yields
+    (URL, what it did: the GETs it answered, how many it sent whole)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = {"gets": 0, "whole": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(405)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self):
+            seen["gets"] += 1
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("ETag", '"e1"')
+            self.end_headers()
+            try:
+                for i in range(BLOCKS):
+                    self.wfile.write(b"%x\r\n" % MIB + bytes([i]) * MIB + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+                seen["whole"] += 1
+            except OSError:  # the client stopped reading
+                pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/CC-MAIN-x.warc.gz", seen
+    srv.shutdown()
+    srv.server_close()
+
+
+MIB, BLOCKS = 1 << 20, 48  # more than the kernel's socket buffers hold: a GET not read to its end is never whole
+
+
+def test_an_http_input_of_unknown_size_is_read_up_to_the_hash_limit_only(chunked_server, monkeypatch):
+    monkeypatch.setattr(input_fingerprint, "HASH_LIMIT", 2 * MIB)
+    url, seen = chunked_server
+    fps = input_fingerprint.fingerprint_inputs([{"kind": "warc", "paths": [url]}], None, True)
+    first = hashlib.sha256(bytes([0]) * MIB + bytes([1]) * MIB).hexdigest()
+    assert fps == {url: f'partial-sha256:{first};stamp:"e1"'}
+    assert seen["gets"] >= 1 and seen["whole"] == 0  # no GET read to the end (not the isdir probe, not the hash)
+
+
+def test_a_local_hf_folder_leaves_its_dot_folders_out(tmp_path):
+    folder = tmp_path / "ds"
+    (folder / "data").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    (folder / "data" / "train.parquet").write_bytes(b"rows")
+    (folder / ".git" / "index").write_bytes(b"one")
+    sources = [{"kind": "hf_dataset", "name": str(folder)}]
+    before = input_fingerprint.fingerprint_inputs(sources)
+    (folder / ".git" / "index").write_bytes(b"two")  # a git operation: no data changed
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.lock").write_bytes(b"")
+    assert input_fingerprint.fingerprint_inputs(sources) == before
+    (folder / "data" / "train.parquet").write_bytes(b"other rows")
+    assert input_fingerprint.changed_input(before, input_fingerprint.fingerprint_inputs(sources)) == str(folder)
