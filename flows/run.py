@@ -317,7 +317,7 @@ def run_recipe(
     ``incremental`` (scheduled runs): the scrape writes the next version of ``OUT/scraped`` with only records not
     seen before, and the later stages of this run go under ``OUT/versions/vNNNN/`` (curated, latents, models).
     """
-    from flows import stages
+    from flows import run_report, stages
 
     out = storage.local_path(out or recipe.output)  # file:///x is /x for the stages that go on with os
     placement = placement_of(recipe.runtime, dask_address)
@@ -339,8 +339,8 @@ def run_recipe(
     stages.train_stage(ctx, "external", fps)
     if recipe.generate is not None and "ldm" in ctx.runs:
         stages.generate_stage(ctx, fps)
-    stages.note_reused(ctx)
-    stages.write_run_report(ctx)
+    run_report.note_reused(ctx)
+    run_report.write_run_report(ctx)
     return result
 
 

@@ -1,4 +1,4 @@
-"""Training objectives: the CLIP contrastive loss and the latent diffusion schedule, noising and losses."""
+"""Training objectives: the CLIP contrastive loss, the latent diffusion schedule, noising and losses, the VAE loss."""
 
 from __future__ import annotations
 
@@ -169,3 +169,18 @@ def diffusion_loss(
     else:
         loss = per_sample.mean()
     return loss, per_sample.detach()
+
+
+def vae_loss(
+    recon: torch.Tensor, images: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, loss: str = "l1"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction loss per pixel element, KL(q(z|x) || N(0, I)) summed over the latent per pixel element).
+
+    Dividing the summed KL by the image's element count keeps ``kl_weight`` on Stable Diffusion's scale, whose
+    loss sums both terms over each image.
+    """
+    diff = recon.float() - images.float()
+    rec = diff.abs().mean() if loss == "l1" else (diff * diff).mean()
+    mean, logvar = mean.float(), logvar.float()
+    kl = 0.5 * (mean * mean + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+    return rec, kl.mean() / images[0].numel()

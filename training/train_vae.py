@@ -45,6 +45,7 @@ from training.models.vae import (
     save_vae,
     vae_config,
 )
+from training.objectives import vae_loss
 
 
 @dataclass(frozen=True)
@@ -194,21 +195,6 @@ class _Autoencode(torch.nn.Module):
             extra = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
             z = z + level * mean.detach().float().std() * extra
         return self.vae.decode(z.to(mean.dtype)).sample, mean, logvar
-
-
-def vae_loss(
-    recon: torch.Tensor, images: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, loss: str = "l1"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstruction loss per pixel element, KL(q(z|x) || N(0, I)) summed over the latent per pixel element).
-
-    Dividing the summed KL by the image's element count keeps ``kl_weight`` on Stable Diffusion's scale, whose
-    loss sums both terms over each image.
-    """
-    diff = recon.float() - images.float()
-    rec = diff.abs().mean() if loss == "l1" else (diff * diff).mean()
-    mean, logvar = mean.float(), logvar.float()
-    kl = 0.5 * (mean * mean + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
-    return rec, kl.mean() / images[0].numel()
 
 
 def noise_seed(seed: int, step: int, world_size: int, rank: int) -> int:
