@@ -207,7 +207,7 @@ def scrape(
         from pipeline.scrape import check_resume
 
         try:
-            check_resume(load_plan(out, so), sources, cfg, out, retry_failed, so, "all")
+            check_resume(load_plan(out, so), sources, cfg, out, retry_failed, so)
         except (ValueError, OSError) as e:
             fail(str(e).splitlines()[0])
     tempserver.start()  # before prefect is imported; run_flow waits for it

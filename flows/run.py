@@ -163,15 +163,7 @@ class RunState:
         return {"output": output, "within": inside} if inside else {"output": output}
 
     def _write(self) -> None:
-        data = json.dumps({"stages": self.stages}, indent=1, default=str).encode()
-        if storage.is_local(self.url):
-            os.makedirs(os.path.dirname(os.path.abspath(self.url)), exist_ok=True)
-            tmp = self.url + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.url)
-        else:
-            storage.write_bytes(self.url, data, self.so)
+        storage.write_whole(self.url, json.dumps({"stages": self.stages}, indent=1, default=str).encode(), self.so)
 
 
 # ------------------------------------------------------------------------------------------------- sources

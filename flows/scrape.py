@@ -43,7 +43,7 @@ def plan_inputs(
     cfg = ScrapeConfig.model_validate_json(cfg_json)
     plan = plans.load_plan(dst, storage_options)
     # an unfinished version of an incremental run is finished as planned (the next run plans the new contents)
-    check_resume(plan, sources, cfg, dst, retry_failed, storage_options, "none" if incremental else "all")
+    check_resume(plan, sources, cfg, dst, retry_failed, storage_options, check_contents=not incremental)
     if incremental and plan is not None:
         _note_changed_inputs(plan, sources, dst, storage_options, cfg, log)
     if plan is None:
@@ -86,11 +86,7 @@ def plan_inputs(
 def _note_changed_inputs(plan: dict, sources: list[dict], dst: str, so: dict | None, cfg: ScrapeConfig, log) -> None:
     """Log that an unfinished version's input changed since it was planned: it is finished with the records it
     planned, and the next incremental run plans the new contents (their URLs not seen before)."""
-    if not sources or not plan.get("inputs"):
-        return
-    now = input_fingerprint.fingerprint_inputs(sources, so, cfg.allow_private_network)
-    changed = input_fingerprint.changed_input(plan["inputs"], now)
-    if changed is not None:
+    if (changed := input_fingerprint.changed_since(plan, sources, so, cfg.allow_private_network)) is not None:
         log.warning(
             "%s was planned from other contents of %s: finished as planned; the next incremental run adds the new "
             "records",

@@ -39,19 +39,16 @@ def input_paths(source: dict) -> list[str]:
 
 
 def fingerprint_inputs(
-    sources: list[dict], storage_options: dict | None = None, allow_private: bool = False, remote: bool = True
+    sources: list[dict], storage_options: dict | None = None, allow_private: bool = False
 ) -> dict[str, str]:
     """``{input path: fingerprint}`` of the sources' file-backed inputs as they are now.
 
     An input that cannot be read now (gone, refused, no format, a server answering 5xx, an endpoint down) is left
-    out, as unknown: the scrape itself says what is wrong with it. ``remote=False`` leaves out inputs that are not on
-    local disk (a caller without the storage options to read them).
+    out, as unknown: the scrape itself says what is wrong with it.
     """
     out: dict[str, str] = {}
     for source in sources:
         for path in input_paths(source):
-            if not remote and "://" in path and not path.startswith("file://"):
-                continue
             try:
                 out[path] = _path_fingerprint(source, path, storage_options, allow_private)
             except Exception as e:
@@ -81,6 +78,14 @@ def changed_input(saved: dict | None, now: dict[str, str]) -> str | None:
         if path in now and now[path] != fp:
             return path
     return None
+
+
+def changed_since(plan: dict, sources: list[dict], storage_options: dict | None, allow_private: bool) -> str | None:
+    """The first input file of ``plan`` that holds other contents now than it was planned from; None when none does,
+    or when the plan recorded none (one from before inputs were recorded: unknown, not changed)."""
+    if not sources or not plan.get("inputs"):
+        return None
+    return changed_input(plan["inputs"], fingerprint_inputs(sources, storage_options, allow_private))
 
 
 def changed_message(dst: str, path: str) -> str:

@@ -45,15 +45,9 @@ def load_plan(dataset_url: str, storage_options: dict | None = None) -> dict | N
 
 
 def save_plan(dataset_url: str, plan: dict, storage_options: dict | None = None) -> None:
-    """Write plan.json (one small PUT or write; the partitions it names are already complete)."""
-    data = json.dumps(plan, indent=1).encode()
+    """Write plan.json whole (the partitions it names are already complete)."""
     url = storage.join(plan_dir(dataset_url), "plan.json")
-    if storage.is_local(dataset_url):
-        tmp = url + ".tmp"
-        storage.write_bytes(tmp, data, storage_options)
-        storage.publish(tmp, url, storage_options)
-    else:
-        storage.write_bytes(url, data, storage_options)
+    storage.write_whole(url, json.dumps(plan, indent=1).encode(), storage_options)
 
 
 def record_row(rec) -> dict:

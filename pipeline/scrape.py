@@ -243,15 +243,14 @@ def check_resume(
     dst: str,
     retry_failed: bool,
     storage_options: dict | None = None,
-    contents: str = "local",
+    check_contents: bool = True,
 ) -> None:
     """A one-line ``ValueError`` when a scrape into ``dst`` cannot go on from its ``plan`` (None: not planned yet):
     other inputs, other contents of an input file, or other sample settings than the finished shards had, or
     ``--retry-failed`` with nothing to retry.
 
-    ``contents``: which input files are read again to compare with the plan's ``inputs`` (a plan without them is
-    from before they were recorded: unknown, not refused): ``"local"`` ones (what a caller without the run's
-    ``storage_options`` can read), ``"all"``, or ``"none"`` (an incremental run finishing its version as planned).
+    ``check_contents``: read the input files again and compare them with the plan's record (False: an incremental
+    run finishing its version as planned).
     """
     if plan is None:
         if retry_failed and not sources:
@@ -263,23 +262,17 @@ def check_resume(
             f"{dst} was planned from other inputs ({kinds}): rerun with the same inputs to resume, or use another "
             "--out"
         )
-    if contents != "none":
-        check_inputs(plan, sources, dst, storage_options, cfg.allow_private_network, remote=contents == "all")
+    if check_contents:
+        check_inputs(plan, sources, dst, storage_options, cfg.allow_private_network)
     saved, now = plan.get("settings"), plan_settings(cfg)
     if saved is not None and saved != now:
         changed = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if saved.get(k) != now[k])
         raise ValueError(f"{dst} was scraped with other settings ({changed}): use another --out, or the old ones")
 
 
-def check_inputs(
-    plan: dict, sources: list[dict], dst: str, storage_options: dict | None, allow_private: bool, remote: bool = True
-) -> None:
+def check_inputs(plan: dict, sources: list[dict], dst: str, storage_options: dict | None, allow_private: bool) -> None:
     """A one-line ``ValueError`` when an input file of ``plan`` holds other contents now than it was planned from."""
     from pipeline import input_fingerprint
 
-    if not sources or not plan.get("inputs"):
-        return
-    now = input_fingerprint.fingerprint_inputs(sources, storage_options, allow_private, remote)
-    changed = input_fingerprint.changed_input(plan["inputs"], now)
-    if changed is not None:
+    if (changed := input_fingerprint.changed_since(plan, sources, storage_options, allow_private)) is not None:
         raise ValueError(input_fingerprint.changed_message(dst, changed))

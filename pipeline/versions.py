@@ -36,7 +36,6 @@ import json
 import os
 import posixpath
 import re
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -403,14 +402,7 @@ def write_index(root: str, storage_options: dict | None = None) -> list[dict]:
     """Rebuild ``versions.json`` from the manifests and write it atomically; returns its rows."""
     rows = build_index(root, storage_options)
     doc = {"dataset": root, "updated_at": datetime.now(UTC).isoformat(timespec="seconds"), "versions": rows}
-    data = json.dumps(doc, indent=1).encode()
-    final = storage.join(root, INDEX_NAME)
-    if storage.is_local(root):
-        tmp = storage.join(root, f"{shards.TMP_PREFIX}versions-{uuid.uuid4().hex[:8]}.json")
-        storage.write_bytes(tmp, data, storage_options)
-        storage.publish(tmp, final, storage_options)
-    else:  # one PUT is atomic on object stores
-        storage.write_bytes(final, data, storage_options)
+    storage.write_whole(storage.join(root, INDEX_NAME), json.dumps(doc, indent=1).encode(), storage_options)
     return rows
 
 

@@ -146,10 +146,10 @@ class DivergenceWatch:
     GradScaler already skips the steps with inf/NaN gradients.
     """
 
-    def __init__(self, device: torch.device, enabled: bool = True):
+    def __init__(self, device: torch.device, enabled: bool = True, start_step: int = 0):
         self.device, self.enabled = device, enabled
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.checked_step = 0  # the last step whose weights passed a probe (a resumed run: its checkpoint's)
+        self.checked_step = start_step  # the last step whose weights passed a probe (a resumed run: its checkpoint's)
 
     def see(self, loss: torch.Tensor) -> None:
         """Remember whether ``loss`` is NaN or infinite."""

@@ -147,7 +147,6 @@ def train(cfg: ClipTrainConfig) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    watch = loop.DivergenceWatch(dist.device, enabled=not scaler.is_enabled())
 
     # ---- data
     loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
@@ -173,7 +172,7 @@ def train(cfg: ClipTrainConfig) -> dict:
             print(
                 f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (data from epoch {position.epoch})")
             )
-    watch.checked_step = step
+    watch = loop.DivergenceWatch(dist.device, enabled=not scaler.is_enabled(), start_step=step)
     if dist.distributed:
         ids = [dist.local_rank] if dist.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)

@@ -216,7 +216,6 @@ def train(cfg: LdmTrainConfig) -> dict:
     fused = dist.device.type == "cuda"  # one kernel for all parameters
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    watch = loop.DivergenceWatch(dist.device, enabled=not scaler.is_enabled())
     abar = alphas_cumprod(scaled_linear_betas()).float().to(dist.device)
 
     # ---- data
@@ -253,7 +252,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         position, same_layout = DataPosition.resumed(doc, dist.rank, dist.world_size, cfg.workers, data_plan)
         if dist.is_main:
             print(f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (epoch {position.epoch})"))
-    watch.checked_step = step
+    watch = loop.DivergenceWatch(dist.device, enabled=not scaler.is_enabled(), start_step=step)
     ddp = None
     net = unet if text is None else TextTunedUNet(unet, text)  # one module: DDP averages both towers' gradients
     if dist.distributed:

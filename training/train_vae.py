@@ -251,8 +251,7 @@ def train(cfg: VaeTrainConfig) -> dict:
                 f"resumed from {ckpt} at step {step}" + ("" if same_layout else f" (data from epoch {position.epoch})")
             )
     model = autoencode = _Autoencode(vae, cfg.latent_noise)
-    watch, last_images = loop.DivergenceWatch(dist.device, enabled=not scaler.is_enabled()), []
-    watch.checked_step = step
+    watch, last_images = loop.DivergenceWatch(dist.device, not scaler.is_enabled(), start_step=step), []
 
     def probe() -> torch.Tensor | None:  # the loss of the current weights on the last batch (a fixed noise draw)
         def loss() -> torch.Tensor:

@@ -117,9 +117,8 @@ def score_shard(
     storage.write_bytes(files["text"], _npy_bytes(txt.astype(np.float16)), storage_options)
     buf = io.BytesIO()
     pq.write_table(pa.table(table).replace_schema_metadata({SOURCE_KEY: identity.encode()}), buf, compression="zstd")
-    storage.write_whole(
-        files["meta"], buf.getvalue(), storage_options
-    )  # last: the "scored" marker, never half written
+    # last: the "scored" marker, never half written
+    storage.write_whole(files["meta"], buf.getvalue(), storage_options)
     stats.seen = len(rows)
     stats.kept = int(np.sum(~np.isnan(scores)))
     stats.drop("decode_error", stats.seen - stats.kept)
