@@ -163,8 +163,7 @@ def bare_step_rate(
         unet = unet.to(memory_format=torch.contiguous_format)
     ema = build_unet(config, cross_attention_dim=text[1], sample_size=shape[-1]).to(dev).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
-    fused = {"fused": True} if dev.type == "cuda" else {}
-    opt = torch.optim.AdamW(param_groups(unet, 0.01), lr=1e-4, **fused)
+    opt = torch.optim.AdamW(param_groups(unet, 0.01), lr=1e-4, fused=True)  # as train_ldm (CPU and CUDA)
     abar = alphas_cumprod(scaled_linear_betas()).float().to(dev)
     model = torch.compile(unet) if compile_model else unet
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

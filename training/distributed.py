@@ -116,6 +116,16 @@ def main_says(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def main_value(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (``value`` when alone): its clock, so that every rank stops at the same step
+    and follows the same time-aware schedule."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
 @contextmanager
 def main_checks(device: torch.device) -> Iterator[None]:
     """Set-up only rank 0 runs (its logs, held-out data, the VAE for grids): every rank waits for its outcome, so a

@@ -201,12 +201,26 @@ def window_row(window: dict, step: int, lr: float, global_batch: int, train_seco
     }
 
 
-def warmup_cosine(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``steps``."""
+def warmup_cosine(step: int, lr: float, min_lr: float, warmup: int, steps: int, at: float | None = None) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``steps``; the cosine is
+    read at ``at`` (a step count, maybe fractional: see :func:`schedule_at`) when given, else at ``step``."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
+    t = ((step if at is None else at) - warmup) / max(1, steps - warmup)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def schedule_at(cfg, step: int, train_seconds: float) -> float:
+    """Where a trainer's learning-rate schedule is, in steps: ``step``, or, with ``--max-minutes`` and
+    ``budget_schedule``, the share of the time box used times ``steps`` when that is further along.
+
+    A run stopped by its time box then ends its decay at the box instead of part-way down the cosine (budget-aware
+    schedules, Li et al. 2020): how far a cosine over ``--steps`` gets in the time depends on the machine, and the
+    end of the decay is where the weights settle. A run that reaches ``--steps`` first keeps the step schedule.
+    """
+    if cfg.max_minutes <= 0 or not cfg.budget_schedule:
+        return float(step)
+    return max(float(step), cfg.steps * train_seconds / (cfg.max_minutes * 60))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

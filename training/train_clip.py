@@ -66,6 +66,7 @@ class ClipTrainConfig:
     eval_limit: int = 2000  # held-out samples used
     resume: str = "auto"  # "auto" (latest checkpoint in out), "none", or a checkpoint directory
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
+    budget_schedule: bool = True  # with max_minutes: the cosine ends at the time box if that comes first
     stop_after: int = 0  # leave (and save) at this step although the schedule runs to ``steps`` (time slices); 0 = off
     threads: int = 0  # torch CPU threads; 0 = torch's default
     storage_options: str = ""  # JSON fsspec options for s3:// data (endpoint_url, ...); credentials: environment
@@ -110,9 +111,11 @@ class ClipTrainConfig:
         return cls(**d)
 
 
-def lr_at(step: int, cfg: ClipTrainConfig) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
-    return loop.warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+def lr_at(step: int, cfg: ClipTrainConfig, train_seconds: float = 0.0) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps`` (or at the time box: see
+    :func:`training.loop.schedule_at`)."""
+    at = loop.schedule_at(cfg, step, train_seconds)
+    return loop.warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps, at)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -228,7 +231,7 @@ def train(cfg: ClipTrainConfig) -> dict:
             state = {
                 "config": asdict(cfg),
                 "model_config": arch,  # a resume with another architecture is refused before loading weights
-                "scheduler": {"step": step, "lr": lr_at(max(0, step - 1), cfg)},
+                "scheduler": {"step": step, "lr": lr_at(max(0, step - 1), cfg, train_seconds)},
                 "scaler": scaler.state_dict(),
                 "data": data,
                 "world_size": dist.world_size,
@@ -248,7 +251,7 @@ def train(cfg: ClipTrainConfig) -> dict:
     stop = loop.stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
     while step < cfg.steps and not stop:
         t_step = time.perf_counter()
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, train_seconds)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
@@ -278,9 +281,9 @@ def train(cfg: ClipTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
+        if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock, for the stop and the schedule alike
+            train_seconds = distributed.main_value(train_seconds, dist.device)
         stop = loop.reached_stop(cfg, step, train_seconds)
-        if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
-            stop = distributed.main_says(stop, dist.device)
 
         if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or stop:
             watch.check(step, cfg.lr)

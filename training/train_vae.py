@@ -87,6 +87,7 @@ class VaeTrainConfig:
     scale_samples: int = 1024  # training images (in shard order) whose latents set the scaling factor
     resume: str = "auto"  # "auto" (latest checkpoint in out), "none", or a checkpoint directory
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
+    budget_schedule: bool = True  # with max_minutes: the cosine ends at the time box if that comes first
     stop_after: int = 0  # leave (and save) at this step although the schedule runs to ``steps``; 0 = off
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True  # progress bar when stderr is a terminal
@@ -314,8 +315,9 @@ def train(cfg: VaeTrainConfig) -> dict:
         distributed.barrier()
         return value
 
-    def lr_at(at: int) -> float:
-        return loop.warmup_cosine(at, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+    def lr_at(at: int) -> float:  # at the time box's end when that comes first: see loop.schedule_at
+        where = loop.schedule_at(cfg, at, train_seconds)
+        return loop.warmup_cosine(at, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps, where)
 
     def save() -> None:
         watch.check(step, cfg.lr, probe)  # the update after the last finite loss may be the one that diverged
@@ -379,9 +381,9 @@ def train(cfg: VaeTrainConfig) -> dict:
         window["steps"] += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
+        if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock, for the stop and the schedule alike
+            train_seconds = distributed.main_value(train_seconds, dist.device)
         stop = loop.reached_stop(cfg, step, train_seconds)
-        if dist.distributed and cfg.max_minutes > 0:  # rank 0's clock decides for everyone
-            stop = distributed.main_says(stop, dist.device)
 
         if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps or stop:
             if dist.device.type == "cuda":

@@ -268,6 +268,8 @@ def test_text_tower_tuned_with_the_unet(env, tmp_path):
     # exact resume: U-Net, tower and both EMAs
     cut = train(base_cfg(data, tmp_path / "cut", train_text_encoder=True, stop_after=3, **kw))
     assert cut["step"] == 3
+    with pytest.raises(ValueError, match="trained with another text encoder: start over"):  # its optimizer differs
+        train(base_cfg(data, tmp_path / "cut", train_text_encoder=True, train_text_embeddings=True, **kw))
     resumed = train(base_cfg(data, tmp_path / "cut", train_text_encoder=True, **kw))
     assert resumed["step"] == 6
     ckpts = [tmp_path / d / "checkpoints" / "step_00000006" / "model.safetensors" for d in ("full", "cut")]
@@ -275,12 +277,13 @@ def test_text_tower_tuned_with_the_unet(env, tmp_path):
     assert a.keys() == b.keys() and {k.split(".")[0] for k in a} == {"unet", "ema", "text", "ema_text"}
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    # the pipeline folder carries the tuned tower's EMA: changed token states, the pooled projection untouched
+    # the pipeline folder carries the tuned tower's EMA: changed token states; the pooled projection untouched,
+    # and the token embedding table too unless --train-text-embeddings
     source = load_file(str(env["clip"] / "open_clip_model.safetensors"))
     tuned = load_file(str(tmp_path / "full" / "text_encoder" / "open_clip_model.safetensors"))
     assert source.keys() == tuned.keys()
     changed = {k.split(".")[0] for k in source if not torch.equal(source[k], tuned[k])}
-    assert changed == {"token_embedding", "positional_embedding", "transformer", "ln_final"}
+    assert changed == {"positional_embedding", "transformer", "ln_final"}
     assert all(torch.equal(tuned[k], a["ema_text." + k]) for k in tuned if "ema_text." + k in a)
     index = json.loads((tmp_path / "full" / "model_index.json").read_text())
     assert index["text_encoder_info"]["tuned_with_unet"] is True
@@ -296,12 +299,20 @@ def test_text_tower_tuned_with_the_unet(env, tmp_path):
     # scales with it, while the U-Net's first step (taken before the tower changed) is the same
     one = {"steps": 1, "warmup": 1, "workers": 0, "cond_dropout": 0.0, "train_text_encoder": True}
     w, moved = {}, {}
-    for scale in (1.0, 0.25):
-        train(base_cfg(data, tmp_path / f"s{scale}", text_lr_scale=scale, **one))
-        w[scale] = load_file(str(tmp_path / f"s{scale}" / "checkpoints" / "step_00000001" / "model.safetensors"))
-        moved[scale] = float((w[scale]["text.token_embedding.weight"] - source["token_embedding.weight"]).abs().max())
-    assert moved[1.0] > 1e-3 and moved[0.25] == pytest.approx(0.25 * moved[1.0], rel=0.05)
-    assert all(torch.equal(w[1.0][k], w[0.25][k]) for k in w[1.0] if k.startswith("unet."))
+    for scale, table in ((1.0, False), (0.25, False), (1.0, True)):
+        run_dir = tmp_path / f"s{scale}{table}"
+        train(base_cfg(data, run_dir, text_lr_scale=scale, train_text_embeddings=table, **one))
+        w[scale, table] = load_file(str(run_dir / "checkpoints" / "step_00000001" / "model.safetensors"))
+        moved[scale, table] = {
+            part: float((w[scale, table][f"text.{part}"] - source[part]).abs().max())
+            for part in ("positional_embedding", "token_embedding.weight")
+        }
+    pos = {k: m["positional_embedding"] for k, m in moved.items()}
+    assert pos[1.0, False] > 1e-3 and pos[0.25, False] == pytest.approx(0.25 * pos[1.0, False], rel=0.05)
+    assert all(torch.equal(w[1.0, False][k], w[0.25, False][k]) for k in w[1.0, False] if k.startswith("unet."))
+    # the token table moves only when asked (and then at the tower's learning rate too)
+    assert moved[1.0, False]["token_embedding.weight"] == 0.0 == moved[0.25, False]["token_embedding.weight"]
+    assert moved[1.0, True]["token_embedding.weight"] > 1e-3
     with pytest.raises(ValueError, match="text_lr_scale must be > 0"):
         base_cfg(data, tmp_path / "bad", text_lr_scale=0.0)
 
@@ -329,7 +340,7 @@ def test_two_gloo_processes_match_one(env, tmp_path, tuned):
         assert torch.allclose(one[k], two[k], rtol=1e-4, atol=atol), (k, float((one[k] - two[k]).abs().max()))
     if tuned:  # and the tower did learn
         source = load_file(str(env["clip"] / "open_clip_model.safetensors"))
-        assert not torch.allclose(one["text.token_embedding.weight"], source["token_embedding.weight"], atol=1e-4)
+        assert not torch.allclose(one["text.positional_embedding"], source["positional_embedding"], atol=1e-4)
     losses = [
         [r["loss"] for r in json.loads((tmp_path / d / "metrics.json").read_text())["train"]] for d in ("one", "two")
     ]

@@ -81,13 +81,19 @@ def load_text_encoder(model: str, pretrained: str | None = None, device: str = "
 TEXT_STATE_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final")  # what token_states reads
 
 
-def trainable_text_tower(model: torch.nn.Module) -> torch.nn.Module:
+def trainable_text_tower(model: torch.nn.Module, embeddings: bool = False) -> torch.nn.Module:
     """``model`` (an open_clip CLIP whose image tower may be gone) in train mode, with only the parts that make the
     per-token states trainable: DDP needs every trainable parameter to get a gradient, and the pooled projection
-    and the logit scale get none."""
+    and the logit scale get none.
+
+    The token embedding table stays frozen unless ``embeddings``: it is nearly all of a small tower's weights
+    (49,408 x width), its gradient is dense although a batch uses a few hundred rows, and every step would pay for
+    it in the optimizer, the EMA and the gradient all-reduce. The layers above it still learn how to tell the
+    tokens apart."""
     model.train()
+    parts = set(TEXT_STATE_PARTS) - (set() if embeddings else {"token_embedding"})
     for name, p in model.named_parameters():
-        p.requires_grad_(name.split(".", 1)[0] in TEXT_STATE_PARTS)
+        p.requires_grad_(name.split(".", 1)[0] in parts)
     return model
 
 
