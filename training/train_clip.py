@@ -66,7 +66,7 @@ class ClipTrainConfig:
     eval_limit: int = 2000  # held-out samples used
     resume: str = "auto"  # "auto" (latest checkpoint in out), "none", or a checkpoint directory
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
-    budget_schedule: bool = True  # with max_minutes: the cosine ends at the time box if that comes first
+    budget_schedule: bool = False  # with max_minutes: end the cosine at the time box if that comes first
     stop_after: int = 0  # leave (and save) at this step although the schedule runs to ``steps`` (time slices); 0 = off
     threads: int = 0  # torch CPU threads; 0 = torch's default
     storage_options: str = ""  # JSON fsspec options for s3:// data (endpoint_url, ...); credentials: environment

@@ -104,7 +104,7 @@ class LdmTrainConfig:
     sample_guidance: float = 7.5  # guidance scale for the grids
     resume: str = "auto"  # "auto" (latest checkpoint in out), "none", or a checkpoint directory
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
-    budget_schedule: bool = True  # with max_minutes: the cosine ends at the time box if that comes first
+    budget_schedule: bool = False  # with max_minutes: end the cosine at the time box if that comes first
     stop_after: int = 0  # leave (and save) at this step although the schedule runs to ``steps``; 0 = off
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True  # progress bar when stderr is a terminal
