@@ -34,7 +34,7 @@ from training.checkpoint import latest_checkpoint, read_state, resume_loop, save
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, plan_fingerprint
 from training.latent_data import inspect_latents, latent_map, text_conditioning
 from training.ldm_outputs import N_BUCKETS, export_model, log_row, log_sample_grid, sampling_pipeline
-from training.models.text import TextTunedUNet, load_text_encoder, trainable_text_tower
+from training.models.text import TextTunedUNet, check_text_encoder, trainable_text_tower
 from training.models.unet import build_unet, count_parameters
 from training.models.vae import load_vae
 from training.objectives import (
@@ -221,7 +221,7 @@ def train(cfg: LdmTrainConfig) -> dict:
     trainable = [p for g in groups for p in g["params"]]
     precision = loop.resolve_precision(cfg.precision, dist.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    fused = dist.device.type in ("cuda", "cpu")  # one kernel for all parameters (CPU: vectorised, ~5% a step)
+    fused = dist.device.type in ("cuda", "cpu")  # one kernel for all parameters (CPU: ~10% a step, BENCHMARKS.md)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     abar = alphas_cumprod(scaled_linear_betas()).float().to(dist.device)
@@ -455,15 +455,6 @@ def train(cfg: LdmTrainConfig) -> dict:
     distributed.barrier()
     distributed.cleanup()
     return result
-
-
-def check_text_encoder(te_model: str, te_pretrained: str | None) -> None:
-    """Load the text encoder the pipeline folder will copy: a bad reference is a one-line ``ValueError`` before
-    training, not after the last step."""
-    try:
-        load_text_encoder(te_model, te_pretrained, device="cpu")
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"cannot load the text encoder {te_model!r}: {str(e).strip().splitlines()[0]}") from None
 
 
 FLAG_ALIASES = {"warmup": "--warmup-steps", "clip_grad": "--grad-clip"}  # as train_clip and train_vae call them

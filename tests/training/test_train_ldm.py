@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -482,3 +483,15 @@ def test_a_sample_of_another_shape_is_a_counted_skip_and_a_bad_caption_does_not_
         w.write({"__key__": "a000000", "latent.npy": np.zeros((4, 8, 8), np.float16), "txt": b"\xff\xfe bad"})
         w.publish(StageStats(seen=1, kept=1))
     assert inspect_latents(str(bad)).latent_shape == (4, 8, 8)  # the caption is the loop's concern
+
+
+def test_a_recorded_text_encoder_that_is_gone_is_refused_before_training(env, tmp_path):
+    data = tmp_path / "lat"  # stored embeddings: the tower is only needed for the pipeline folder
+    shutil.copytree(env["root"] / "lat", data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["config"]["text_encoder"]["model"] = str(tmp_path / "gone")
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    save_vae(build_vae("tiny"), tmp_path / "vae")
+    with pytest.raises(ValueError, match="cannot load CLIP model '.*gone'"):
+        train(base_cfg(data, tmp_path / "run", vae=str(tmp_path / "vae")))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the first step

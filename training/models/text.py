@@ -78,6 +78,15 @@ def load_text_encoder(model: str, pretrained: str | None = None, device: str = "
     return TextEncoder(model=net, tokenizer=scorer.tokenizer, device=scorer.device, provenance=provenance)
 
 
+def check_text_encoder(te_model: str, te_pretrained: str | None) -> None:
+    """Load the text encoder the pipeline folder will copy: a bad reference is a one-line ``ValueError`` before
+    training, not after the last step."""
+    try:
+        load_text_encoder(te_model, te_pretrained, device="cpu")
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"cannot load the text encoder {te_model!r}: {str(e).strip().splitlines()[0]}") from None
+
+
 TEXT_STATE_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final")  # what token_states reads
 
 
