@@ -192,7 +192,7 @@ def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
     """Give every per-parameter state tensor (Adam's moments) its parameter's strides.
 
     Checkpoints store tensors contiguous; a channels_last parameter then gets contiguous moments back, which the
-    fused CUDA AdamW refuses ("params, grads, exp_avgs, and exp_avg_sqs must have same dtype, device, and layout").
+    fused AdamW refuses ("params, grads, exp_avgs, and exp_avg_sqs must have same dtype, device, and layout").
     """
     for group in optimizer.param_groups:
         for p in group["params"]:

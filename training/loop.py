@@ -201,13 +201,13 @@ def window_row(window: dict, step: int, lr: float, global_batch: int, train_seco
     }
 
 
-def warmup_cosine(step: int, lr: float, min_lr: float, warmup: int, steps: int, at: float | None = None) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``steps``; the cosine is
-    read at ``at`` (a step count, maybe fractional: see :func:`schedule_at`) when given, else at ``step``."""
+def scheduled_lr(cfg, step: int, train_seconds: float, warmup: int) -> float:
+    """A trainer's learning rate: linear warm-up to ``cfg.lr`` over ``warmup`` steps, then a cosine to
+    ``cfg.min_lr`` at ``cfg.steps``, read where :func:`schedule_at` puts the run."""
     if step < warmup:
-        return lr * (step + 1) / warmup
-    t = ((step if at is None else at) - warmup) / max(1, steps - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+        return cfg.lr * (step + 1) / warmup
+    t = (schedule_at(cfg, step, train_seconds) - warmup) / max(1, cfg.steps - warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 def schedule_at(cfg, step: int, train_seconds: float) -> float:

@@ -114,8 +114,7 @@ class ClipTrainConfig:
 def lr_at(step: int, cfg: ClipTrainConfig, train_seconds: float = 0.0) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps`` (or at the time box: see
     :func:`training.loop.schedule_at`)."""
-    at = loop.schedule_at(cfg, step, train_seconds)
-    return loop.warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps, at)
+    return loop.scheduled_lr(cfg, step, train_seconds, cfg.warmup_steps)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -154,9 +154,7 @@ class LdmTrainConfig:
 def lr_at(step: int, cfg: LdmTrainConfig, train_seconds: float = 0.0) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps`` (or at the time box: see
     :func:`training.loop.schedule_at`)."""
-    return loop.warmup_cosine(
-        step, cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps, loop.schedule_at(cfg, step, train_seconds)
-    )
+    return loop.scheduled_lr(cfg, step, train_seconds, cfg.warmup)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -221,8 +219,8 @@ def train(cfg: LdmTrainConfig) -> dict:
     trainable = [p for g in groups for p in g["params"]]
     precision = loop.resolve_precision(cfg.precision, dist.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    fused = dist.device.type in ("cuda", "cpu")  # one kernel for all parameters (CPU: ~10% a step, BENCHMARKS.md)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+    # fused: one kernel for all parameters, on CPU (~10% a step, BENCHMARKS.md) as on CUDA
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     abar = alphas_cumprod(scaled_linear_betas()).float().to(dist.device)
 

@@ -315,17 +315,16 @@ def train(cfg: VaeTrainConfig) -> dict:
         distributed.barrier()
         return value
 
-    def lr_at(at: int) -> float:  # at the time box's end when that comes first: see loop.schedule_at
-        where = loop.schedule_at(cfg, at, train_seconds)
-        return loop.warmup_cosine(at, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps, where)
-
     def save() -> None:
         watch.check(step, cfg.lr, probe)  # the update after the last finite loss may be the one that diverged
         data = distributed.all_gather_object(position.to_dict())
         if dist.is_main:
             state = {
                 "config": asdict(cfg),
-                "scheduler": {"step": step, "lr": lr_at(max(0, step - 1))},
+                "scheduler": {
+                    "step": step,
+                    "lr": loop.scheduled_lr(cfg, max(0, step - 1), train_seconds, cfg.warmup_steps),
+                },
                 "scaler": scaler.state_dict(),
                 "data": data,
                 "world_size": dist.world_size,
@@ -350,7 +349,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     stop = loop.stop_before_start(cfg, step, train_seconds, dist.is_main)  # a relaunch of a run that got there
     while step < cfg.steps and not stop:
         t_step = time.perf_counter()
-        lr = lr_at(step)
+        lr = loop.scheduled_lr(cfg, step, train_seconds, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
