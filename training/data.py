@@ -52,10 +52,11 @@ class LoaderConfig:
     split: str = "shard"  # "shard": slots read disjoint shards; "sample": every slot strides over all samples
     prefetch_factor: int = 2  # batches each worker keeps ready
     pin_memory: bool = True  # only takes effect when CUDA is available
+    cache_mb: int = 1024  # undecoded samples each loading process keeps in memory for later epochs; 0 = none
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("batch_size must be >= 1, workers and shuffle_buffer >= 0")
+        if self.batch_size < 1 or self.workers < 0 or self.shuffle_buffer < 0 or self.cache_mb < 0:
+            raise ValueError("batch_size must be >= 1, workers, shuffle_buffer and cache_mb >= 0")
         if self.split not in SPLITS:
             raise ValueError(f"split must be 'shard' or 'sample', got {self.split!r}")
 
@@ -161,10 +162,57 @@ def plan_fingerprint(plan: ShardPlan, cfg: LoaderConfig) -> str:
 # ------------------------------------------------------------------------------------------------- generators
 
 
+class SampleCache:
+    """A slot's undecoded samples, kept in memory after a shard's first whole read so that later epochs skip the
+    storage reads and the tar parsing. A held shard replays exactly what reading it gave: its samples in order and
+    its faults (``corrupt_shard``). Holds at most ``budget`` bytes; a shard that would pass it is read every time.
+    """
+
+    PER_FIELD = 128  # bytes of dict and object overhead counted per field, beside the payload
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.shards: dict[str, tuple[list[dict], Counter]] = {}
+
+    def read(self, url: str, errors: Counter, storage_options=None) -> Iterator[dict]:
+        """The samples of shard ``url`` as ``iter_samples(decode=False)`` yields them (copies, so a map that edits
+        its sample leaves the held one alone); the shard's faults are added to ``errors`` where reading counts them.
+        """
+        if url in self.shards:
+            samples, faults = self.shards[url]
+            for sample in samples:
+                yield dict(sample)
+            errors.update(faults)
+            return
+        faults: Counter = Counter()
+        samples: list[dict] | None = [] if self.used < self.budget else None
+        size = 0
+        for sample in iter_samples(url, storage_options, decode=False, errors=faults):
+            if samples is not None:
+                size += sum(len(v) + self.PER_FIELD for v in sample.values())
+                if self.used + size > self.budget:
+                    samples = None  # this shard does not fit: read it from storage each time
+                else:
+                    samples.append(sample)
+                    sample = dict(sample)
+            yield sample
+        errors.update(faults)
+        if samples is not None:  # read to its end (a consumer that stopped early never gets here)
+            self.shards[url] = (samples, faults)
+            self.used += size
+
+
 def raw_samples(
-    urls: list[str], stride: int, offset: int, errors: Counter, expected: dict | None = None, storage_options=None
+    urls: list[str],
+    stride: int,
+    offset: int,
+    errors: Counter,
+    expected: dict | None = None,
+    storage_options=None,
+    cache: SampleCache | None = None,
 ) -> Iterator[dict]:
-    """Undecoded samples of ``urls`` in order, every ``stride``-th from ``offset``: one pass.
+    """Undecoded samples of ``urls`` in order, every ``stride``-th from ``offset``: one pass (from ``cache`` for
+    the shards it holds).
 
     A shard that yields fewer samples than ``expected[url]`` (sizes.json) adds the shortfall to
     ``errors["missing_from_shard"]``: a tar cut at a header boundary otherwise reads as a clean, shorter shard.
@@ -172,7 +220,12 @@ def raw_samples(
     i = 0
     for url in urls:
         n_url = 0
-        for sample in iter_samples(url, storage_options, decode=False, errors=errors):
+        read = (
+            cache.read(url, errors, storage_options)
+            if cache is not None
+            else iter_samples(url, storage_options, decode=False, errors=errors)
+        )
+        for sample in read:
             i += 1
             n_url += 1
             if (i - 1) % stride == offset:
@@ -198,7 +251,9 @@ def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator
     yield from buf
 
 
-def epoch_samples(plan: ShardPlan, slot: int, epoch: int, errors: Counter, shuffle_buffer: int) -> Iterator[dict]:
+def epoch_samples(
+    plan: ShardPlan, slot: int, epoch: int, errors: Counter, shuffle_buffer: int, cache: SampleCache | None = None
+) -> Iterator[dict]:
     """The undecoded samples of ``slot`` in ``epoch``: one shuffled pass over its share, drained to the end, then
     further passes (each shuffled and drained) only for as long as the caller still needs samples.
 
@@ -217,7 +272,7 @@ def epoch_samples(plan: ShardPlan, slot: int, epoch: int, errors: Counter, shuff
         # a shard's own faults (corrupt_shard, missing_from_shard) are counted once an epoch: by the slot that reads
         # from its first sample, in the first pass; the other slots and passes read the same shards again
         counts = errors if first and offset == 0 else Counter()
-        one_pass = raw_samples(urls, stride, offset, counts, sizes, plan.storage_options)
+        one_pass = raw_samples(urls, stride, offset, counts, sizes, plan.storage_options, cache)
         first = False
         for sample in shuffled(one_pass, shuffle_buffer, rng):
             got += 1
@@ -228,12 +283,17 @@ def epoch_samples(plan: ShardPlan, slot: int, epoch: int, errors: Counter, shuff
             raise ValueError(f"no readable samples in {len(urls)} shard(s), e.g. {urls[0]}")
 
 
-def slot_batches(plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle_buffer: int = 0) -> Iterator[dict]:
-    """Full batches of one slot forever, starting at ``state`` ({"epoch", "raw", "batches"}); each carries __pos__."""
+def slot_batches(
+    plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle_buffer: int = 0, cache_bytes: int = 0
+) -> Iterator[dict]:
+    """Full batches of one slot forever, starting at ``state`` ({"epoch", "raw", "batches"}); each carries __pos__.
+    Up to ``cache_bytes`` of the slot's undecoded samples stay in memory for the later epochs (:class:`SampleCache`).
+    """
     epoch, skip, n_batches = state["epoch"], state["raw"], state["batches"]
+    cache = SampleCache(cache_bytes) if cache_bytes > 0 else None
     while True:
         errors: Counter = Counter()
-        stream = epoch_samples(plan, slot, epoch, errors, shuffle_buffer)
+        stream = epoch_samples(plan, slot, epoch, errors, shuffle_buffer, cache)
         raw = 0
         for _ in range(skip):  # resume: drop what the saved run already consumed, without decoding it
             next(stream)
@@ -281,9 +341,18 @@ def slot_batches(plan: ShardPlan, slot: int, state: dict, map_fn: MapFn, shuffle
 class ShardStream(IterableDataset):
     """The batches of one rank; workers take the slots of this rank, rotated so a resumed run keeps the order."""
 
-    def __init__(self, plan: ShardPlan, rank: int, map_fn: MapFn, position: DataPosition, shuffle_buffer: int = 0):
+    def __init__(
+        self,
+        plan: ShardPlan,
+        rank: int,
+        map_fn: MapFn,
+        position: DataPosition,
+        shuffle_buffer: int = 0,
+        cache_bytes: int = 0,
+    ):
         super().__init__()
         self.plan, self.rank, self.map_fn, self.shuffle_buffer = plan, rank, map_fn, shuffle_buffer
+        self.cache_bytes = cache_bytes
         self.start = position.to_dict()
 
     def __iter__(self) -> Iterator[dict]:
@@ -297,7 +366,7 @@ class ShardStream(IterableDataset):
         logical = (worker + self.start["batches"]) % n_workers
         slot = self.rank * n_workers + logical
         state = self.start["slots"].get(str(slot), {"epoch": self.start["epoch"], "raw": 0, "batches": 0})
-        yield from slot_batches(self.plan, slot, state, self.map_fn, self.shuffle_buffer)
+        yield from slot_batches(self.plan, slot, state, self.map_fn, self.shuffle_buffer, self.cache_bytes)
 
 
 @dataclass
@@ -349,7 +418,7 @@ class DataPosition:
 def make_loader(plan: ShardPlan, cfg: LoaderConfig, rank: int, map_fn: MapFn, position: DataPosition) -> DataLoader:
     """A DataLoader over this rank's batches, decoding in ``cfg.workers`` persistent workers; creating and iterating
     it leaves the global RNGs alone."""
-    ds = ShardStream(plan, rank, map_fn, position, cfg.shuffle_buffer)
+    ds = ShardStream(plan, rank, map_fn, position, cfg.shuffle_buffer, cfg.cache_mb << 20)
     # The loader's own generator draws the workers' base seed; without it ``iter(loader)`` takes a number from the
     # global torch RNG, and a resumed run's dropout would no longer follow the uninterrupted run's stream.
     seed = random.Random(f"loader-{cfg.seed}-{rank}-{position.epoch}-{position.batches}").getrandbits(63)

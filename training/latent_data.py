@@ -65,8 +65,27 @@ def inspect_latents(data: str, storage_options: dict | None = None) -> LatentSet
     return LatentSet(root, shape, has_text, width, "logvar.npy" in first, scale, info, text_shape)
 
 
+_NPY_HEADERS: dict[bytes, tuple[int, np.dtype, tuple[int, ...], bool]] = {}  # header -> (data offset, dtype, ...)
+
+
 def _npy(data: bytes) -> torch.Tensor:
-    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
+    """An ``.npy`` file's array as float32. A dataset's arrays share a few headers: each is parsed once (by
+    ``np.load``) and the rest are read straight from the buffer; a cut array is a ``ValueError`` either way."""
+    head = data[:12]
+    if head[:6] != b"\x93NUMPY" or len(head) < 10:
+        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))  # its own error
+    start = 10 if head[6] == 1 else 12  # version 1 has a 2-byte header length, versions 2 and 3 a 4-byte one
+    end = start + int.from_bytes(head[8:start], "little")
+    known = _NPY_HEADERS.get(data[:end])
+    if known is None:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        if len(_NPY_HEADERS) < 64 and not arr.dtype.hasobject:
+            _NPY_HEADERS[data[:end]] = (end, arr.dtype, arr.shape, arr.flags.f_contiguous and arr.ndim > 1)
+        return torch.from_numpy(arr.astype(np.float32))
+    _, dtype, shape, fortran = known
+    arr = np.frombuffer(data, dtype, count=int(np.prod(shape, dtype=np.int64)), offset=end)
+    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+    return torch.from_numpy(arr.astype(np.float32))
 
 
 def latent_map(

@@ -53,6 +53,7 @@ class ClipTrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (one process)
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 1000  # samples per worker
+    cache_mb: int = 1024  # undecoded samples each loading process keeps in memory for later epochs; 0 = none
     split: str = "shard"  # "shard" or "sample" (see training.data)
     min_crop_scale: float = 1.0  # random-crop augmentation: smallest area fraction kept; 1 = off
     grayscale_p: float = 0.0  # share of training images turned grey (forces shape features, not colour alone)
@@ -77,7 +78,16 @@ class ClipTrainConfig:
         loop.check_choices(self)
         if self.steps < 1 or self.batch_size < 1 or self.accum_steps < 1:
             raise ValueError("steps, batch_size and accum_steps must be >= 1")
-        for name in ("log_every", "save_every", "eval_every", "stop_after", "warmup_steps", "workers", "threads"):
+        for name in (
+            "log_every",
+            "save_every",
+            "eval_every",
+            "stop_after",
+            "warmup_steps",
+            "workers",
+            "threads",
+            "cache_mb",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_limit < 1:
@@ -151,7 +161,9 @@ def train(cfg: ClipTrainConfig) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     # ---- data
-    loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
+    loader_cfg = LoaderConfig(
+        cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split, cache_mb=cfg.cache_mb
+    )
     storage_options = json.loads(cfg.storage_options or "null")  # the training and the held-out shards' endpoint
     plan = make_plan(cfg.data, loader_cfg, dist.world_size, storage_options)
     data_plan = plan_fingerprint(plan, loader_cfg)  # saved with every checkpoint

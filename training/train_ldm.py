@@ -93,6 +93,7 @@ class LdmTrainConfig:
     device: str = "auto"  # auto | cuda | cpu
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 1000  # samples per worker
+    cache_mb: int = 1024  # undecoded samples each loading process keeps in memory for later epochs; 0 = none
     split: str = "shard"  # "shard" or "sample" (see training.data)
     seed: int = 0
     log_every: int = 50  # steps between log lines; 0 = only at the end
@@ -122,7 +123,7 @@ class LdmTrainConfig:
             raise ValueError("steps and grad_accum must be >= 1")
         at_least = {"keep_checkpoints": 1, "batch_size": 1}
         at_least.update(dict.fromkeys(("log_every", "save_every", "sample_every", "stop_after", "workers"), 0))
-        at_least.update(dict.fromkeys(("warmup", "threads", "shuffle_buffer"), 0))
+        at_least.update(dict.fromkeys(("warmup", "threads", "shuffle_buffer", "cache_mb"), 0))
         bad = [f"{k} = {getattr(self, k)} (needs >= {v})" for k, v in at_least.items() if getattr(self, k) < v]
         bad += loop.float_settings_out_of_range(
             self,
@@ -225,7 +226,9 @@ def train(cfg: LdmTrainConfig) -> dict:
     abar = alphas_cumprod(scaled_linear_betas()).float().to(dist.device)
 
     # ---- data
-    loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
+    loader_cfg = LoaderConfig(
+        cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split, cache_mb=cfg.cache_mb
+    )
     plan = make_plan(cfg.data, loader_cfg, dist.world_size, cfg.storage_options)
     data_plan = plan_fingerprint(plan, loader_cfg)  # saved with every checkpoint
     position = DataPosition()

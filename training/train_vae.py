@@ -75,6 +75,7 @@ class VaeTrainConfig:
     device: str = "auto"  # auto | cuda | cpu
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 1000  # samples per worker
+    cache_mb: int = 1024  # undecoded samples each loading process keeps in memory for later epochs; 0 = none
     split: str = "shard"  # "shard" or "sample" (see training.data)
     seed: int = 0
     log_every: int = 10  # steps between log lines; 0 = only at the end
@@ -105,7 +106,7 @@ class VaeTrainConfig:
             raise ValueError(f"latent_noise must be >= 0, got {self.latent_noise}")
         at_least = {"sample_images": 1, "eval_limit": 1, "scale_samples": 2, "keep_checkpoints": 1}
         at_least.update(dict.fromkeys(("log_every", "save_every", "sample_every", "stop_after", "workers"), 0))
-        at_least.update(dict.fromkeys(("warmup_steps", "threads", "shuffle_buffer"), 0))
+        at_least.update(dict.fromkeys(("warmup_steps", "threads", "shuffle_buffer", "cache_mb"), 0))
         bad = [f"{k} = {getattr(self, k)} (needs >= {v})" for k, v in at_least.items() if getattr(self, k) < v]
         bad += loop.float_settings_out_of_range(
             self,
@@ -228,7 +229,9 @@ def train(cfg: VaeTrainConfig) -> dict:
     generator = torch.Generator(device=dist.device)
 
     # ---- data
-    loader_cfg = LoaderConfig(cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split)
+    loader_cfg = LoaderConfig(
+        cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split, cache_mb=cfg.cache_mb
+    )
     plan = make_plan(cfg.data, loader_cfg, dist.world_size, cfg.storage_options)
     data_plan = plan_fingerprint(plan, loader_cfg)  # saved with every checkpoint
     position = DataPosition()
