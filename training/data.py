@@ -52,7 +52,7 @@ class LoaderConfig:
     split: str = "shard"  # "shard": slots read disjoint shards; "sample": every slot strides over all samples
     prefetch_factor: int = 2  # batches each worker keeps ready
     pin_memory: bool = True  # only takes effect when CUDA is available
-    cache_mb: int = 1024  # undecoded samples each loading process keeps in memory for later epochs; 0 = none
+    cache_mb: int = 256  # undecoded samples each loading process keeps in memory for later epochs; 0 = none
 
     def __post_init__(self):
         if self.batch_size < 1 or self.workers < 0 or self.shuffle_buffer < 0 or self.cache_mb < 0:

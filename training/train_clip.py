@@ -53,7 +53,7 @@ class ClipTrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (one process)
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 1000  # samples per worker
-    cache_mb: int = 1024  # undecoded samples each loading process keeps in memory for later epochs; 0 = none
+    cache_mb: int = 256  # undecoded samples each loading process keeps in memory for later epochs; 0 = none
     split: str = "shard"  # "shard" or "sample" (see training.data)
     min_crop_scale: float = 1.0  # random-crop augmentation: smallest area fraction kept; 1 = off
     grayscale_p: float = 0.0  # share of training images turned grey (forces shape features, not colour alone)

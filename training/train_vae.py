@@ -75,7 +75,7 @@ class VaeTrainConfig:
     device: str = "auto"  # auto | cuda | cpu
     workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 1000  # samples per worker
-    cache_mb: int = 1024  # undecoded samples each loading process keeps in memory for later epochs; 0 = none
+    cache_mb: int = 256  # undecoded samples each loading process keeps in memory for later epochs; 0 = none
     split: str = "shard"  # "shard" or "sample" (see training.data)
     seed: int = 0
     log_every: int = 10  # steps between log lines; 0 = only at the end
