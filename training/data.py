@@ -11,7 +11,9 @@ and DDP never hangs. An epoch of a slot is one pass over its share that the shuf
 comes twice; a slot whose share is short of its batches (unequal shards, bad samples) wraps only after that pass,
 and the samples past a slot's last full batch sit this epoch out. Each batch carries the slot's position
 (epoch, raw samples consumed, batches emitted), so the trainer can save where every slot stands and a resumed
-run skips exactly what was consumed (raw samples are skipped before decoding, so resuming is cheap).
+run skips exactly what was consumed (raw samples are skipped before decoding, so resuming is cheap). A slot keeps
+the undecoded samples of the shards it has read whole in memory, up to ``LoaderConfig.cache_mb``, and replays them
+(faults included) in later epochs, so a small dataset is read and parsed once (:class:`SampleCache`).
 """
 
 from __future__ import annotations
