@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
+from tests.training.shard_faults import damage_shards
 from training.data import DataPosition, LoaderConfig, make_loader, make_plan, slot_batches
 from training.synthetic import write_demo_shards
 
@@ -110,26 +111,14 @@ def test_resume_with_workers_continues_exactly(shards):
 def test_corrupt_samples_are_counted_and_skipped(tmp_path):
     root = tmp_path / "bad"
     write_demo_shards(str(root), 60, seed=1, size=16, per_shard=20)
-    # break one image in shard 0 (same length, not a JPEG) and truncate shard 1
-    path = root / "000000.tar"
-    data = bytearray(path.read_bytes())
-    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
-    data[member.offset_data : member.offset_data + 4] = b"XXXX"
-    path.write_bytes(bytes(data))
-    t1 = root / "000001.tar"
-    t1.write_bytes(t1.read_bytes()[: len(t1.read_bytes()) // 2])  # cut at a block boundary: reads as shorter
-    t2 = root / "000002.tar"
-    with tarfile.open(t2) as tar:
-        cut = [m for m in tar.getmembers() if m.name.endswith(".jpg")][5].offset_data + 10
-    t2.write_bytes(t2.read_bytes()[:cut])  # cut inside a member: the tar reader fails
+    broken = damage_shards(root)
     cfg = LoaderConfig(batch_size=5, workers=0, seed=0, shuffle_buffer=0)
     plan = make_plan(str(root), cfg, 1)
     pos = DataPosition()
     it = iter(make_loader(plan, cfg, 0, key_map, pos))
     keys = keys_of(pos.advance(next(it)) for _ in range(plan.steps_per_epoch))
     assert len(keys) == plan.steps_per_epoch * 5  # still full batches
-    assert member.name.split(".")[0] not in keys
+    assert broken not in keys
     assert pos.errors["decode_error"] >= 1
     assert pos.errors["corrupt_shard"] >= 1
     assert pos.errors["missing_from_shard"] >= 10

@@ -2,13 +2,13 @@
 
 import io
 import random
-import tarfile
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
+from tests.training.shard_faults import damage_shards
 from training.data import DataPosition, LoaderConfig, SampleCache, make_loader, make_plan, slot_batches
 from training.latent_data import _npy
 from training.synthetic import write_demo_shards
@@ -25,27 +25,11 @@ def editing_map(sample: dict, rng: random.Random) -> dict:
     return {"key": sample["__key__"], "aug": torch.tensor(rng.random())}
 
 
-def damaged(root) -> None:
-    """Shard 0 with a broken image, shard 1 cut short at a block boundary, shard 2 cut inside a member."""
-    path = root / "000000.tar"
-    data = bytearray(path.read_bytes())
-    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
-    data[member.offset_data : member.offset_data + 4] = b"XXXX"
-    path.write_bytes(bytes(data))
-    t1 = root / "000001.tar"
-    t1.write_bytes(t1.read_bytes()[: len(t1.read_bytes()) // 2])
-    t2 = root / "000002.tar"
-    with tarfile.open(t2) as tar:
-        cut = [m for m in tar.getmembers() if m.name.endswith(".jpg")][5].offset_data + 10
-    t2.write_bytes(t2.read_bytes()[:cut])
-
-
 @pytest.fixture(scope="module")
 def bad_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     write_demo_shards(str(root), 120, seed=2, size=16, per_shard=20)  # 6 shards, 3 of them damaged
-    damaged(root)
+    damage_shards(root)
     return str(root)
 
 
