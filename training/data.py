@@ -62,6 +62,12 @@ class LoaderConfig:
         if self.split not in SPLITS:
             raise ValueError(f"split must be 'shard' or 'sample', got {self.split!r}")
 
+    @classmethod
+    def of(cls, trainer_cfg) -> LoaderConfig:
+        """The loader settings of a trainer's config (the fields of the same names)."""
+        c = trainer_cfg
+        return cls(c.batch_size, c.workers, c.seed, c.shuffle_buffer, c.split, cache_mb=c.cache_mb)
+
 
 @dataclass(frozen=True)
 class ShardPlan:

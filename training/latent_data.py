@@ -65,7 +65,7 @@ def inspect_latents(data: str, storage_options: dict | None = None) -> LatentSet
     return LatentSet(root, shape, has_text, width, "logvar.npy" in first, scale, info, text_shape)
 
 
-_NPY_HEADERS: dict[bytes, tuple[int, np.dtype, tuple[int, ...], bool]] = {}  # header -> (data offset, dtype, ...)
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}  # header -> (dtype, shape, fortran order)
 
 
 def _npy(data: bytes) -> torch.Tensor:
@@ -80,9 +80,9 @@ def _npy(data: bytes) -> torch.Tensor:
     if known is None:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
         if len(_NPY_HEADERS) < 64 and not arr.dtype.hasobject:
-            _NPY_HEADERS[data[:end]] = (end, arr.dtype, arr.shape, arr.flags.f_contiguous and arr.ndim > 1)
+            _NPY_HEADERS[data[:end]] = (arr.dtype, arr.shape, arr.flags.f_contiguous and arr.ndim > 1)
         return torch.from_numpy(arr.astype(np.float32))
-    _, dtype, shape, fortran = known
+    dtype, shape, fortran = known
     arr = np.frombuffer(data, dtype, count=int(np.prod(shape, dtype=np.int64)), offset=end)
     arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
     return torch.from_numpy(arr.astype(np.float32))

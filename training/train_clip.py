@@ -161,9 +161,7 @@ def train(cfg: ClipTrainConfig) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     # ---- data
-    loader_cfg = LoaderConfig(
-        cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split, cache_mb=cfg.cache_mb
-    )
+    loader_cfg = LoaderConfig.of(cfg)
     storage_options = json.loads(cfg.storage_options or "null")  # the training and the held-out shards' endpoint
     plan = make_plan(cfg.data, loader_cfg, dist.world_size, storage_options)
     data_plan = plan_fingerprint(plan, loader_cfg)  # saved with every checkpoint

@@ -229,9 +229,7 @@ def train(cfg: VaeTrainConfig) -> dict:
     generator = torch.Generator(device=dist.device)
 
     # ---- data
-    loader_cfg = LoaderConfig(
-        cfg.batch_size, cfg.workers, cfg.seed, cfg.shuffle_buffer, cfg.split, cache_mb=cfg.cache_mb
-    )
+    loader_cfg = LoaderConfig.of(cfg)
     plan = make_plan(cfg.data, loader_cfg, dist.world_size, cfg.storage_options)
     data_plan = plan_fingerprint(plan, loader_cfg)  # saved with every checkpoint
     position = DataPosition()
