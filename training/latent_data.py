@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.shards import iter_samples, shard_urls
-from training.objectives import NUM_TRAIN_TIMESTEPS, sample_noise
+from training.objectives import sample_noise, sample_timestep
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ def latent_map(
     flip_p: float,
     shape: tuple[int, ...] | None = None,  # the dataset's latent shape: another one is a ValueError (a counted skip)
     text_shape: tuple[int, ...] | None = None,  # the same for the stored text embeddings
+    timesteps: tuple[str, float, float] = ("uniform", 0.0, 1.0),  # sample_timestep's sampling, mean and std
 ) -> dict:
     """Raw latent sample -> {"latent", "noise", "timestep", "drop_u", "text_emb" | "caption"}, drawn from ``rng``.
 
@@ -118,7 +119,7 @@ def latent_map(
     out = {
         "latent": latent,
         "noise": sample_noise(tuple(latent.shape), offset, g),
-        "timestep": torch.randint(NUM_TRAIN_TIMESTEPS, (), generator=g),
+        "timestep": sample_timestep(g, *timesteps),
         "drop_u": torch.rand((), generator=g),  # the sample's conditioning is dropped when drop_u < cond_dropout
     }
     if text:

@@ -108,6 +108,31 @@ def min_snr_weights(
     return clipped / s if prediction == "epsilon" else clipped / (s + 1)
 
 
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_timestep(
+    generator: torch.Generator,
+    sampling: str = "uniform",
+    mean: float = 0.0,
+    std: float = 1.0,
+    num_timesteps: int = NUM_TRAIN_TIMESTEPS,
+) -> torch.Tensor:
+    """One training timestep (a 0-d int64 tensor) in [0, num_timesteps).
+
+    ``uniform``: every timestep alike (DDPM). ``logit_normal``: ``floor(T * sigmoid(u))`` with ``u ~ N(mean, std)``,
+    the density Esser et al. (2024) found best for Stable Diffusion 3. It spends the steps on the middle noise levels,
+    where a picture's layout and shapes are decided, and few on the nearly clean and the nearly pure-noise ends.
+    ``mean`` > 0 moves it towards more noise.
+    """
+    if sampling == "uniform":
+        return torch.randint(num_timesteps, (), generator=generator)
+    if sampling != "logit_normal":
+        raise ValueError(f"unknown timestep sampling {sampling!r}: use {', '.join(TIMESTEP_SAMPLINGS)}")
+    u = torch.randn((), generator=generator, dtype=torch.float64) * std + mean
+    return (torch.sigmoid(u) * num_timesteps).long().clamp(0, num_timesteps - 1)
+
+
 def sample_noise(
     shape: tuple[int, ...],
     offset_noise: float = 0.0,  # std of a per-channel constant added to the noise; 0 = off (~0.05-0.1 when on)

@@ -40,6 +40,7 @@ from training.models.vae import load_vae
 from training.objectives import (
     NUM_TRAIN_TIMESTEPS,
     PREDICTION_TYPES,
+    TIMESTEP_SAMPLINGS,
     add_noise,
     alphas_cumprod,
     diffusion_loss,
@@ -86,6 +87,9 @@ class LdmTrainConfig:
     prediction: str = "epsilon"  # "epsilon" | "v_prediction"
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (5 is the paper's choice); 0 = off
     offset_noise: float = 0.0  # std of the per-channel noise offset (~0.05-0.1 when used); 0 = off
+    timestep_sampling: str = "uniform"  # "uniform" | "logit_normal" (t = T * sigmoid(N(mean, std)), as in SD3)
+    timestep_mean: float = 0.0  # logit_normal's mean: > 0 draws noisier timesteps
+    timestep_std: float = 1.0  # logit_normal's std
     cond_dropout: float = 0.1  # share of samples whose caption embedding is swapped for the empty prompt's
     flip_p: float = 0.5  # probability of the flipped latent when the shards store one
     precision: str = "auto"  # auto (bf16 on GPU if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
@@ -115,6 +119,10 @@ class LdmTrainConfig:
         loop.check_choices(self)
         if self.prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {self.prediction!r}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(
+                f"unknown timestep sampling {self.timestep_sampling!r}: use {', '.join(TIMESTEP_SAMPLINGS)}"
+            )
         if not 0.0 <= self.cond_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("cond_dropout and ema_decay must be in [0, 1)")
         if self.text_lr_scale <= 0:
@@ -127,10 +135,12 @@ class LdmTrainConfig:
         bad = [f"{k} = {getattr(self, k)} (needs >= {v})" for k, v in at_least.items() if getattr(self, k) < v]
         bad += loop.float_settings_out_of_range(
             self,
-            positive=("lr", "text_lr_scale"),
+            positive=("lr", "text_lr_scale", "timestep_std"),
             non_negative=("min_lr", "clip_grad", "weight_decay", "min_snr_gamma", "offset_noise", "max_minutes"),
             unit=("flip_p",),
         )
+        if not math.isfinite(self.timestep_mean):
+            bad.append(f"timestep_mean = {self.timestep_mean} (needs a finite number)")
         if bad:
             raise ValueError(f"settings out of range: {', '.join(bad)}")
         guidance_ok = math.isfinite(self.sample_guidance) and self.sample_guidance > 0
@@ -275,6 +285,7 @@ def train(cfg: LdmTrainConfig) -> dict:
         flip_p=cfg.flip_p,
         shape=latents.latent_shape,  # a sample of another shape is a counted skip, not a failed batch
         text_shape=latents.text_shape if stored_text else None,
+        timesteps=(cfg.timestep_sampling, cfg.timestep_mean, cfg.timestep_std),
     )
     batches = iter(make_loader(plan, loader_cfg, dist.rank, map_fn, position))
 

@@ -13,6 +13,7 @@ from training.objectives import (
     diffusion_loss,
     min_snr_weights,
     sample_noise,
+    sample_timestep,
     scaled_linear_betas,
     snr,
     swap_in_empty,
@@ -106,3 +107,22 @@ def test_offset_noise():
     assert means.std().item() == pytest.approx(math.sqrt(0.25 + 1 / 64), rel=0.05)
     assert plain.mean((2, 3)).std().item() == pytest.approx(1 / 8, rel=0.05)
     assert sample_noise((4, 8, 8), 0.1, torch.Generator().manual_seed(5)).shape == (4, 8, 8)
+
+
+def test_timestep_sampling_uniform_and_logit_normal():
+    g = torch.Generator().manual_seed(6)
+    uniform = torch.stack([sample_timestep(g) for _ in range(4000)])
+    assert uniform.dtype == torch.int64 and uniform.min() >= 0 and uniform.max() <= 999
+    assert (uniform < 100).float().mean().item() == pytest.approx(0.1, abs=0.02)  # flat over [0, 1000)
+    g = torch.Generator().manual_seed(6)
+    ln = torch.stack([sample_timestep(g, "logit_normal", 0.0, 1.0) for _ in range(4000)])
+    assert ln.min() >= 0 and ln.max() <= 999
+    # floor(1000 * sigmoid(u)), u ~ N(0, 1): P(t < 100) = P(u < logit(0.1)) = Phi(-2.197) = 0.014; median 500
+    assert (ln < 100).float().mean().item() == pytest.approx(0.014, abs=0.008)
+    assert ln.float().median().item() == pytest.approx(500, abs=25)
+    shifted = torch.stack([sample_timestep(g, "logit_normal", 1.0, 1.0) for _ in range(4000)])
+    assert shifted.float().median().item() == pytest.approx(1000 / (1 + math.exp(-1)), abs=25)  # sigmoid(1): 731
+    a = sample_timestep(torch.Generator().manual_seed(9), "logit_normal", 0.0, 1.0)
+    assert torch.equal(a, sample_timestep(torch.Generator().manual_seed(9), "logit_normal", 0.0, 1.0))
+    with pytest.raises(ValueError, match="unknown timestep sampling 'lognormal'"):
+        sample_timestep(g, "lognormal")

@@ -380,6 +380,14 @@ def test_latent_map_draws_posterior_flip_noise_and_timesteps():
     assert abs(noise.mean().item()) < 0.02 and noise.std().item() == pytest.approx(1.0, rel=0.03)
     t = torch.stack([d["timestep"] for d in draws])
     assert t.min() >= 0 and t.max() < 1000 and t.float().std() > 200
+    mid = torch.stack(
+        [
+            latent_map(sample, random.Random(i), 2.0, True, 0.0, 0.5, timesteps=("logit_normal", 0.0, 0.5))["timestep"]
+            for i in range(400)
+        ]
+    )
+    inner = ((mid >= 250) & (mid < 750)).float().mean()  # sigmoid(N(0, 0.5)): 97% in the middle half
+    assert inner > 0.9 and (mid < 250).float().mean() < 0.05
     assert draws[0]["text_emb"].dtype == torch.float32 and draws[0]["text_emb"].shape == (16, 32)
     again = latent_map(sample, random.Random(0), 2.0, True, 0.0, 0.5)  # the same seed gives the same draw
     assert all(torch.equal(again[k], draws[0][k]) for k in ("latent", "noise", "timestep", "drop_u"))

@@ -59,6 +59,11 @@ def test_refused_settings_and_missing_data_are_one_line_errors(module, tmp_path)
             ["min_snr_gamma = -1e-05", "flip_p = 2"],
         ),
         ("training.train_ldm", ["--lr", "0.01", "--min-lr", "0.1"], ["min_lr = 0.1 (needs <= lr = 0.01)"]),
+        (
+            "training.train_ldm",
+            ["--timestep-sampling", "logit_normal", "--timestep-std", "0", "--timestep-mean", "inf"],
+            ["timestep_std = 0.0", "timestep_mean = inf"],
+        ),
         ("training.train_vae", ["--kl-weight", "nan", "--lr", "-1"], ["kl_weight = nan", "lr = -1"]),
         (
             "training.train_clip",
