@@ -160,7 +160,9 @@ def test_text_encoded_in_the_loop_matches_stored_embeddings(env, tmp_path):
     # captions only: the frozen encoder (named by the manifest) runs in the loop on the same batches
     looped = train(base_cfg(env["root"] / "lat_captions", tmp_path / "looped", **kw))
     assert looped["step"] == 3
-    assert [r["loss"] for r in looped["train"]] == pytest.approx(stored, rel=1e-5)  # fp16-stored vs fresh
+    # the same batches: only the fp16 rounding of the stored embeddings (~5e-4 of each value) tells them apart, which
+    # moves the 3-step losses by up to 1.5e-5 relative; no caption dropout instead moves them by 7e-4 to 1.4e-2
+    assert [r["loss"] for r in looped["train"]] == pytest.approx(stored, rel=1e-4)
     config = json.loads((tmp_path / "looped" / "unet" / "config.json").read_text())
     assert config["cross_attention_dim"] == 32 and config["sample_size"] == 8
 
