@@ -86,19 +86,20 @@ def check_choices(cfg) -> None:
         raise ValueError(f"unknown split {cfg.split!r}: use {', '.join(SPLITS)}")
 
 
-def float_settings_out_of_range(cfg, positive=(), non_negative=(), unit=()) -> list[str]:
+def float_settings_out_of_range(cfg, positive=(), non_negative=(), unit=(), finite=()) -> list[str]:
     """What is wrong with a trainer config's float settings, as ``"name = value (needs ...)"`` entries: each must be
-    finite, and > 0 (``positive``), >= 0 (``non_negative``) or in [0, 1] (``unit``); ``betas`` in [0, 1) and
-    ``min_lr`` <= ``lr`` where the config has them. A negative weighting or noise would otherwise train as if it
-    were off, and a negative learning rate fail inside torch's optimizer with a traceback."""
+    finite, and > 0 (``positive``), >= 0 (``non_negative``), in [0, 1] (``unit``) or nothing more (``finite``);
+    ``betas`` in [0, 1) and ``min_lr`` <= ``lr`` where the config has them. A negative weighting or noise would
+    otherwise train as if it were off, and a negative learning rate fail inside torch's optimizer with a traceback."""
     bad = []
     rules = [(n, "> 0", lambda v: v > 0) for n in positive]
     rules += [(n, ">= 0", lambda v: v >= 0) for n in non_negative]
     rules += [(n, "in [0, 1]", lambda v: 0 <= v <= 1) for n in unit]
+    rules += [(n, "", lambda v: True) for n in finite]
     for name, need, ok in rules:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and ok(value)):
-            bad.append(f"{name} = {value} (needs a finite number {need})")
+            bad.append(f"{name} = {value} (needs a finite number{' ' + need if need else ''})")
     betas = getattr(cfg, "betas", (0.0, 0.0))
     if not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
         bad.append(f"betas = {tuple(betas)} (need two numbers in [0, 1))")

@@ -111,6 +111,12 @@ def min_snr_weights(
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
 
+def check_timestep_sampling(sampling: str) -> None:
+    """One-line ``ValueError`` for a timestep sampling that is not one of ``TIMESTEP_SAMPLINGS``."""
+    if sampling not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"unknown timestep sampling {sampling!r}: use {', '.join(TIMESTEP_SAMPLINGS)}")
+
+
 def sample_timestep(
     generator: torch.Generator,
     sampling: str = "uniform",
@@ -127,8 +133,7 @@ def sample_timestep(
     """
     if sampling == "uniform":
         return torch.randint(num_timesteps, (), generator=generator)
-    if sampling != "logit_normal":
-        raise ValueError(f"unknown timestep sampling {sampling!r}: use {', '.join(TIMESTEP_SAMPLINGS)}")
+    check_timestep_sampling(sampling)
     u = torch.randn((), generator=generator, dtype=torch.float64) * std + mean
     return (torch.sigmoid(u) * num_timesteps).long().clamp(0, num_timesteps - 1)
 

@@ -40,9 +40,9 @@ from training.models.vae import load_vae
 from training.objectives import (
     NUM_TRAIN_TIMESTEPS,
     PREDICTION_TYPES,
-    TIMESTEP_SAMPLINGS,
     add_noise,
     alphas_cumprod,
+    check_timestep_sampling,
     diffusion_loss,
     scaled_linear_betas,
     swap_in_empty,
@@ -119,10 +119,7 @@ class LdmTrainConfig:
         loop.check_choices(self)
         if self.prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {self.prediction!r}")
-        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise ValueError(
-                f"unknown timestep sampling {self.timestep_sampling!r}: use {', '.join(TIMESTEP_SAMPLINGS)}"
-            )
+        check_timestep_sampling(self.timestep_sampling)
         if not 0.0 <= self.cond_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("cond_dropout and ema_decay must be in [0, 1)")
         if self.text_lr_scale <= 0:
@@ -138,9 +135,8 @@ class LdmTrainConfig:
             positive=("lr", "text_lr_scale", "timestep_std"),
             non_negative=("min_lr", "clip_grad", "weight_decay", "min_snr_gamma", "offset_noise", "max_minutes"),
             unit=("flip_p",),
+            finite=("timestep_mean",),
         )
-        if not math.isfinite(self.timestep_mean):
-            bad.append(f"timestep_mean = {self.timestep_mean} (needs a finite number)")
         if bad:
             raise ValueError(f"settings out of range: {', '.join(bad)}")
         guidance_ok = math.isfinite(self.sample_guidance) and self.sample_guidance > 0
