@@ -348,6 +348,8 @@ def test_printed_ldm_command_carries_what_altforge_run_adds():
     flag = {a: b for a, b in zip(words, words[1:], strict=False) if a.startswith("--")}
     assert flag["--text-encoder"] == "/w/out/clip" and flag["--vae"] == "/w/out/vae"
     assert "--train-text-encoder" in words  # the run's options, as before
+    vae_words = command_words(print_launch(demo, "torchrun", kind="vae", out="/w/out"))
+    assert vae_words[vae_words.index("--loss") + 1] == "mse"  # a text option reaches the trainer as its value
     # object storage: the storage options travel with the command
     so = {"endpoint_url": "http://127.0.0.1:9"}
     remote = parse_recipe({**MULTI_NODE, "storage_options": so, "models": "/shared/runs"})
