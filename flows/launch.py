@@ -197,18 +197,24 @@ def torchrun_argv(
     module: str | None = None,  # default: the trainer of run.kind
     launcher: tuple[str, ...] = ("torchrun",),
     rdzv_id: str | None = None,
+    python: str | None = None,  # start each worker as ``python -m module`` itself (torchrun's --no-python)
 ) -> list[str]:
-    """The torchrun command line of a training run: launcher, node/rendezvous flags, ``-m module`` and its args."""
+    """The torchrun command line of a training run: launcher, node/rendezvous flags, ``-m module`` and its args.
+
+    torchrun starts its workers as ``python -u``, whose unbuffered stderr writes a traceback in pieces that another
+    rank's lines can split in a shared pipe. With ``python`` given, torchrun runs that interpreter without ``-u``
+    instead (``--no-python``), so each worker's stderr stays line-buffered."""
     module = module or TRAINERS[run.kind]
-    return [*launcher, *rendezvous_flags(run, rdzv_id), "-m", module, *trainer_args(run, data, run_dir, extra)]
+    program = ["--no-python", python, "-m", module] if python else ["-m", module]
+    return [*launcher, *rendezvous_flags(run, rdzv_id), *program, *trainer_args(run, data, run_dir, extra)]
 
 
 def launch_argv(
     run: TrainRun, data: str, run_dir: str, extra: list[str] | tuple[str, ...] = (), module: str | None = None
 ) -> list[str]:
     """What a local launch runs: this interpreter's torchrun for more than one process, else ``python -m``."""
-    if run.nproc_per_node * run.nnodes > 1:
-        return torchrun_argv(run, data, run_dir, extra, module, launcher=TORCHRUN)
+    if run.nproc_per_node * run.nnodes > 1:  # workers without -u: run_logged reads their lines from one pipe
+        return torchrun_argv(run, data, run_dir, extra, module, launcher=TORCHRUN, python=sys.executable)
     return [sys.executable, "-m", module or TRAINERS[run.kind], *trainer_args(run, data, run_dir, extra)]
 
 
@@ -313,7 +319,8 @@ def run_logged(
 
     All ranks share one pipe, so each must write whole lines: PYTHONUNBUFFERED is dropped from the children's
     environment, since it makes Python write a traceback (and every print) in pieces that another rank's lines
-    can split. Without it stderr is line-buffered, and the trainers make their stdout line-buffered too.
+    can split, and :func:`launch_argv` has torchrun start its workers without ``-u`` for the same reason. Their
+    stderr is then line-buffered, and the trainers make their stdout line-buffered too.
     """
     env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONUNBUFFERED"}
     if "--local-addr=127.0.0.1" in argv:  # one node (rendezvous_flags): its ranks talk over loopback only

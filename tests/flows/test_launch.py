@@ -259,7 +259,8 @@ def test_two_process_launch_through_the_flow(tmp_path, shards, launch_env):
     assert (run_dir / "open_clip_model.safetensors").is_file()
     ((start, output, end),) = attempts((run_dir / "launch.log").read_text())
     assert "-m torch.distributed.run --nnodes=1 --nproc-per-node=2 --rdzv-backend=c10d" in start
-    assert "-m training.train_clip" in start
+    # each worker is this interpreter without -u (torchrun's --no-python), so its stderr writes whole lines
+    assert f"--no-python {sys.executable} -m training.train_clip" in start
     assert "step=3 " in output
     assert end.endswith("end: exited with code 0")
 
@@ -289,7 +290,8 @@ import os
 import sys
 
 rank = int(os.environ["RANK"])
-print(f"rank {rank} PYTHONUNBUFFERED={os.environ.get('PYTHONUNBUFFERED')}", flush=True)
+unbuffered = os.environ.get("PYTHONUNBUFFERED")
+print(f"rank {rank} PYTHONUNBUFFERED={unbuffered} stderr line-buffered={sys.stderr.line_buffering}", flush=True)
 for i in range(60):
     print(f"rank {rank} line {i}", flush=True)
 if rank == 1:
@@ -315,7 +317,9 @@ def test_failed_launch_raises_with_the_log_tail(tmp_path, launch_env, monkeypatc
     assert tail in log
     assert "ChildFailedError" in tail  # torchrun's report of the failed rank ends the log
     assert "rank 0 line 0" in log and "rank 1 line 59" in log  # everything was captured
-    assert "rank 1 PYTHONUNBUFFERED=None" in log  # the launcher kept whole-line writes
+    # the launcher kept whole-line writes: no PYTHONUNBUFFERED, and torchrun did not start the workers as python -u
+    assert "rank 1 PYTHONUNBUFFERED=None stderr line-buffered=True" in log
+    assert "rank 0 PYTHONUNBUFFERED=None stderr line-buffered=True" in log
     assert "rank 0 line 0\n" not in tail
     assert log.rstrip().endswith("end: exited with code 1")
 
