@@ -56,7 +56,7 @@ def encode(
         from flows.cli_train import run_torchrun  # the ranks' one-line errors, not torchrun's report
 
         launch = torchrun_prefix(nproc_per_node, nnodes, rdzv_endpoint)
-        raise typer.Exit(run_torchrun([*launch, "-m", "flows.encode", *ctx.args]))
+        raise typer.Exit(run_torchrun([*launch, *env.torchrun_worker("flows.encode"), *ctx.args]))
     from flows.encode import main as encode_main
 
     try:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from flows import env  # noqa: F401  (telemetry off before anything imports prefect)
+from flows import env  # telemetry off before anything imports prefect
 from flows.cli_common import fail
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -30,7 +30,8 @@ def run_trainer(module: str, argv: list[str], nproc_per_node: int, nnodes: int, 
     from flows.cli_data import torchrun_prefix
 
     if nproc_per_node * nnodes > 1:
-        return run_torchrun([*torchrun_prefix(nproc_per_node, nnodes, rdzv_endpoint), "-m", module, *argv])
+        launch = torchrun_prefix(nproc_per_node, nnodes, rdzv_endpoint)
+        return run_torchrun([*launch, *env.torchrun_worker(module), *argv])
     trainer = importlib.import_module(module)
     try:
         return trainer.main(argv)

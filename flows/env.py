@@ -6,6 +6,7 @@ except the two telemetry switches, which are always off.
 
 import os
 import socket
+import sys
 
 
 def quiet_environment(prefect_home: str | None = None) -> None:
@@ -33,6 +34,13 @@ def loopback_gloo(env: dict) -> dict:
         if name:
             return {**env, "GLOO_SOCKET_IFNAME": name}
     return env
+
+
+def torchrun_worker(module: str, python: str | None = None) -> list[str]:
+    """torchrun's program for workers that run ``python -m module``: the interpreter started as is
+    (``--no-python``), not with the ``-u`` torchrun adds. The ranks of a local launch share one pipe, and unbuffered
+    Python writes a traceback in pieces that another rank's lines split; without ``-u`` stderr is line-buffered."""
+    return ["--no-python", python or sys.executable, "-m", module]
 
 
 quiet_environment()

@@ -199,13 +199,10 @@ def torchrun_argv(
     rdzv_id: str | None = None,
     python: str | None = None,  # start each worker as ``python -m module`` itself (torchrun's --no-python)
 ) -> list[str]:
-    """The torchrun command line of a training run: launcher, node/rendezvous flags, ``-m module`` and its args.
-
-    torchrun starts its workers as ``python -u``, whose unbuffered stderr writes a traceback in pieces that another
-    rank's lines can split in a shared pipe. With ``python`` given, torchrun runs that interpreter without ``-u``
-    instead (``--no-python``), so each worker's stderr stays line-buffered."""
+    """The torchrun command line of a training run: launcher, node/rendezvous flags, ``-m module`` and its args;
+    with ``python``, that interpreter is the program, without torchrun's ``-u`` (:func:`flows.env.torchrun_worker`)."""
     module = module or TRAINERS[run.kind]
-    program = ["--no-python", python, "-m", module] if python else ["-m", module]
+    program = env_module.torchrun_worker(module, python) if python else ["-m", module]
     return [*launcher, *rendezvous_flags(run, rdzv_id), *program, *trainer_args(run, data, run_dir, extra)]
 
 
