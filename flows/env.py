@@ -36,11 +36,11 @@ def loopback_gloo(env: dict) -> dict:
     return env
 
 
-def torchrun_worker(module: str, python: str | None = None) -> list[str]:
-    """torchrun's program for workers that run ``python -m module``: the interpreter started as is
+def torchrun_worker(module: str) -> list[str]:
+    """torchrun's program for workers that run ``python -m module``: this interpreter started as is
     (``--no-python``), not with the ``-u`` torchrun adds. The ranks of a local launch share one pipe, and unbuffered
     Python writes a traceback in pieces that another rank's lines split; without ``-u`` stderr is line-buffered."""
-    return ["--no-python", python or sys.executable, "-m", module]
+    return ["--no-python", sys.executable, "-m", module]
 
 
 quiet_environment()

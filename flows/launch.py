@@ -197,12 +197,12 @@ def torchrun_argv(
     module: str | None = None,  # default: the trainer of run.kind
     launcher: tuple[str, ...] = ("torchrun",),
     rdzv_id: str | None = None,
-    python: str | None = None,  # start each worker as ``python -m module`` itself (torchrun's --no-python)
+    bare: bool = False,  # start each worker as this ``python -m module`` itself (torchrun's --no-python)
 ) -> list[str]:
     """The torchrun command line of a training run: launcher, node/rendezvous flags, ``-m module`` and its args;
-    with ``python``, that interpreter is the program, without torchrun's ``-u`` (:func:`flows.env.torchrun_worker`)."""
+    ``bare``: this interpreter is the program, without torchrun's ``-u`` (:func:`flows.env.torchrun_worker`)."""
     module = module or TRAINERS[run.kind]
-    program = env_module.torchrun_worker(module, python) if python else ["-m", module]
+    program = env_module.torchrun_worker(module) if bare else ["-m", module]
     return [*launcher, *rendezvous_flags(run, rdzv_id), *program, *trainer_args(run, data, run_dir, extra)]
 
 
@@ -211,7 +211,7 @@ def launch_argv(
 ) -> list[str]:
     """What a local launch runs: this interpreter's torchrun for more than one process, else ``python -m``."""
     if run.nproc_per_node * run.nnodes > 1:  # workers without -u: run_logged reads their lines from one pipe
-        return torchrun_argv(run, data, run_dir, extra, module, launcher=TORCHRUN, python=sys.executable)
+        return torchrun_argv(run, data, run_dir, extra, module, launcher=TORCHRUN, bare=True)
     return [sys.executable, "-m", module or TRAINERS[run.kind], *trainer_args(run, data, run_dir, extra)]
 
 
